@@ -1,0 +1,62 @@
+"""lmlab models: the named model sizes with their exact parameter counts."""
+
+from __future__ import annotations
+
+HELP = "list model families and named sizes with exact parameter counts"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--family", help="only this family")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def rows(family: str | None = None) -> list[dict]:
+    from ..models import FAMILIES, registry
+
+    out = []
+    for fam in FAMILIES.values():
+        if family and fam.name != family:
+            continue
+        for size in fam.sizes:
+            cfg = registry.build_config(size)
+            n = registry.count_parameters(registry.build_model(cfg, device="meta"))
+            out.append({"family": fam.name, "name": size, "parameters": n,
+                        "d_model": _dim(cfg), "layers": _layers(cfg), "vocab": cfg.vocab_size,
+                        "note": fam.notes.get(size, "")})
+    return out
+
+
+def _dim(cfg):
+    return getattr(cfg, "d_model", None) or getattr(cfg, "hidden_size", None)
+
+
+def _layers(cfg):
+    return getattr(cfg, "n_layers", None) or getattr(cfg, "num_hidden_layers", None)
+
+
+def run(args) -> int:
+    import json
+
+    from ..errors import ConfigError
+    from ..models import FAMILIES
+
+    if args.family and args.family not in FAMILIES:
+        raise ConfigError(f"--family: unknown family {args.family!r}; allowed: {', '.join(FAMILIES)}")
+    data = rows(args.family)
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return 0
+    from rich.table import Table
+
+    from ._common import console
+
+    table = Table(title="lmlab models (exact parameter counts, tied embeddings counted once)")
+    for col in ("family", "name", "parameters", "d_model", "layers", "vocab", "note"):
+        numeric = col in ("parameters", "d_model", "layers", "vocab")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=col != "note")
+    for r in data:
+        table.add_row(r["family"], r["name"], f"{r['parameters']:,}", str(r["d_model"]), str(r["layers"]),
+                      f"{r['vocab']:,}", r["note"])
+    console().print(table)
+    print("Also: any Hugging Face causal LM by local folder or hub id (model.name=meta-llama/Llama-3.2-1B).")
+    return 0

@@ -1,0 +1,33 @@
+"""lmlab resume: continue a run from its latest complete checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HELP = "continue a run from its latest checkpoint (model, optimizer, RNG and data position restored)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run", help="run folder, e.g. runs/mamba-swelu-tiny-20261122-101500")
+    p.add_argument("overrides", nargs="*", metavar="train.KEY=VALUE",
+                   help="change training settings on resume, e.g. train.lr=1.5e-4 after a loss spike, "
+                        "or train.max_steps=2000 to extend the run (the exact-resume guarantee then no "
+                        "longer holds)")
+
+
+def run(args) -> int:
+    from ..config import load_config, save_config
+    from ..errors import ConfigError, LmlabError
+    from ..train.loop import train
+
+    run_dir = Path(args.run)
+    if not (run_dir / "config.yaml").is_file():
+        raise LmlabError(f"{run_dir}: not an lmlab run folder (no config.yaml)")
+    for o in args.overrides:
+        if not o.startswith("train."):
+            raise ConfigError(f"override {o!r}: only train.* settings can change on resume")
+    cfg = load_config(run_dir / "config.yaml", args.overrides)
+    if args.overrides:
+        save_config(cfg, run_dir / "config.yaml")
+    train(cfg, run_dir)
+    return 0

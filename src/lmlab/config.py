@@ -1,0 +1,306 @@
+"""Typed, validated run configuration: YAML files plus dotted `key=value` overrides.
+
+    cfg = load_config("run.yaml", ["train.lr=1e-3", "model.name=mamba-swelu-small"])
+
+Every key is checked against the dataclasses below before anything is built: an unknown key or a
+bad value raises ConfigError naming the key and the allowed values (the CLI prints it, exit 2).
+`model.*` keys other than `name` and `trust_remote_code` are overrides of the model family's config
+(e.g. `model.d_model=512`, `model.activation=silu`) and are checked against that family.
+The resolved config is saved as `config.yaml` in every run folder and reloaded by `lmlab resume`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mamba-swelu-tiny"
+    trust_remote_code: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # family-specific keys (model.d_model=…)
+
+
+@dataclass
+class DataConfig:
+    source: Any = "stdlib"  # a string or a list of strings: stdlib, files, folders, globs, .jsonl, hf:NAME
+    text_field: str = "text"
+    tokenizer: str = "stdlib-bpe"  # embedded default, a tokenizer folder/file, or a hub id
+    vocab_size: int = 4096  # only for the embedded stdlib-bpe tokenizer
+    seq_len: int = 256
+    val_fraction: float = 0.02
+    max_docs: int | None = None
+    document_masking: bool = False  # reset the model's state at document boundaries inside packed rows
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = None  # the budget: exactly one of max_steps, max_tokens, token_ratio
+    max_tokens: int | None = None
+    token_ratio: float | None = None  # tokens per parameter: 20 (Chinchilla), 100 (LLaMA-style)
+    batch_size: int = 8  # sequences per device per micro-step
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final LR = lr × min_lr_ratio (cosine, linear)
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # auto: fp32 on CPU, bf16 on GPUs that support it, fp16 + loss scaling otherwise
+    device: str = "auto"
+    seed: int = 1337
+    threads: int | None = None  # torch CPU threads (None: leave torch's default)
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    save_every: int = 500
+    keep_last: int = 3
+    sample_every: int = 0  # 0: samples only at the end
+    sample_prompts: list[str] = field(default_factory=lambda: ["def ", "The "])
+    sample_tokens: int = 48
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None  # default: <model>-<yyyymmdd-hhmmss>
+    out_dir: str = "runs"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = {"name": self.model.name, "trust_remote_code": self.model.trust_remote_code,
+                      **self.model.overrides}
+        return d
+
+
+CHOICES = {
+    "train.schedule": ("cosine", "linear", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda", "mps"),
+}
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert `value` to the annotated type `tp` or raise ConfigError naming `key`."""
+    if isinstance(tp, str):
+        tp = eval(tp, vars(typing) | {"Any": Any})  # annotations are strings (from __future__)
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, v, inner) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _apply_section(obj: Any, section: str, values: dict[str, Any]) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        full = f"{section}.{key}"
+        if section == "model" and key not in fields:
+            obj.overrides[key] = value  # checked against the model family in validate()
+            continue
+        if key not in fields or key == "overrides":
+            allowed = ", ".join(k for k in fields if k != "overrides")
+            raise ConfigError(f"{full}: unknown key; allowed: {allowed}")
+        setattr(obj, key, _coerce(full, value, fields[key].type))
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    cfg = Config()
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    for section, values in (d or {}).items():
+        if section not in sections:
+            raise ConfigError(f"{section}: unknown section; allowed: {', '.join(sorted(sections))}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+        _apply_section(getattr(cfg, section), section, values)
+    return cfg
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (YAML-typed values) to a nested dict."""
+    d = {k: dict(v or {}) for k, v in (d or {}).items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value (e.g. train.lr=1e-3)")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {item!r}: key must be section.key (e.g. train.lr, model.name)")
+        d.setdefault(parts[0], {})[parts[1]] = _parse_scalar(raw)
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    base: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        try:
+            base = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(base, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections (model, data, train, run)")
+    cfg = from_dict(apply_overrides(base, overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------- validation
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that need no compute. The model name and overrides are checked too."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value in allowed, key, f"invalid value {value!r}; allowed: {', '.join(allowed)}")
+    t, d = cfg.train, cfg.data
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+    _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {t.grad_clip}")
+    for k in ("log_every", "eval_every", "save_every"):
+        _check(getattr(t, k) >= 1, f"train.{k}", f"must be >= 1, got {getattr(t, k)}")
+    _check(t.eval_batches >= 1, "train.eval_batches", f"must be >= 1, got {t.eval_batches}")
+    _check(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
+    _check(t.sample_every >= 0, "train.sample_every", f"must be >= 0, got {t.sample_every}")
+    _check(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1, got {t.threads}")
+    budgets = [k for k in ("max_steps", "max_tokens", "token_ratio") if getattr(t, k) is not None]
+    _check(len(budgets) <= 1, "train", f"set only one budget of max_steps, max_tokens, token_ratio "
+                                       f"(got {', '.join(budgets)})")
+    for k in budgets:
+        _check(getattr(t, k) > 0, f"train.{k}", f"must be > 0, got {getattr(t, k)}")
+    _check(d.seq_len >= 1, "data.seq_len", f"must be >= 1, got {d.seq_len}")
+    _check(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    _check(d.vocab_size >= 260, "data.vocab_size", f"must be >= 260 (256 bytes + specials), got {d.vocab_size}")
+    _check(d.max_docs is None or d.max_docs >= 1, "data.max_docs", f"must be >= 1, got {d.max_docs}")
+    _check(isinstance(d.source, (str, list)) and bool(d.source), "data.source",
+           "must be a source string or a non-empty list of them")
+    _validate_model(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    from .models import registry
+
+    kind = registry.describe_kind(cfg.model.name)
+    if kind == "named":
+        cfg_obj = registry.build_config(cfg.model.name, overrides=cfg.model.overrides)
+        seq_limit = getattr(cfg_obj, "max_seq_len", None) or getattr(cfg_obj, "max_position_embeddings", None)
+        if seq_limit is not None:
+            _check(cfg.data.seq_len <= seq_limit, "data.seq_len",
+                   f"{cfg.data.seq_len} exceeds the model's maximum sequence length {seq_limit} "
+                   f"(raise model.max_seq_len or lower data.seq_len)")
+        act = getattr(cfg_obj, "activation", None)
+        if act is not None:
+            _check(act in ("swelu", "silu"), "model.activation", f"invalid value {act!r}; allowed: swelu, silu")
+        backend = getattr(cfg_obj, "scan_backend", None)
+        if backend is not None:
+            from .models import scan
+
+            _check(backend == "auto" or backend in scan.BACKENDS, "model.scan_backend",
+                   f"invalid value {backend!r}; allowed: auto, {', '.join(scan.BACKENDS)}")
+    elif cfg.model.overrides:
+        key = next(iter(cfg.model.overrides))
+        raise ConfigError(f"model.{key}: overrides apply only to lmlab's named sizes, not to {cfg.model.name!r}")

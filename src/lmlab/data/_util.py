@@ -1,0 +1,70 @@
+"""Small helpers for the data package.
+
+Atomic folder builds: write into a hidden temp folder beside the target, then `os.replace` it into place, so a
+killed or failed build never leaves anything that looks finished."""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_dir(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temp folder; on normal exit it becomes `final`, on error it is removed.
+
+    If `final` already exists (another process finished first) ours is discarded, unless `overwrite`,
+    in which case the old folder is swapped out and deleted.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_builds(final)
+    tmp = final.parent / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # unlike mkdtemp, honours the umask (mkdtemp makes 0700 folders)
+    try:
+        yield tmp
+        if overwrite and final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        try:
+            os.replace(tmp, final)  # atomic; fails if `final` is a non-empty folder
+        except OSError:
+            if not final.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # lost a race with an identical build: keep theirs
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_dead_builds(final: Path) -> None:
+    """Delete temp folders of builds of `final` that were killed (same host, process gone)."""
+    for tmp in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+        host, pid, _ = tmp.name.rsplit("-", 2)
+        if host.endswith(f".tmp-{socket.gethostname()}") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries raise long, multi-line ones)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__

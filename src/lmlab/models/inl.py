@@ -1,0 +1,520 @@
+"""INL-LLM: transformer-shaped blocks whose token update is a learned second-order (integrator) system.
+
+    tokens ─► wte (+ sinusoidal positions in the projection variant) ─► dropout
+          ─► N × INLBlock
+          ─► Norm_f ─► LM head (tied to wte)                                    (b, l, V)
+
+One INLBlock, with h (b, l, d) the residual stream:
+
+    u   = Norm_1(h)                                     (b, l, d)
+    c   = Context(u)                                    (b, l, d)  causal: token i sees tokens ≤ i
+            attention:  o_proj(SDPA(q_proj u, k_proj u, v_proj u)), RoPE on q and k, n_heads heads
+            projection: causal running mean of proj(u) (the original INL code's context)
+    x₀  = u,  v₀ = 0                                    state starts at the normed block input, at rest
+    for t = 0 … T−1 (T = n_iterations), per token:
+        z      = GELU(W_c [c, x, v] + b_c)              (b, l, 4·k)  controller MLP, k = controller_hidden
+        α      = σ(head_α(z_α)) · exp(−κ · rms(x − μ))  inertia; the exp factor only if dynamic_alpha
+        β      = softplus(head_β(z_β))                  correction strength toward μ
+        g      = σ(head_g(z_g))                         gate on the step
+        v_cand = head_v(z_v)                            candidate velocity
+        v      ← α·v + (1 − α)·v_cand − β·(x − μ) + a·sin(γ·t + φ)
+        x      ← x + Δt · g · v
+    h   = h + dropout(x_T − x₀)                         the block adds the integrator's displacement
+    h   = h + dropout(FF(Norm_2(h)))                    FF: GELU MLP (fc_in, fc_out) or SwiGLU
+
+Symbols: b batch, l sequence, d d_model, V vocab, k controller_hidden, T n_iterations, Δt `dt`.
+Learnable per layer: μ (equilibrium), γ, φ, a (excitation frequency, phase, amplitude), all (d,);
+κ (scalar, kept positive through softplus). The excitation depends on the iteration index t only, so
+the model is deterministic. Every quantity is per token: tokens interact only through c.
+
+Choices (see docs/models.md):
+  * x₀ = Norm_1(h), v₀ = 0: the integrator starts where the token is, at rest. The block adds x_T − x₀
+    (the original code added x_T itself, re-injecting a normed copy of h at every layer).
+  * Positions: RoPE in the attention variant (no parameters, no length limit); the projection variant
+    has no attention to rotate, so it adds fixed sinusoidal positions to the embeddings, as the original.
+  * Controller heads start at zero weight with biases giving α = alpha_init, β = beta_init,
+    g = gate_init and v_cand = 0, as the original.
+  * Adaptive stop (inference only, `adaptive_stop`): a token stops moving once rms(Δx) < stop_tol; the
+    loop ends when every token has stopped. Per token, so results do not depend on what else is in the
+    batch and cached decoding matches the full forward. Training always runs T iterations.
+  * `seq_idx` (b, l) is a document mask: attention (or the running mean) never crosses a document
+    boundary and positions restart at each document.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import initialization as hf_init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutput
+
+_CONTEXTS = ("attention", "projection")
+_FFS = ("gelu", "swiglu")
+_NORMS = ("layernorm", "rmsnorm")
+
+
+class INLConfig(PretrainedConfig):
+    model_type = "inl_llm"
+
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        d_model: int = 512,
+        n_layers: int = 6,
+        n_heads: int = 8,
+        n_iterations: int = 5,
+        ff_dim: int = 2048,
+        ff: str = "gelu",
+        context: str = "attention",
+        max_seq_len: int = 2048,
+        controller_hidden: int = 64,
+        dt: float = 0.1,
+        alpha_init: float = 0.8,
+        beta_init: float = 0.5,
+        gate_init: float = 0.5,
+        dynamic_alpha: bool = True,
+        kappa_init: float = 1.0,
+        excitation_init: float = 0.03,
+        adaptive_stop: bool = False,
+        stop_tol: float = 1e-3,
+        rope_theta: float = 10000.0,
+        norm: str = "layernorm",
+        norm_eps: float = 1e-5,
+        dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        if context not in _CONTEXTS:
+            raise ValueError(f"context must be one of {', '.join(_CONTEXTS)}, got {context!r}")
+        if ff not in _FFS:
+            raise ValueError(f"ff must be one of {', '.join(_FFS)}, got {ff!r}")
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be one of {', '.join(_NORMS)}, got {norm!r}")
+        if context == "attention" and (d_model % n_heads or (d_model // n_heads) % 2):
+            raise ValueError(f"d_model ({d_model}) must split into n_heads ({n_heads}) heads of even size")
+        if n_iterations < 1:
+            raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        for name, value in (("alpha_init", alpha_init), ("gate_init", gate_init)):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {value}")
+        if beta_init <= 0 or kappa_init <= 0:
+            raise ValueError("beta_init and kappa_init must be > 0")
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.n_heads = n_heads
+        self.n_iterations = n_iterations
+        self.ff_dim = ff_dim
+        self.ff = ff
+        self.context = context
+        self.max_seq_len = max_seq_len
+        self.controller_hidden = controller_hidden
+        self.dt = dt
+        self.alpha_init = alpha_init
+        self.beta_init = beta_init
+        self.gate_init = gate_init
+        self.dynamic_alpha = dynamic_alpha
+        self.kappa_init = kappa_init
+        self.excitation_init = excitation_init
+        self.adaptive_stop = adaptive_stop
+        self.stop_tol = stop_tol
+        self.rope_theta = rope_theta
+        self.norm = norm
+        self.norm_eps = norm_eps
+        self.dropout = dropout
+        self.initializer_range = initializer_range
+        super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+    @property
+    def hidden_size(self) -> int:  # the names other tools look for
+        return self.d_model
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_heads
+
+
+@dataclass
+class INLCache:
+    """Decoding state, per layer: keys/values (attention) or the running context sum (projection)."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)  # (b, n_heads, s, d_head)
+    values: list[torch.Tensor] = field(default_factory=list)  # (b, n_heads, s, d_head)
+    ctx_sum: list[torch.Tensor] = field(default_factory=list)  # (b, d), fp32
+    seen: int = 0  # tokens consumed so far
+
+
+def _norm(cfg: INLConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+def _inv_sigmoid(y: float) -> float:
+    return math.log(y / (1 - y))
+
+
+def _inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """(…, d) → (…, 1): root-mean-square over the last dimension (finite gradient at 0)."""
+    return (x.pow(2).mean(-1, keepdim=True) + 1e-12).sqrt()
+
+
+# ------------------------------------------------------------------------------------------- positions
+def _positions_within_documents(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b, l) document ids → (b, l) position of each token inside its document."""
+    b, l = seq_idx.shape
+    idx = torch.arange(l, device=seq_idx.device).expand(b, l)
+    start = torch.ones_like(seq_idx, dtype=torch.bool)
+    start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
+def _angles(pos: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    """(b, l) positions → (b, l, dim/2) angles pos · θ^(−2i/dim), fp32."""
+    inv_freq = theta ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
+    return pos.float()[..., None] * inv_freq
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (b, n_heads, l, d_head); cos, sin (b, 1, l, d_head/2). Rotate-half convention (as Llama)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def _sinusoidal(pos: torch.Tensor, d: int) -> torch.Tensor:
+    """(b, l) positions → (b, l, d) fixed sin/cos position encoding (interleaved, as in the original)."""
+    ang = _angles(pos, d, 10000.0)  # (b, l, d/2)
+    return torch.stack([ang.sin(), ang.cos()], dim=-1).flatten(-2)[..., :d]
+
+
+# ------------------------------------------------------------------------------------------- context
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with RoPE, computed by scaled_dot_product_attention."""
+
+    def __init__(self, cfg: INLConfig, layer_idx: int):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads, self.d_head = cfg.n_heads, d // cfg.n_heads
+        self.layer_idx = layer_idx
+        self.attn_dropout = cfg.dropout
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, u, rope, cache: INLCache | None = None, doc_mask=None):
+        b, l, d = u.shape
+        cos, sin = rope
+        q = self.q_proj(u).view(b, l, self.n_heads, self.d_head).transpose(1, 2)  # (b, nh, l, hd)
+        k = self.k_proj(u).view(b, l, self.n_heads, self.d_head).transpose(1, 2)
+        v = self.v_proj(u).view(b, l, self.n_heads, self.d_head).transpose(1, 2)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if cache is not None:
+            if len(cache.keys) > self.layer_idx:
+                k = torch.cat([cache.keys[self.layer_idx], k], dim=2)  # (b, nh, past + l, hd)
+                v = torch.cat([cache.values[self.layer_idx], v], dim=2)
+                cache.keys[self.layer_idx], cache.values[self.layer_idx] = k, v
+            else:
+                cache.keys.append(k)
+                cache.values.append(v)
+        past = k.shape[2] - l
+        mask, causal = doc_mask, False
+        if mask is None:
+            if past == 0:
+                causal = True
+            elif l > 1:  # a chunk after a prefix: query i sees keys ≤ past + i
+                i = torch.arange(l, device=u.device)[:, None]
+                mask = torch.arange(past + l, device=u.device)[None, :] <= past + i  # (l, past + l)
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        return self.o_proj(y.transpose(1, 2).reshape(b, l, d))  # (b, l, d)
+
+
+class CausalMeanProjection(nn.Module):
+    """The original INL context: c_i = mean_{j ≤ i} proj(u_j), a causal running mean."""
+
+    def __init__(self, cfg: INLConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, u, rope=None, cache: INLCache | None = None, doc_mask=None, seq_idx=None):
+        b, l, _ = u.shape
+        p = self.proj(u).float()  # (b, l, d)
+        csum = p.cumsum(dim=1)  # (b, l, d)
+        count = torch.arange(1, l + 1, device=u.device, dtype=torch.float32)[None, :, None]  # (1, l, 1)
+        if seq_idx is not None:  # restart the sum at each document
+            pos = _positions_within_documents(seq_idx)  # (b, l)
+            before = torch.arange(l, device=u.device)[None, :] - pos - 1  # index before the document start
+            prev = torch.gather(csum, 1, before.clamp_min(0)[..., None].expand_as(csum))
+            csum = csum - torch.where(before[..., None] >= 0, prev, torch.zeros_like(prev))
+            count = (pos + 1).float()[..., None]
+        if cache is not None:
+            if len(cache.ctx_sum) > self.layer_idx:
+                csum = csum + cache.ctx_sum[self.layer_idx][:, None, :]
+                count = count + cache.seen
+                cache.ctx_sum[self.layer_idx] = csum[:, -1]
+            else:
+                cache.ctx_sum.append(csum[:, -1])
+        return (csum / count).to(u.dtype)
+
+
+# ------------------------------------------------------------------------------------------- integrator
+class IntegratorNeuronLayer(nn.Module):
+    """The learned second-order system iterated per token (symbols in the module docstring)."""
+
+    def __init__(self, cfg: INLConfig):
+        super().__init__()
+        d, k = cfg.d_model, cfg.controller_hidden
+        self.cfg = cfg  # read at call time, so adaptive_stop / stop_tol can be switched on a live model
+        self.controller = nn.Linear(3 * d, 4 * k)  # columns: [c | x | v]; rows: α, β, g, v_cand units
+        self.to_alpha = nn.Linear(k, d)
+        self.to_beta = nn.Linear(k, d)
+        self.to_gate = nn.Linear(k, d)
+        self.to_vcand = nn.Linear(k, d)
+        self.mu = nn.Parameter(torch.zeros(d))  # learnable equilibrium
+        self.gamma = nn.Parameter(torch.ones(d))  # excitation frequency
+        self.phi = nn.Parameter(torch.zeros(d))  # excitation phase
+        self.amplitude = nn.Parameter(torch.full((d,), cfg.excitation_init))  # excitation amplitude
+        if cfg.dynamic_alpha:
+            self.kappa_raw = nn.Parameter(torch.tensor(_inv_softplus(cfg.kappa_init)))
+        self.last_iterations = 0  # iterations the last forward ran (adaptive stop may cut it short)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        cfg = self.cfg
+        heads = ((self.to_alpha, _inv_sigmoid(cfg.alpha_init)), (self.to_beta, _inv_softplus(cfg.beta_init)),
+                 (self.to_gate, _inv_sigmoid(cfg.gate_init)), (self.to_vcand, 0.0))
+        for head, bias in heads:
+            hf_init.zeros_(head.weight)
+            hf_init.constant_(head.bias, bias)
+        hf_init.zeros_(self.mu)
+        hf_init.normal_(self.gamma, mean=1.0, std=0.1)
+        hf_init.uniform_(self.phi, 0.0, 2 * math.pi)
+        hf_init.constant_(self.amplitude, cfg.excitation_init)
+        if cfg.dynamic_alpha:
+            hf_init.constant_(self.kappa_raw, _inv_softplus(cfg.kappa_init))
+
+    def forward(self, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """c, x (b, l, d) → x_T (b, l, d)."""
+        cfg, d = self.cfg, x.shape[-1]
+        w = self.controller.weight  # (4k, 3d)
+        pre_c = F.linear(c, w[:, :d], self.controller.bias)  # (b, l, 4k), the same at every iteration
+        w_x, w_v = w[:, d:2 * d], w[:, 2 * d:]
+        kappa = F.softplus(self.kappa_raw) if cfg.dynamic_alpha else None
+        adaptive = cfg.adaptive_stop and not self.training
+        active = None  # (b, l, 1) tokens still moving, adaptive stop only
+        v = torch.zeros_like(x)
+        for t in range(cfg.n_iterations):
+            pre = pre_c + F.linear(x, w_x) + (F.linear(v, w_v) if t > 0 else 0.0)
+            z_a, z_b, z_g, z_v = F.gelu(pre).chunk(4, dim=-1)  # (b, l, k) each
+            err = x - self.mu  # (b, l, d)
+            alpha = torch.sigmoid(self.to_alpha(z_a))
+            if kappa is not None:
+                alpha = alpha * torch.exp(-kappa * _rms(err))
+            beta = F.softplus(self.to_beta(z_b))
+            gate = torch.sigmoid(self.to_gate(z_g))
+            v_cand = self.to_vcand(z_v)
+            excitation = self.amplitude * torch.sin(self.gamma * t + self.phi)  # (d,)
+            v_new = alpha * v + (1 - alpha) * v_cand - beta * err + excitation
+            x_new = x + cfg.dt * gate * v_new
+            if adaptive:
+                moving = _rms(x_new - x) >= cfg.stop_tol  # (b, l, 1)
+                if active is not None:
+                    x_new, v_new = torch.where(active, x_new, x), torch.where(active, v_new, v)
+                    moving = moving & active
+                active = moving
+            x, v = x_new, v_new
+            if adaptive and not bool(active.any()):
+                break
+        self.last_iterations = t + 1
+        return x
+
+
+# ------------------------------------------------------------------------------------------- block
+class GELUMLP(nn.Module):
+    def __init__(self, cfg: INLConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.d_model, cfg.ff_dim)
+        self.fc_out = nn.Linear(cfg.ff_dim, cfg.d_model)
+
+    def forward(self, x):
+        return self.fc_out(F.gelu(self.fc_in(x)))
+
+
+class SwiGLUMLP(nn.Module):
+    def __init__(self, cfg: INLConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class INLBlock(GradientCheckpointingLayer):
+    """h ← h + drop(INL(context(norm₁ h), norm₁ h) − norm₁ h);  h ← h + drop(FF(norm₂ h))"""
+
+    def __init__(self, cfg: INLConfig, layer_idx: int):
+        super().__init__()
+        self.context_kind = cfg.context
+        self.norm1 = _norm(cfg)
+        context_cls = CausalSelfAttention if cfg.context == "attention" else CausalMeanProjection
+        self.context = context_cls(cfg, layer_idx)
+        self.inl = IntegratorNeuronLayer(cfg)
+        self.norm2 = _norm(cfg)
+        self.mlp = GELUMLP(cfg) if cfg.ff == "gelu" else SwiGLUMLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, h, rope=None, cache=None, doc_mask=None, seq_idx=None):
+        u = self.norm1(h)  # (b, l, d)
+        if self.context_kind == "attention":
+            c = self.context(u, rope, cache=cache, doc_mask=doc_mask)
+        else:
+            c = self.context(u, cache=cache, seq_idx=seq_idx)
+        h = h + self.drop(self.inl(c, u) - u)
+        return h + self.drop(self.mlp(self.norm2(h)))
+
+
+# ------------------------------------------------------------------------------------------- model
+class INLPreTrainedModel(PreTrainedModel):
+    config_class = INLConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["INLBlock"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                hf_init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            hf_init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                hf_init.zeros_(module.bias)
+        elif isinstance(module, IntegratorNeuronLayer):  # children first, so this overrides their init
+            module.reset_parameters()
+        elif isinstance(module, INLBlock):  # GPT-2 style scaling of the projections into the residual
+            scaled = std / math.sqrt(2 * self.config.n_layers)
+            out = module.mlp.fc_out if isinstance(module.mlp, GELUMLP) else module.mlp.down_proj
+            hf_init.normal_(out.weight, mean=0.0, std=scaled)
+            if isinstance(module.context, CausalSelfAttention):
+                hf_init.normal_(module.context.o_proj.weight, mean=0.0, std=scaled)
+
+
+class INLForCausalLM(INLPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "wte.weight"}
+
+    def __init__(self, config: INLConfig):
+        super().__init__(config)
+        c = config
+        self.wte = nn.Embedding(c.vocab_size, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList([INLBlock(c, i) for i in range(c.n_layers)])
+        self.norm_f = _norm(c)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def new_cache(self) -> INLCache:
+        return INLCache()
+
+    def iterations_run(self) -> list[int]:
+        """Integrator iterations per layer in the last forward (< n_iterations only with adaptive stop)."""
+        return [blk.inl.last_iterations for blk in self.blocks]
+
+    # `generate` from transformers: its Cache objects are not ours, so every step re-reads the whole prefix
+    # (correct, O(l²)); lmlab's own decoding uses new_cache() instead.
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, **kwargs):
+        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=None, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        cache: INLCache | None = None,
+        seq_idx: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutput:
+        """input_ids (b, l). `labels` follow the Hugging Face convention (shifted inside, -100 ignored).
+
+        With `cache`, the call continues from the cached state (first call: prefill) and advances it.
+        `seq_idx` (b, l) marks packed documents: a document mask, and positions restart at each document.
+        """
+        cfg = self.config
+        b, l = input_ids.shape
+        if seq_idx is not None and cache is not None:
+            raise ValueError("seq_idx (packed documents) cannot be combined with a decoding cache")
+        start = cache.seen if cache is not None else 0
+        if position_ids is None:
+            if seq_idx is not None:
+                position_ids = _positions_within_documents(seq_idx)
+            else:
+                position_ids = torch.arange(start, start + l, device=input_ids.device)[None, :]
+        position_ids = position_ids.expand(b, l)
+        h = self.wte(input_ids)  # (b, l, d)
+        rope, doc_mask = None, None
+        if cfg.context == "attention":
+            d_head = cfg.d_model // cfg.n_heads
+            ang = _angles(position_ids, d_head, cfg.rope_theta)[:, None]  # (b, 1, l, d_head/2)
+            rope = (ang.cos(), ang.sin())
+            if seq_idx is not None:
+                same = seq_idx[:, :, None] == seq_idx[:, None, :]  # (b, l, l)
+                doc_mask = (same & torch.ones(l, l, dtype=torch.bool, device=h.device).tril())[:, None]
+        else:
+            h = h + _sinusoidal(position_ids, cfg.d_model).to(h.dtype)
+        h = self.drop(h)
+        for blk in self.blocks:
+            h = blk(h, rope, cache=cache, doc_mask=doc_mask, seq_idx=seq_idx)
+        logits = self.lm_head(self.norm_f(h))  # (b, l, V)
+        if cache is not None:
+            cache.seen += l
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)

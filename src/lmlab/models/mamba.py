@@ -1,0 +1,158 @@
+"""The Mamba-1 mixer (selective state-space layer), with the official parameter names.
+
+    x ──in_proj──► (x, z)                        (b, l, 2·d_inner)
+    x ──causal depthwise conv1d──► SiLU ──► u     (b, d_inner, l)
+    u ──x_proj──► (δ_r, B, C)                     δ_r: dt_rank, B, C: d_state
+    Δ = softplus(dt_proj(δ_r))                    dt_proj's bias added inside the scan
+    y = selective_scan(u, Δ, A = −exp(A_log), B, C, D) · SiLU(z)
+    out = out_proj(y)                             (b, l, d_model)
+
+Names (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj) and initialisation follow the
+reference implementation, so weights load with strict=True into and from `transformers`' MambaMixer.
+The scan itself lives in `scan.py` behind a backend interface; this file knows nothing of kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as hf_init
+
+from . import scan as scan_lib
+
+
+@dataclass
+class MambaCache:
+    """Recurrent state for generation: per layer, the last d_conv inputs of the conv and the SSM state."""
+
+    conv: list[torch.Tensor] = field(default_factory=list)  # (b, d_inner, d_conv)
+    ssm: list[torch.Tensor] = field(default_factory=list)  # (b, d_inner, d_state), fp32
+    seen: int = 0  # tokens consumed so far (positions for learned position embeddings)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep the rows `beam_idx` (transformers' `generate` calls this)."""
+        self.conv = [c.index_select(0, beam_idx.to(c.device)) for c in self.conv]
+        self.ssm = [s.index_select(0, beam_idx.to(s.device)) for s in self.ssm]
+
+
+class MambaMixer(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+        conv_bias: bool = True,
+        bias: bool = False,
+        scan_backend: str = "auto",
+        layer_idx: int = 0,
+    ):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.scan_backend = scan_backend
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self._init_cfg = (dt_min, dt_max, dt_init_floor, dt_scale)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """The reference initialisation of dt_proj, A_log and D (S4D-real A, log-uniform Δ)."""
+        if self.A_log.device.type == "meta":
+            return
+        dt_min, dt_max, floor, dt_scale = self._init_cfg
+        std = self.dt_rank**-0.5 * dt_scale
+        hf_init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=floor)
+        hf_init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        hf_init.copy_(self.A_log, torch.log(A))
+        hf_init.ones_(self.D)
+
+    # ---------------------------------------------------------------- full sequence
+    def _conv(self, x: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """Causal depthwise conv over (b, d_inner, l). With seq_idx, taps never cross a document start."""
+        l = x.shape[-1]
+        if seq_idx is None:
+            return self.conv1d(x)[..., :l]
+        w = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv); tap j looks back d_conv-1-j steps
+        out = x * w[:, -1, None]
+        for back in range(1, self.d_conv):
+            if back >= l:
+                break
+            shifted = F.pad(x, (back, 0))[..., :l]
+            same = F.pad(seq_idx, (back, 0), value=-1)[..., :l] == seq_idx  # (b, l)
+            out = out + shifted * same[:, None, :].to(x.dtype) * w[:, -1 - back, None]
+        if self.conv1d.bias is not None:
+            out = out + self.conv1d.bias[:, None]
+        return out
+
+    def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (b, l, d_model) → (b, l, d_model). With `cache`, fills this layer's state (prefill)."""
+        b, l, _ = hidden.shape
+        if cache is not None and len(cache.ssm) > self.layer_idx:
+            return self._step_many(hidden, cache)
+        xz = self.in_proj(hidden).transpose(1, 2)  # (b, 2·d_inner, l)
+        x, z = xz.chunk(2, dim=1)
+        if cache is not None:
+            conv_state = F.pad(x, (self.d_conv - l, 0)) if l < self.d_conv else x[..., -self.d_conv:]
+            cache.conv.append(conv_state.detach().clone())
+        u = F.silu(self._conv(x, seq_idx))  # (b, d_inner, l)
+        dBC = self.x_proj(u.transpose(1, 2))  # (b, l, dt_rank + 2n)
+        dt, B, C = torch.split(dBC, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, d_inner, l), bias added in the scan
+        A = -torch.exp(self.A_log.float())
+        out = scan_lib.selective_scan(
+            u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=z,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, seq_idx=seq_idx,
+            return_last_state=cache is not None, backend=self.scan_backend,
+        )
+        if cache is not None:
+            y, last = out
+            cache.ssm.append(last.float())
+        else:
+            y = out
+        return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
+
+    # ---------------------------------------------------------------- recurrent decoding
+    def _step_many(self, hidden: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        return torch.cat([self.step(hidden[:, t], cache) for t in range(hidden.shape[1])], dim=1)
+
+    def step(self, hidden: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """One token: hidden (b, d_model) → (b, 1, d_model); O(1) in the context length."""
+        conv_state, ssm_state = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d_inner) each
+        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+        conv_state[:, :, -1] = x
+        x = (conv_state * self.conv1d.weight[:, 0, :]).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        u = F.silu(x)
+        dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = dt @ self.dt_proj.weight.t()
+        y = scan_lib.selective_state_update(
+            ssm_state, u, delta, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
+            dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+        )
+        return self.out_proj(y.to(hidden.dtype))[:, None, :]

@@ -1,0 +1,279 @@
+"""MambaSWELU: Mamba blocks whose outputs pass through the learnable SWELU activation.
+
+    tokens ─► wte + wpe (learned positions) ─► dropout
+          ─► N × [ h ← h + dropout(SWELU_i(Mixer_i(Norm_i(h)))) ]
+          ─► Norm_f ─► 3 dense layers d→h→h→d, each followed by SWELU
+          ─► LM head (tied to wte)                                        (b, l, vocab)
+
+Shapes: b batch, l sequence, d d_model, h dense_hidden. `activation: silu` swaps every SWELU for
+SiLU (ablation); `swelu_learnable: false` freezes k and λ at their initial values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import initialization as hf_init
+from transformers.modeling_outputs import CausalLMOutput
+
+from .mamba import MambaCache, MambaMixer
+from .swelu import SWELU, make_activation
+
+
+@dataclass
+class MambaSWELUOutput(CausalLMOutput):
+    """CausalLMOutput plus the recurrent cache, under the name transformers' `generate` carries between steps."""
+
+    cache_params: MambaCache | None = None
+
+
+class MambaSWELUConfig(PretrainedConfig):
+    model_type = "mamba_swelu"
+
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        d_model: int = 1024,
+        n_layers: int = 6,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dense_hidden: int = 2048,
+        n_dense: int = 3,
+        max_seq_len: int = 1024,
+        activation: str = "swelu",
+        swelu_learnable: bool = True,
+        swelu_k_init: float = 1.0,
+        swelu_lam_init: float = 1.0,
+        norm: str = "layernorm",
+        norm_eps: float = 1e-5,
+        dropout: float = 0.0,
+        initializer_range: float = 0.02,
+        scan_backend: str = "auto",
+        tie_word_embeddings: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.dt_rank = dt_rank
+        self.dense_hidden = dense_hidden
+        self.n_dense = n_dense
+        self.max_seq_len = max_seq_len
+        self.activation = activation
+        self.swelu_learnable = swelu_learnable
+        self.swelu_k_init = swelu_k_init
+        self.swelu_lam_init = swelu_lam_init
+        self.norm = norm
+        self.norm_eps = norm_eps
+        self.dropout = dropout
+        self.initializer_range = initializer_range
+        self.scan_backend = scan_backend
+        super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+    @property
+    def hidden_size(self) -> int:  # the name other tools look for
+        return self.d_model
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layers
+
+
+def _norm(cfg: MambaSWELUConfig, dim: int) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps)
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    raise ValueError(f"unknown norm {cfg.norm!r}; allowed: layernorm, rmsnorm")
+
+
+def _act(cfg: MambaSWELUConfig) -> nn.Module:
+    return make_activation(cfg.activation, cfg.swelu_k_init, cfg.swelu_lam_init, cfg.swelu_learnable)
+
+
+class MambaSWELUBlock(nn.Module):
+    """h ← h + dropout(act(mixer(norm(h))))"""
+
+    def __init__(self, cfg: MambaSWELUConfig, layer_idx: int):
+        super().__init__()
+        self.norm = _norm(cfg, cfg.d_model)
+        self.mixer = MambaMixer(cfg.d_model, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank,
+                                scan_backend=cfg.scan_backend, layer_idx=layer_idx)
+        self.act = _act(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, h, cache=None, seq_idx=None):
+        return h + self.drop(self.act(self.mixer(self.norm(h), cache=cache, seq_idx=seq_idx)))
+
+
+class DenseSWELU(nn.Module):
+    """Linear followed by the activation."""
+
+    def __init__(self, cfg: MambaSWELUConfig, d_in: int, d_out: int):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.act = _act(cfg)
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+class MambaSWELUPreTrainedModel(PreTrainedModel):
+    config_class = MambaSWELUConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["MambaSWELUBlock"]
+    supports_gradient_checkpointing = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                hf_init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            hf_init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                hf_init.zeros_(module.bias)
+        elif isinstance(module, SWELU):
+            fresh = SWELU(self.config.swelu_k_init, self.config.swelu_lam_init, self.config.swelu_learnable)
+            hf_init.copy_(module.k_raw, fresh.k_raw)
+            hf_init.copy_(module.lam, fresh.lam)
+        if isinstance(module, MambaMixer):
+            # conv keeps PyTorch's default (kaiming-uniform) init, as in the reference
+            hf_init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+            if module.conv1d.bias is not None:
+                bound = 1 / math.sqrt(module.d_conv)
+                hf_init.uniform_(module.conv1d.bias, -bound, bound)
+            module.reset_ssm_parameters()
+            # GPT-2 style rescaling of the residual output projection
+            hf_init.normal_(module.out_proj.weight, mean=0.0, std=std / math.sqrt(self.config.n_layers))
+
+
+class MambaSWELUForCausalLM(MambaSWELUPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "wte.weight"}
+
+    def __init__(self, config: MambaSWELUConfig):
+        super().__init__(config)
+        c = config
+        self.wte = nn.Embedding(c.vocab_size, c.d_model)
+        self.wpe = nn.Embedding(c.max_seq_len, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList([MambaSWELUBlock(c, i) for i in range(c.n_layers)])
+        self.norm_f = _norm(c, c.d_model)
+        dims = [c.d_model] + [c.dense_hidden] * (c.n_dense - 1) + [c.d_model]
+        self.dense = nn.ModuleList([DenseSWELU(c, dims[i], dims[i + 1]) for i in range(c.n_dense)])
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def set_scan_backend(self, name: str) -> None:
+        self.config.scan_backend = name
+        for blk in self.blocks:
+            blk.mixer.scan_backend = name
+
+    def swelu_modules(self) -> dict[str, SWELU]:
+        """Every SWELU by a stable short name: block.0 … block.N-1, dense.0 … dense.2."""
+        out = {}
+        for i, blk in enumerate(self.blocks):
+            if isinstance(blk.act, SWELU):
+                out[f"block.{i}"] = blk.act
+        for i, layer in enumerate(self.dense):
+            if isinstance(layer.act, SWELU):
+                out[f"dense.{i}"] = layer.act
+        return out
+
+    def new_cache(self) -> MambaCache:
+        return MambaCache()
+
+    # transformers' `generate` (and everything built on it) decodes with the recurrent cache too: the first call
+    # creates it and reads the prompt, every later call feeds only the tokens the cache has not seen.
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def prepare_inputs_for_generation(self, input_ids, cache_params: MambaCache | None = None, use_cache=True,
+                                      **kwargs):
+        if use_cache is False:
+            return {"input_ids": input_ids}
+        if cache_params is None:
+            cache_params = self.new_cache()
+        return {"input_ids": input_ids[:, cache_params.seen:], "cache_params": cache_params}
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        cache: MambaCache | None = None,
+        seq_idx: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache_params: MambaCache | None = None,
+        **kwargs,
+    ) -> MambaSWELUOutput:
+        """input_ids (b, l). `labels` follow the Hugging Face convention (shifted inside, -100 ignored).
+
+        With `cache`, the call continues from the cached state (first call: prefill) and advances it.
+        `seq_idx` (b, l) marks packed documents; positions then restart at each document.
+        """
+        cache = cache if cache is not None else cache_params
+        b, l = input_ids.shape
+        start = cache.seen if cache is not None else 0
+        if position_ids is None:
+            if seq_idx is not None:
+                position_ids = _positions_within_documents(seq_idx)
+            else:
+                position_ids = torch.arange(start, start + l, device=input_ids.device)[None, :]
+        if int(position_ids.max()) >= self.config.max_seq_len:
+            raise ValueError(f"position {int(position_ids.max())} exceeds max_seq_len {self.config.max_seq_len}")
+        h = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (b, l, d)
+        for blk in self.blocks:
+            h = blk(h, cache=cache, seq_idx=seq_idx)
+        h = self.norm_f(h)
+        for layer in self.dense:
+            h = layer(h)
+        logits = self.lm_head(h)  # (b, l, vocab)
+        if cache is not None:
+            cache.seen += l
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return MambaSWELUOutput(loss=loss, logits=logits, cache_params=cache)
+
+
+def _positions_within_documents(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b, l) document ids → (b, l) position of each token inside its document."""
+    b, l = seq_idx.shape
+    idx = torch.arange(l, device=seq_idx.device).expand(b, l)
+    start = torch.zeros_like(seq_idx, dtype=torch.bool)
+    start[:, 0] = True
+    start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first

@@ -1,0 +1,251 @@
+"""Selective scan (Mamba-1 S6) behind a small backend interface.
+
+Glossary (paper symbol → code name, shapes in the layout of the official kernels):
+    b batch, d channels (d_inner), l sequence length, n state size (d_state)
+    u  (b, d, l)   input x after conv + SiLU
+    Δ  delta (b, d, l)   time step, before `delta_bias` and softplus when `delta_softplus`
+    A  (d, n)      A = −exp(A_log), real and negative
+    B  (b, n, l)   input matrix, input-dependent
+    C  (b, n, l)   output matrix, input-dependent
+    D  (d,)        skip connection
+    z  (b, d, l)   gate: y ← y · SiLU(z)
+    seq_idx (b, l) document index of each position in a packed row; the state is reset to zero
+                   where it changes, so packed documents never see each other.
+
+Recurrence (per b, d, n):
+    h_t = exp(Δ_t A) · h_{t−1} + Δ_t B_t u_t,     y_t = C_t · h_t + D u_t
+
+Backends (`available_backends(device)` lists those usable on a device):
+    ref        the sequential oracle below: obviously correct, float64-capable, slow (autograd
+               records every step). Tests hold every other backend to it.
+    chunked    pure torch, any device: chunked scan with a hand-written backward that keeps only
+               chunk-boundary states and recomputes the rest (scan_cpu.py).
+    cpu        C++/OpenMP kernel built at first use (scan_cpu.py); CPU only. Without a compiler it
+               warns once and runs `chunked`.
+    triton     fused Triton kernels, forward and backward, fp32 state (scan_triton.py); CUDA, or CPU
+               tensors under TRITON_INTERPRET=1 (how the tests run it without a GPU).
+    mamba_ssm  the official CUDA kernel `selective_scan_fn`, when the package is importable; it
+               knows no seq_idx / initial_state, so such calls go to `triton`.
+`auto`: CPU → cpu;  CUDA → mamba_ssm if importable, else triton if importable, else chunked.
+None of the fast backends keeps a (b, d, l, n) tensor for the backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+ScanFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+BACKENDS: dict[str, ScanFn] = {}
+
+
+def register_backend(name: str, fn: ScanFn) -> None:
+    BACKENDS[name] = fn
+
+
+def reset_mask(seq_idx: torch.Tensor | None) -> torch.Tensor | None:
+    """(b, l) bool: True where a new document starts inside the row (never at t = 0)."""
+    if seq_idx is None:
+        return None
+    r = torch.zeros_like(seq_idx, dtype=torch.bool)
+    r[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return r
+
+
+def selective_scan_ref(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+    seq_idx=None, initial_state=None, return_last_state=False,
+):
+    """Sequential reference scan. Computes in float32 (or float64 if the inputs are float64)."""
+    dtype_in = u.dtype
+    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, delta, A, B, C = (t.to(cdt) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(cdt)[None, :, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    b, d, l = u.shape
+    n = A.shape[1]
+    h = u.new_zeros(b, d, n) if initial_state is None else initial_state.to(cdt)
+    reset = reset_mask(seq_idx)
+    ys = []
+    for t in range(l):
+        dA = torch.exp(delta[:, :, t, None] * A)  # (b, d, n)
+        dBu = (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]  # (b, d, n)
+        if reset is not None:
+            h = h * (~reset[:, t]).to(cdt)[:, None, None]
+        h = dA * h + dBu
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
+    y = torch.stack(ys, dim=-1)  # (b, d, l)
+    if D is not None:
+        y = y + u * D.to(cdt)[None, :, None]
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    y = y.to(dtype_in)
+    return (y, h) if return_last_state else y
+
+
+register_backend("ref", selective_scan_ref)
+
+
+def scan_from_core(core, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                   seq_idx=None, initial_state=None, return_last_state=False):
+    """Full selective scan around a `core(u, δ, A, B, C, reset, h0) → (y, h_last)` with B, C (b, l, n).
+
+    The cheap (b, d, l) element-wise parts (bias, softplus, D skip, SiLU(z) gate) stay in torch autograd,
+    so a core only implements the recurrence and its backward. Compute dtype: float64 for float64
+    inputs, else float32 (bf16/fp16 inputs are upcast; the output comes back in u's dtype).
+    """
+    dtype_in = u.dtype
+    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u_, dt = u.to(cdt), delta.to(cdt)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(cdt)[None, :, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    h0 = initial_state.to(cdt) if initial_state is not None else None
+    y, last = core(u_, dt, A.to(cdt), B.to(cdt).transpose(1, 2), C.to(cdt).transpose(1, 2),
+                   reset_mask(seq_idx), h0)
+    if D is not None:
+        y = y + u_ * D.to(cdt)[None, :, None]
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    y = y.to(dtype_in)
+    return (y, last) if return_last_state else y
+
+
+def _chunked(*args, **kwargs):
+    from .scan_cpu import chunked_core
+
+    return scan_from_core(chunked_core, *args, **kwargs)
+
+
+def _cpu(*args, **kwargs):
+    from .scan_cpu import selective_scan_cpu
+
+    return selective_scan_cpu(*args, **kwargs)
+
+
+def _triton(*args, **kwargs):
+    from .scan_triton import triton_core
+
+    return scan_from_core(triton_core, *args, **kwargs)
+
+
+def _mamba_ssm(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+               seq_idx=None, initial_state=None, return_last_state=False):
+    kw = dict(D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    if seq_idx is not None or initial_state is not None:  # not supported by the official Mamba-1 kernel
+        return _triton(u, delta, A, B, C, seq_idx=seq_idx, initial_state=initial_state,
+                       return_last_state=return_last_state, **kw)
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn(u, delta, A, B, C, return_last_state=return_last_state, **kw)
+
+
+register_backend("chunked", _chunked)
+register_backend("cpu", _cpu)
+register_backend("triton", _triton)
+register_backend("mamba_ssm", _mamba_ssm)
+
+
+@functools.cache
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _usable(name: str, device_type: str) -> str | None:
+    """None if backend `name` can run on `device_type`, else the reason why not."""
+    if name == "cpu" and device_type != "cpu":
+        return "runs on CPU tensors only"
+    if name == "triton":
+        if not _importable("triton"):
+            return "needs the triton package"
+        if device_type != "cuda" and not triton_interpreted():
+            return "needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+    if name == "mamba_ssm":
+        if not _importable("mamba_ssm"):
+            return "needs the mamba_ssm package"
+        if device_type != "cuda":
+            return "needs CUDA tensors"
+    return None
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    dt = torch.device(device).type
+    return [name for name in BACKENDS if _usable(name, dt) is None]
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """Map `auto` to the preferred backend for `device`; check that a named one exists and can run there."""
+    dt = torch.device(device).type
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"unknown scan backend {name!r}; allowed: auto, {', '.join(BACKENDS)}")
+        why = _usable(name, dt)
+        if why is not None:
+            raise ValueError(f"scan backend {name!r} {why}; usable on {dt}: auto, "
+                             f"{', '.join(available_backends(dt))}")
+        return name
+    if dt == "cpu":
+        from .scan_cpu import cpu_kernel_available
+
+        return "cpu" if cpu_kernel_available() else "chunked"
+    if dt == "cuda":
+        for cand in ("mamba_ssm", "triton"):
+            if _usable(cand, dt) is None:
+                return cand
+    return "chunked"
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                   seq_idx=None, initial_state=None, return_last_state=False, backend: str = "auto"):
+    fn = BACKENDS[resolve_backend(backend, u.device)]
+    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+              seq_idx=seq_idx, initial_state=initial_state, return_last_state=return_last_state)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
+    """One decoding step. state (b, d, n) is updated in place; x, dt, z (b, d); B, C (b, n). Returns y (b, d).
+
+    On CUDA (with triton importable) one fused Triton kernel does it; elsewhere the torch code below.
+    """
+    if state.is_cuda and _importable("triton") and not torch.is_grad_enabled():
+        from .scan_triton import selective_state_update_triton
+
+        return selective_state_update_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                             dt_softplus=dt_softplus)
+    return selective_state_update_ref(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                      dt_softplus=dt_softplus)
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
+    """selective_state_update in torch (any device, differentiable except through the in-place state)."""
+    cdt = state.dtype
+    dt = dt.to(cdt)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(cdt)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    x = x.to(cdt)
+    dA = torch.exp(dt[:, :, None] * A.to(cdt))
+    dBx = (dt * x)[:, :, None] * B.to(cdt)[:, None, :]
+    state.mul_(dA).add_(dBx)
+    y = torch.einsum("bdn,bn->bd", state, C.to(cdt))
+    if D is not None:
+        y = y + x * D.to(cdt)
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    return y

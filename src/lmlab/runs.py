@@ -1,0 +1,82 @@
+"""A run is a folder. This module creates it and keeps its manifest, run.json, up to date.
+
+    runs/<name>/config.yaml  run.json  metrics.jsonl  train.log  tb/  samples.jsonl
+                checkpoints/step-XXXXXXXX/  final/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import LmlabError
+
+
+def _git_hash() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"lmlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def default_name(model_name: str) -> str:
+    base = Path(model_name).name if os.sep in model_name else model_name.replace("/", "-")
+    return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def create_run_dir(out_dir: str, name: str) -> Path:
+    path = Path(out_dir) / name
+    if path.exists() and any(path.iterdir()):
+        raise LmlabError(f"run folder {str(path)!r} already exists; use `lmlab resume {path}` to continue it "
+                         f"or pick another run.name")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_manifest(run_dir: Path, **fields: Any) -> dict:
+    """Merge `fields` into run.json (atomically) and return the result."""
+    path = run_dir / "run.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(fields)
+    tmp = run_dir / ".run.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+    return data
+
+
+def start_manifest(run_dir: Path, resumed_from: int | None = None) -> dict:
+    now = time.strftime("%Y-%m-%dT%H:%M:%S")
+    data = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    sessions = data.get("sessions", [])
+    sessions.append({"pid": os.getpid(), "host": socket.gethostname(), "started": now,
+                     "resumed_from_step": resumed_from})
+    fields = {"status": "running", "pid": os.getpid(), "host": socket.gethostname(), "sessions": sessions,
+              "versions": versions(), "git": _git_hash()}
+    if "started" not in data:
+        fields["started"] = now
+    return write_manifest(run_dir, **fields)
+
+
+def read_manifest(run_dir: Path) -> dict:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise LmlabError(f"{run_dir}: not an lmlab run folder (no run.json)")
+    return json.loads(path.read_text())

@@ -1,0 +1,52 @@
+"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# parameter names (last component) that never decay, besides biases and norm weights
+_NO_DECAY_NAMES = {"A_log", "D", "k_raw", "lam", "mu", "gamma", "phi"}
+
+
+def _no_decay(name: str, param: torch.Tensor, module: nn.Module) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "bias" or leaf in _NO_DECAY_NAMES or param.ndim < 2:
+        return True  # biases, norms (1-D), SSM A_log/D, SWELU k/λ and other scalars/vectors
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            (no_decay if _no_decay(full, p, module) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   eps: float, device: torch.device) -> torch.optim.AdamW:
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def lr_at(step: int, *, lr: float, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup, then cosine / linear decay / constant."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    min_lr = lr * min_ratio
+    if schedule == "cosine":
+        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return lr - (lr - min_lr) * progress
+    raise ValueError(f"unknown schedule {schedule!r}")

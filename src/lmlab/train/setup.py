@@ -1,0 +1,109 @@
+"""Everything the loop needs, built from a Config: tokenizer, corpus, model, plan.
+
+Rank 0 builds shared caches (tokenizer, token shards) first; the other ranks wait and reuse them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..errors import ConfigError
+from ..models import registry
+from .runtime import Runtime
+
+DEFAULT_STEPS = 1000
+
+
+@dataclass
+class Plan:
+    params: int
+    tokens_per_step: int
+    total_steps: int
+    total_tokens: int
+    budget: str  # how the step count was decided
+
+    def lines(self, cfg: Config, rt: Runtime) -> list[str]:
+        t = cfg.train
+        return [
+            f"model     {cfg.model.name}  {self.params:,} parameters",
+            f"batch     {self.tokens_per_step:,} tokens/step = {t.batch_size} seq × {cfg.data.seq_len} tokens"
+            f" × {t.grad_accum} accum × {rt.world_size} rank(s)",
+            f"budget    {self.total_steps:,} steps = {_human(self.total_tokens)} tokens "
+            f"({self.total_tokens / max(1, self.params):.1f} tokens/param; {self.budget})",
+            f"device    {rt.device} {rt.precision}" + (f", {torch.get_num_threads()} threads"
+                                                        if rt.device.type == "cpu" else ""),
+        ]
+
+
+def _human(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def make_plan(cfg: Config, params: int, world_size: int) -> Plan:
+    t = cfg.train
+    tps = t.batch_size * cfg.data.seq_len * t.grad_accum * world_size
+    if t.max_steps is not None:
+        steps, budget = t.max_steps, "train.max_steps"
+    elif t.max_tokens is not None:
+        steps, budget = math.ceil(t.max_tokens / tps), f"train.max_tokens={t.max_tokens:,}"
+    elif t.token_ratio is not None:
+        tokens = t.token_ratio * params
+        steps, budget = math.ceil(tokens / tps), f"train.token_ratio={t.token_ratio:g} × params"
+    else:
+        steps, budget = DEFAULT_STEPS, "default; set train.max_steps, max_tokens or token_ratio"
+    return Plan(params=params, tokens_per_step=tps, total_steps=steps, total_tokens=steps * tps, budget=budget)
+
+
+def build_tokenizer(cfg: Config, rt: Runtime, saved: Path | None = None):
+    from ..data.tokenizer import load_tokenizer
+
+    if saved is not None and saved.is_dir():
+        return load_tokenizer(str(saved))
+    if rt.is_main:
+        tok = load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size)
+    rt.barrier()
+    if not rt.is_main:
+        tok = load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size)
+    return tok
+
+
+def build_corpus(cfg: Config, tokenizer, rt: Runtime):
+    from ..data.shards import prepare_corpus
+
+    kw = dict(val_fraction=cfg.data.val_fraction, seed=cfg.train.seed, text_field=cfg.data.text_field,
+              max_docs=cfg.data.max_docs)
+    if rt.is_main:
+        corpus = prepare_corpus(cfg.data.source, tokenizer, **kw)
+    rt.barrier()
+    if not rt.is_main:
+        corpus = prepare_corpus(cfg.data.source, tokenizer, **kw)
+    return corpus
+
+
+def build_model(cfg: Config, tokenizer) -> torch.nn.Module:
+    """A fresh lmlab model sized to the tokenizer, or a pretrained HF model (folder or hub id)."""
+    kind = registry.describe_kind(cfg.model.name)
+    vocab = len(tokenizer)
+    if kind == "named":
+        mcfg = registry.build_config(cfg.model.name, vocab_size=vocab, overrides=cfg.model.overrides)
+        for attr, tok_attr in (("eos_token_id", "eos_token_id"), ("bos_token_id", "bos_token_id")):
+            if hasattr(mcfg, attr) and getattr(tokenizer, tok_attr, None) is not None:
+                setattr(mcfg, attr, getattr(tokenizer, tok_attr))
+        torch.manual_seed(cfg.train.seed)
+        return registry.build_model(mcfg)
+    from ..models.hf import load_model
+
+    model = load_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    n_emb = model.get_input_embeddings().weight.shape[0]
+    if vocab > n_emb:
+        raise ConfigError(f"data.tokenizer: {vocab} tokens but {cfg.model.name} has only {n_emb} embeddings; "
+                          f"use the model's own tokenizer (data.tokenizer={cfg.model.name})")
+    return model

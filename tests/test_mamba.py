@@ -1,0 +1,108 @@
+"""The mixer against transformers' own Mamba mixer, and the whole model's recurrent decoding."""
+
+import pytest
+import torch
+from transformers import MambaConfig
+from transformers.models.mamba.modeling_mamba import MambaMixer as HFMambaMixer
+
+from lmlab.models.mamba import MambaCache, MambaMixer
+from lmlab.models.mamba_swelu import MambaSWELUConfig, MambaSWELUForCausalLM
+
+
+def _pair(d=16, n=4, k=4, expand=2, rank=3):
+    hf_cfg = MambaConfig(hidden_size=d, state_size=n, intermediate_size=expand * d, conv_kernel=k,
+                         time_step_rank=rank, use_conv_bias=True, use_bias=False, hidden_act="silu",
+                         num_hidden_layers=1)
+    torch.manual_seed(0)
+    ours = MambaMixer(d, d_state=n, d_conv=k, expand=expand, dt_rank=rank, scan_backend="ref")
+    hf = HFMambaMixer(hf_cfg, layer_idx=0)
+    hf.load_state_dict(ours.state_dict(), strict=True)  # same names, same shapes
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return ours, hf
+
+
+@pytest.mark.parametrize("L", [1, 7, 13, 33])
+def test_mixer_matches_transformers(L):
+    ours, hf = _pair()
+    hf.eval()  # transformers' pure-torch path (no kernels) is used in eval mode
+    ours.eval()
+    x = torch.randn(2, L, 16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = ours(x1), hf(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    w = torch.randn_like(y1)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
+    g_hf = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, g_hf[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_reference_initialisation():
+    m = MambaMixer(32, d_state=8, expand=2)
+    A = -torch.exp(m.A_log)
+    assert torch.allclose(A[0], -torch.arange(1, 9, dtype=torch.float32))
+    assert torch.all(m.D == 1)
+    dt = torch.nn.functional.softplus(m.dt_proj.bias)
+    assert dt.min() >= 1e-4 - 1e-9 and dt.max() <= 0.1 + 1e-6
+    assert m.dt_rank == 2  # ceil(32 / 16)
+
+
+def _tiny(**kw):
+    cfg = MambaSWELUConfig(vocab_size=97, d_model=32, n_layers=2, dense_hidden=48, max_seq_len=64,
+                           scan_backend="ref", **kw)
+    torch.manual_seed(0)
+    return MambaSWELUForCausalLM(cfg).eval()
+
+
+def test_step_decoding_equals_full_forward():
+    model = _tiny()
+    ids = torch.randint(0, 97, (2, 19))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        pre = model(ids[:, :5], cache=cache).logits  # prefill 5, then one token at a time
+        steps = [model(ids[:, t: t + 1], cache=cache).logits for t in range(5, 19)]
+    got = torch.cat([pre, *steps], dim=1)
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-5)
+    assert cache.seen == 19 and cache.ssm[0].shape == (2, 64, 16)
+
+
+def test_cache_state_size_does_not_grow():
+    model = _tiny()
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 3)), cache=cache)
+        sizes = [t.numel() for t in cache.conv + cache.ssm]
+        for _ in range(20):
+            model(torch.randint(0, 97, (1, 1)), cache=cache)
+    assert [t.numel() for t in cache.conv + cache.ssm] == sizes
+
+
+def test_document_mask_isolates_packed_documents():
+    """With seq_idx, tokens of the second document see nothing of the first (conv, scan, positions)."""
+    model = _tiny()
+    a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 6))
+    other_a = torch.randint(0, 97, (1, 9))
+    seq_idx = torch.tensor([[0] * 9 + [1] * 6])
+    with torch.no_grad():
+        y1 = model(torch.cat([a, b], 1), seq_idx=seq_idx).logits[:, 9:]
+        y2 = model(torch.cat([other_a, b], 1), seq_idx=seq_idx).logits[:, 9:]
+        alone = model(b).logits
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y1, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_silu_ablation_has_no_swelu():
+    model = _tiny(activation="silu")
+    assert model.swelu_modules() == {}
+    assert not any("k_raw" in n for n, _ in model.named_parameters())
+
+
+def test_mixer_cache_shapes():
+    m = MambaMixer(16, d_state=4, scan_backend="ref").eval()
+    cache = MambaCache()
+    with torch.no_grad():
+        m(torch.randn(1, 2, 16), cache=cache)  # shorter than d_conv: conv state is left-padded
+    assert cache.conv[0].shape == (1, 32, 4) and cache.ssm[0].shape == (1, 32, 4)
