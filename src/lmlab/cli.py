@@ -39,12 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
-        try:
-            mod = _load(module)
-        except ModuleNotFoundError as e:
-            if e.name == f"lmlab.commands.{module}":
-                continue  # command not shipped in this build
-            raise
+        mod = _load(module)
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)

@@ -13,10 +13,12 @@ from ._common import add_config_args
 HELP = "train mamba-swelu-tiny on the Python standard library in ~3 minutes on a CPU (no network needed)"
 
 QUICKSTART = {
-    "model": {"name": "mamba-swelu-tiny"},
-    "data": {"source": "stdlib", "tokenizer": "stdlib-bpe", "vocab_size": 4096, "seq_len": 128,
+    # λ starts at 5 instead of 1: the last dense SWELU bounds what reaches the tied head by λ, and at
+    # this size λ = 1 sits at the unigram perplexity for hundreds of steps (docs/models.md, "SWELU's λ")
+    "model": {"name": "mamba-swelu-tiny", "swelu_lam_init": 5.0},
+    "data": {"source": "stdlib", "tokenizer": "stdlib-bpe", "vocab_size": 4096, "seq_len": 256,
              "val_fraction": 0.02},
-    "train": {"max_steps": 400, "batch_size": 16, "lr": 3e-3, "warmup_steps": 40, "eval_every": 100,
+    "train": {"max_steps": 500, "batch_size": 16, "lr": 3e-3, "warmup_steps": 50, "eval_every": 100,
               "eval_batches": 8, "save_every": 100, "log_every": 20, "threads": 2,
               "sample_prompts": ["def parse_args(", "The "], "sample_tokens": 60},
 }
@@ -44,5 +46,5 @@ def run(args) -> int:
     print(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k in ("model", "data")},
                          default_flow_style=None, sort_keys=False).strip())
     run_dir = train(cfg)
-    print(f"\nnext: lmlab generate {run_dir} -p 'def ' | lmlab resume {run_dir} train.max_steps=800")
+    print(f"\nnext:     lmlab generate {run_dir} -p 'def '\n          lmlab resume {run_dir} train.max_steps=1000")
     return 0

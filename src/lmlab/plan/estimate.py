@@ -28,10 +28,11 @@ with N_mm the parameters that take part in matmuls (input and position embedding
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -42,12 +43,15 @@ from .hardware import CURRENCY, GIB, HARDWARE, Hardware, get_hardware
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("fp32", "bf16", "fp16", "4bit")
-SCANS = ("auto", "fused", "ref")
+SCANS = ("auto", "ref", "chunked", "cpu", "triton", "mamba_ssm")  # lmlab.models.scan backends
 NF4_BYTES = 4.127 / 8  # QLoRA: 4-bit NF4 + double-quantised absmax constants, bytes per parameter
 CUDA_OVERHEAD_GIB = 0.8  # CUDA context + cuBLAS workspace on one GPU
+CPU_OVERHEAD_GIB = 28 / 1024  # measured: a CPU training step's allocations beyond weights and AdamW states
+#                               (autograd engine, thread pools, oneDNN scratch), docs/planner.md
 NCCL_OVERHEAD_GIB = 0.4  # NCCL communicator buffers with several GPUs
 MARGIN = 0.10  # keep 10 % of the GPU free for the caching allocator's fragmentation
-SCAN_CHUNK = 16  # fused scans keep one (b, d, n) state per 16 steps (triton; chunked/cpu keep fewer)
+# steps between the (b, d, n) states a scan backend keeps for its backward (lmlab.models.scan_*)
+SCAN_CHUNK = {"triton": 16, "chunked": 32, "cpu": 64, "mamba_ssm": 1024}
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj",  # attention (Llama, Mistral, INL, ...)
                         "in_proj", "out_proj",  # Mamba mixers
                         "c_attn", "query_key_value", "qkv_proj", "Wqkv", "W_pack")  # fused-QKV families
@@ -137,6 +141,7 @@ class Arch:
     attn_impl: str  # sdpa | eager | flash_attention_2 | none
     meta_model: nn.Module | None = None
     run_defaults: dict[str, Any] = field(default_factory=dict)
+    traces: dict[Any, tuple[float, float]] = field(default_factory=dict)  # (seq_len, regime) -> (layer, tail)
 
 
 def _first_attr(cfg, *names, default=None):
@@ -257,7 +262,7 @@ def analyse(model: Any = "mamba-swelu-124m", vocab_size: int | None = None, over
     n_layers = int(_first_attr(cfg, "num_hidden_layers", "n_layers", "n_layer", default=0))
     d = int(_first_attr(cfg, "hidden_size", "d_model", "n_embd", default=0))
     has_attn = bool(_first_attr(cfg, "num_attention_heads", "n_heads", "n_head", default=0))
-    if mt == "inl" and getattr(cfg, "context", "attention") != "attention":
+    if mt.startswith("inl") and getattr(cfg, "context", "attention") != "attention":
         has_attn = False
     if "mamba" in mt:
         has_attn = False
@@ -407,13 +412,15 @@ def _llama_ledger(cfg, seq_len: int, attn_impl: str) -> tuple[list[Saved], list[
 def _mamba_swelu_ledger(cfg, scan: str) -> tuple[list[Saved], list[Saved]]:
     """One MambaSWELU block and the dense SWELU tail, per token.
 
-    D d_model, d = expand·D (d_inner), n d_state, r dt_rank. The mixer keeps: LayerNorm input, in_proj
-    input, xz = in_proj(x) (2d: the conv reads x, the gate reads z), the conv output (SiLU input),
-    u = SiLU(conv) and its transposed copy for x_proj, (δ_r, B, C), and the scan's element-wise parts
-    in fp32: softplus input and output δ, y + D·u, SiLU(z) and z's fp32 copy, the transposed copy of
-    y for out_proj, then the SWELU input. The scan itself:
-        fused (chunked / cpu / triton / mamba_ssm kernels)  one (d, n) state per SCAN_CHUNK steps
-        ref (the sequential oracle)  dA_t and h_t for every step: 2·d·n per token, plus δ_t·u_t (d)
+    D d_model, d = expand·D (d_inner), n d_state, r dt_rank. Every backend keeps: LayerNorm input,
+    in_proj input, xz = in_proj(x) (2d: the conv reads x, the gate reads z), the conv output (SiLU
+    input), u = SiLU(conv) and its transposed copy for x_proj, (δ_r, B, C), δ before the bias and
+    softplus, the transposed copy of y for out_proj, then the SWELU input. Beyond that:
+        cpu, mamba_ssm   fused: bias, softplus, D skip and gate inside the kernel; one (d, n) state per
+                         SCAN_CHUNK steps
+        triton, chunked  the element-wise parts stay in autograd (fp32): δ after softplus, y + D·u,
+                         SiLU(z), the fp32 copies of u and z under 16-bit; states per SCAN_CHUNK steps
+        ref              the same element-wise parts, and dA_t, h_t for every step: 2·d·n per token
     """
     D, n = cfg.d_model, cfg.d_state
     d = cfg.expand * D
@@ -423,14 +430,16 @@ def _mamba_swelu_ledger(cfg, scan: str) -> tuple[list[Saved], list[Saved]]:
         Saved("in_proj.input", D, "lin", ("in_proj",), src32=True),
         Saved("xz = in_proj(x)", 2 * d, "act"), Saved("conv1d.output", d, "act"), Saved("u = SiLU(conv)", d, "act"),
         Saved("x_proj.input (u transposed)", d, "lin", ("x_proj",)), Saved("dt, B, C", r + 2 * n, "act"),
-        Saved("u (fp32 copy)", d, "f32copy"), Saved("softplus input", d, "f32"), Saved("delta", d, "f32"),
-        Saved("y + D*u", d, "f32"), Saved("z (fp32 copy)", d, "f32copy"), Saved("SiLU(z)", d, "f32"),
+        Saved("delta before softplus", d, "f32"),
         Saved("out_proj.input (y transposed)", d, "lin", ("out_proj",)), Saved("SWELU input", D, "act"),
     ]
+    if scan not in ("cpu", "mamba_ssm"):
+        layer += [Saved("u (fp32 copy)", d, "f32copy"), Saved("delta", d, "f32"), Saved("y + D*u", d, "f32"),
+                  Saved("z (fp32 copy)", d, "f32copy"), Saved("SiLU(z)", d, "f32")]
     if scan == "ref":
         layer += [Saved("scan states dA_t, h_t (ref)", 2 * d * n, "f32"), Saved("delta_t*u_t (ref)", d, "f32")]
     else:
-        layer += [Saved("scan chunk states", d * n / SCAN_CHUNK, "f32")]
+        layer += [Saved("scan chunk states", d * n / SCAN_CHUNK[scan], "f32")]
     dims = [D] + [cfg.dense_hidden] * (cfg.n_dense - 1) + [D]
     tail = [Saved("input_ids", 1, "ids"), Saved("norm_f.input", D, "resid"), Saved("norm_f.mean/rstd", 2, "f32")]
     for k in range(cfg.n_dense):
@@ -440,19 +449,23 @@ def _mamba_swelu_ledger(cfg, scan: str) -> tuple[list[Saved], list[Saved]]:
     return layer, tail
 
 
-def _resolve_scan(arch: Arch, scan: str) -> str:
+def _resolve_scan(arch: Arch, scan: str, device: str) -> str:
+    """The backend the trainer would use: the model config's choice, else the device's default
+    (CPU: the fused C++ kernel; GPU: the Triton kernel, since mamba_ssm is an optional extra)."""
     if scan not in SCANS:
         raise ConfigError(f"--scan: unknown scan {scan!r}; allowed: {', '.join(SCANS)}")
     if scan == "auto":
-        return "ref" if getattr(arch.config, "scan_backend", "auto") == "ref" else "fused"
+        scan = getattr(arch.config, "scan_backend", "auto")
+    if scan == "auto":
+        scan = "cpu" if device == "cpu" else "triton"
     return scan
 
 
-def _ledger(arch: Arch, seq_len: int, scan: str):
+def _ledger(arch: Arch, seq_len: int, scan: str, device: str):
     """(layer entries, tail entries, description) or None when the architecture is traced instead."""
     cfg = arch.config
     if arch.model_type == "mamba_swelu":
-        s = _resolve_scan(arch, scan)
+        s = _resolve_scan(arch, scan, device)
         return (*_mamba_swelu_ledger(cfg, s), f"formula: MambaSWELU block ({s} scan)")
     names = {n.rsplit(".", 1)[-1] for n, _, _ in arch.linears}
     llama_like = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= names
@@ -461,17 +474,19 @@ def _ledger(arch: Arch, seq_len: int, scan: str):
     return None
 
 
-def _trace_saved_bytes(arch: Arch, seq_len: int, regime: Regime) -> tuple[int, int]:
+_LAYER_KEYS = ("n_layers", "num_hidden_layers", "n_layer", "num_layers")
+
+
+def _trace_saved_bytes(m: nn.Module, seq_len: int, regime: Regime) -> tuple[int, int]:
     """(bytes autograd saves in a forward of one sequence, bytes of score tensors (…, s, s) among them),
     measured with saved-tensor hooks on the meta device (fp32; shared storages counted once)."""
-    m = arch.meta_model
     m.train()
     targets = set(regime.targets)
     for name, p in m.named_parameters():
         mod = name.rsplit(".", 2)[-2] if "." in name else name
         p.requires_grad_(not regime.frozen or mod in targets)
     skip = {p.untyped_storage()._cdata for p in m.parameters()} | {b.untyped_storage()._cdata for b in m.buffers()}
-    seen: dict[int, tuple[int, bool, torch.Tensor]] = {}
+    seen: dict[int, tuple[int, bool]] = {}
 
     def pack(t: torch.Tensor):
         try:
@@ -481,14 +496,14 @@ def _trace_saved_bytes(arch: Arch, seq_len: int, regime: Regime) -> tuple[int, i
             key, nbytes = id(t), t.numel() * t.element_size()
         if key not in skip and key not in seen:
             scores = t.dim() >= 2 and seq_len > 1 and t.shape[-1] == seq_len and t.shape[-2] == seq_len
-            seen[key] = (nbytes, scores, t)
+            seen[key] = (nbytes, scores)
         return t
 
     ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             m(input_ids=ids)
-    except Exception as e:  # noqa: BLE001 - any model may fail on meta tensors; the caller falls back
+    except Exception as e:  # noqa: BLE001 - any model may fail on meta tensors; the caller says so
         raise RuntimeError(f"meta trace failed: {type(e).__name__}: {e}") from None
     finally:
         for p in m.parameters():
@@ -498,15 +513,49 @@ def _trace_saved_bytes(arch: Arch, seq_len: int, regime: Regime) -> tuple[int, i
     return total, scores
 
 
+def _with_layers(arch: Arch, k: int) -> nn.Module | None:
+    """The same architecture with k layers, on the meta device (None if the config cannot say so)."""
+    cfg = copy.deepcopy(arch.config)
+    for key in _LAYER_KEYS:
+        if key in vars(cfg):
+            setattr(cfg, key, k)
+            try:
+                return _meta_model(cfg)
+            except Exception:  # noqa: BLE001 - configs with per-layer lists; trace the whole model instead
+                return None
+    return None
+
+
+def _traced_layer_and_tail(arch: Arch, seq_len: int, regime: Regime) -> tuple[float, float]:
+    """(bytes per layer, bytes outside the layers) saved for one sequence in fp32, score tensors removed
+    unless attention runs eagerly. Traced with 1 and 2 layers (the difference is one layer), so the
+    largest models cost the same as the smallest; the whole model is traced when that is not possible."""
+    key = (seq_len, regime)
+    if key not in arch.traces:
+        eager = arch.attn_impl == "eager"
+
+        def net(m):
+            total, scores = _trace_saved_bytes(m, seq_len, regime)
+            return total - (0 if eager else scores)  # SDPA/flash never keep the s x s scores
+
+        one, two = _with_layers(arch, 1), _with_layers(arch, 2)
+        if one is not None and two is not None:
+            b1, b2 = net(one), net(two)
+            arch.traces[key] = (b2 - b1, max(2 * b1 - b2, 0))
+        else:
+            arch.traces[key] = (net(arch.meta_model) / max(arch.n_layers, 1), 0.0)
+    return arch.traces[key]
+
+
 def activation_bytes(arch: Arch, seq_len: int, micro_batch: int, regime: Regime, scan: str = "auto",
-                     ) -> tuple[int, int, dict[str, int], str]:
+                     device: str = "cuda") -> tuple[int, int, dict[str, int], str]:
     """(without checkpointing, with per-layer checkpointing, items, description), bytes per micro batch."""
     b, s = micro_batch, seq_len
     tokens = b * s
     p_logits = 4 if regime.dtype == "fp32" else 2
     logits = tokens * arch.vocab * (p_logits + 12)
     resid = 2 if regime.dtype == "half" else 4
-    led = _ledger(arch, s, scan)
+    led = _ledger(arch, s, scan, device)
     items: dict[str, int] = {}
     if led is not None:
         layer, tail, desc = led
@@ -518,18 +567,14 @@ def activation_bytes(arch: Arch, seq_len: int, micro_batch: int, regime: Regime,
         items |= {f"tail.{k}": int(v) for k, v in per_tail.items() if v}
     else:
         try:
-            total, scores = _trace_saved_bytes(arch, s, regime)
+            per_layer, tail = _traced_layer_and_tail(arch, s, regime)
         except RuntimeError as e:
             raise ConfigError(f"model: cannot derive activations for {arch.model_type!r} ({e})") from None
-        if arch.attn_impl != "eager":
-            total -= scores  # the meta trace runs attention as math; SDPA/flash never keep the scores
-        scale = 1.0 if regime.dtype == "fp32" else 0.5
-        total = total * scale * b
-        n = max(arch.n_layers, 1)
-        layer_bytes, tail_bytes = total / n, 0.0  # a trace does not tell layers apart: share it evenly
+        scale = (1.0 if regime.dtype == "fp32" else 0.5) * b
+        layer_bytes, tail_bytes = per_layer * scale, tail * scale
         desc = f"traced on the meta device ({arch.model_type}; 16-bit taken as half of fp32)" \
-            if scale != 1 else f"traced on the meta device ({arch.model_type})"
-        items = {"layers+tail (traced)": int(total)}
+            if regime.dtype != "fp32" else f"traced on the meta device ({arch.model_type})"
+        items = {"layer (traced)": int(layer_bytes), "outside the layers (traced)": int(tail_bytes)}
     items["logits and loss"] = int(logits)
     full = arch.n_layers * layer_bytes + tail_bytes + logits
     ckpt = arch.n_layers * tokens * arch.d_model * resid + layer_bytes + tail_bytes + logits
@@ -569,7 +614,7 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
              tokens: float | None = None, token_ratio: float | None = None, steps: int | None = None,
              params: int | None = None, price_per_hour: float | None = None, kwh_price: float = 0.25,
              pue: float = 1.0, vocab_size: int | None = None, overrides: dict[str, Any] | None = None,
-             trust_remote_code: bool = False, arch: Arch | None = None) -> Estimate:
+             trust_remote_code: bool = False, arch: Arch | None = None, suggest: bool = True) -> Estimate:
     """Plan a training run. `model`: a named size, a run config (.yaml), an HF config.json, a model folder,
     a hub id or a PretrainedConfig. A run config supplies seq_len, batch, accumulation, precision and the
     token budget unless given here. `params` replaces the parameter count (to plan a custom size);
@@ -593,6 +638,10 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
     for name, v in (("--seq-len", seq_len), ("--batch", micro_batch), ("--grad-accum", grad_accum)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
+    limit = getattr(arch.config, "max_seq_len", None)  # learned position embeddings stop there
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"--seq-len: {seq_len} exceeds the model's max_seq_len {limit} "
+                          f"(raise it with --set max_seq_len={seq_len})")
     if tokens is None and token_ratio is None and steps is None:
         tokens, token_ratio, steps = dflt.get("tokens"), dflt.get("token_ratio"), dflt.get("steps")
     _positive("--tokens", tokens, allow_none=True)
@@ -615,9 +664,13 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
     if gpus > 1:
         grads += 4 * trainable  # DDP's fp32 reduction buckets
         notes.append("data parallel: gradients include DDP's bucket copy (4 bytes per trainable parameter)")
-    act_full, act_ckpt, items, act_desc = activation_bytes(arch, seq_len, micro_batch, regime, scan)
+    act_full, act_ckpt, items, act_desc = activation_bytes(arch, seq_len, micro_batch, regime, scan,
+                                                                 "cpu" if hw.name == "cpu" else "cuda")
     act = act_ckpt if checkpointing else act_full
-    overhead = int((CUDA_OVERHEAD_GIB + (NCCL_OVERHEAD_GIB if gpus > 1 else 0)) * GIB)
+    if hw.name == "cpu":
+        overhead = int(CPU_OVERHEAD_GIB * GIB)
+    else:
+        overhead = int((CUDA_OVERHEAD_GIB + (NCCL_OVERHEAD_GIB if gpus > 1 else 0)) * GIB)
     memory = {"weights": int(weights), "gradients": int(grads), "optimizer": int(optim), "activations": int(act),
               "overhead": overhead}
     memory["total"] = sum(memory.values())
@@ -666,7 +719,7 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
         cost=gpu_hours * price if gpu_hours is not None else None, tdp_w=hw.tdp_w, pue=pue, energy_kwh=kwh,
         kwh_price=kwh_price, energy_cost=kwh * kwh_price if kwh is not None else None, activation_items=items,
         notes=notes)
-    if not fits:
+    if not fits and suggest:
         est.suggestions = _suggestions(est, arch, dict(
             seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum, method=method, precision=precision,
             lora_rank=lora_rank, lora_targets=lora_targets, hardware=hw, gpus=gpus, checkpointing=checkpointing,
@@ -693,20 +746,20 @@ def _suggestions(est: Estimate, arch: Arch, opts: dict[str, Any]) -> list[str]:
     out: list[str] = []
 
     def fits(**change) -> Estimate | None:
-        e = estimate(arch=arch, **{**opts, **change})
+        e = estimate(arch=arch, suggest=False, **{**opts, **change})
         return e if e.fits else None
 
     if not est.checkpointing and (e := fits(checkpointing=True)):
         out.append(f"activation checkpointing (--checkpointing): {gib(e.memory['total']):.1f} GiB")
     b, acc = est.micro_batch, est.grad_accum
-    while b > 1:
+    while b > 1 and b % 2 == 0:
         b, acc = b // 2, acc * 2
         if e := fits(micro_batch=b, grad_accum=acc):
             out.append(f"--batch {b} --grad-accum {acc} (same tokens per step): {gib(e.memory['total']):.1f} GiB")
             break
     if not est.checkpointing and est.micro_batch > 1:
         b, acc = est.micro_batch, est.grad_accum
-        while b > 1:
+        while b > 1 and b % 2 == 0:
             b, acc = b // 2, acc * 2
             if e := fits(micro_batch=b, grad_accum=acc, checkpointing=True):
                 out.append(f"--checkpointing --batch {b} --grad-accum {acc}: {gib(e.memory['total']):.1f} GiB")
@@ -724,19 +777,35 @@ def _suggestions(est: Estimate, arch: Arch, opts: dict[str, Any]) -> list[str]:
         if hw.memory_gib > gib(est.gpu_memory) and (e := fits(hardware=hw)):
             out.append(f"--hardware {hw.name} ({hw.memory_gib:g} GiB): {gib(e.memory['total']):.1f} GiB")
             break
+    if not out:  # no single change is enough: the leanest combinations
+        acc = est.micro_batch * est.grad_accum
+        methods = [est.method] + [m for m in ("lora", "qlora") if est.method != "qlora" and m != est.method]
+        for method in methods:
+            try:
+                e = fits(method=method, precision=None if method != est.method else est.precision,
+                         checkpointing=True, micro_batch=1, grad_accum=acc)
+            except ConfigError:
+                e = None
+            if e:
+                flag = "" if method == est.method else f"--method {method} "
+                out.append(f"{flag}--checkpointing --batch 1 --grad-accum {acc}: {gib(e.memory['total']):.1f} GiB")
+                break
     return out
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
 
 
 def memory_fits(est: Estimate) -> tuple[bool, str]:
     """(fits with the margin, one line saying so — with what would make it fit when it does not)."""
     m = est.memory
-    need, have = gib(m["total"]), gib(est.gpu_memory)
-    split = (f"weights {gib(m['weights']):.1f}, gradients {gib(m['gradients']):.1f}, optimizer "
-             f"{gib(m['optimizer']):.1f}, activations {gib(m['activations']):.1f}, overhead {gib(m['overhead']):.1f}")
+    where = "of host memory" if est.hardware == "cpu" else "per GPU"
+    split = ", ".join(f"{k} {_size(m[k])}" for k in ("weights", "gradients", "optimizer", "activations", "overhead"))
     if est.fits:
-        return True, f"fits: {need:.1f} GiB of {have:.1f} GiB per GPU ({split})"
+        return True, f"fits: {_size(m['total'])} of {_size(est.gpu_memory)} {where} ({split})"
     head = "tight" if est.fits_without_margin else "does not fit"
-    msg = (f"{head}: needs {need:.1f} GiB of {have:.1f} GiB per GPU ({split}; "
+    msg = (f"{head}: needs {_size(m['total'])} of {_size(est.gpu_memory)} {where} ({split}; "
            f"{est.margin:.0%} kept free for fragmentation)")
     if est.suggestions:
         msg += "; would fit with: " + "; ".join(est.suggestions)
@@ -774,13 +843,9 @@ def format_plan(est: Estimate) -> str:
 
 def estimate_for_run(cfg, rt, model: nn.Module | None = None) -> Estimate:
     """The plan of a resolved run config on the trainer's device (`Runtime`); `model` gives the exact vocab."""
-    from .hardware import hardware_from_device
+    from .hardware import cpu_hardware, hardware_from_device
 
-    if rt.device.type == "cuda":
-        hw = hardware_from_device(rt.device)
-    else:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-        hw = Hardware("cpu", "CPU (host memory)", mem, {"fp32": 1.0, "tf32": 1.0, "bf16": 1.0, "fp16": 1.0})
+    hw = hardware_from_device(rt.device) if rt.device.type == "cuda" else cpu_hardware()
     vocab = model.config.vocab_size if model is not None and hasattr(model, "config") else None
     overrides = cfg.model.overrides if cfg.model.name in _named() else None
     t = cfg.train
@@ -790,8 +855,6 @@ def estimate_for_run(cfg, rt, model: nn.Module | None = None) -> Estimate:
                  steps=t.max_steps if t.max_tokens is None and t.token_ratio is None else None,
                  vocab_size=vocab or _run_vocab(cfg), overrides=overrides,
                  trust_remote_code=cfg.model.trust_remote_code)
-    if rt.device.type != "cuda":
-        e = replace(e, notes=e.notes + ["CPU: no CUDA overhead applies; the memory is host RAM"])
     return e
 
 

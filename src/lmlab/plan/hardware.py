@@ -53,12 +53,23 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
 )}
 
 
+def cpu_hardware(tflops: float = 1.0) -> Hardware:
+    """This machine's CPU: host memory as the budget; `tflops` is a placeholder peak (time estimates on
+    a CPU are not meaningful, the memory split is)."""
+    import os
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return Hardware("cpu", "CPU (host memory)", mem, dict.fromkeys(("fp32", "tf32", "bf16", "fp16"), tflops))
+
+
 def get_hardware(name: str | Hardware) -> Hardware:
     if isinstance(name, Hardware):
         return name
+    if str(name).lower() == "cpu":
+        return cpu_hardware()
     hw = HARDWARE.get(str(name).lower())
     if hw is None:
-        raise ConfigError(f"--hardware: unknown GPU {name!r}; allowed: {', '.join(HARDWARE)}")
+        raise ConfigError(f"--hardware: unknown GPU {name!r}; allowed: {', '.join(HARDWARE)}, cpu")
     return hw
 
 

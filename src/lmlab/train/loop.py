@@ -309,8 +309,10 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print) -> Path:
             runs.write_manifest(run_dir, summary=summary)
             say("")
             if last_val is not None:
+                r = base / summary["val_ppl"]
+                verdict = f"{r:.1f}× lower" if r >= 1 else f"{1 / r:.1f}× higher: not yet better than counting tokens"
                 say(f"validation perplexity {summary['val_ppl']:,.2f}  (unigram baseline {base:,.2f} on the "
-                    f"same data: {base / summary['val_ppl']:.1f}× lower)")
+                    f"same data: {verdict})")
             say(f"exported  {final}  (AutoModelForCausalLM.from_pretrained works on it)")
             for s in samples[:2]:
                 say(f"sample    {s['prompt']!r} → {s['completion'][:160]!r}")
@@ -349,17 +351,12 @@ def unigram_baseline(corpus) -> float:
 
 
 def _warn_if_not_fitting(cfg: Config, rt: Runtime, say) -> None:
-    """Ask the planner whether the run fits the device; warn (never stop) when it does not."""
-    if rt.device.type != "cuda":
-        return
-    try:
-        from ..plan.estimate import estimate_for_run, memory_fits
-    except ImportError:
-        return
+    """Print the planner's memory line for this device; a warning (never a stop) when it does not fit."""
+    from ..plan.estimate import estimate_for_run, memory_fits
+
     try:
         fits, msg = memory_fits(estimate_for_run(cfg, rt))
-    except Exception as e:  # the plan is advice; it must never stop a run
+    except Exception as e:  # noqa: BLE001 - the plan is advice; it must never stop a run
         print(f"warning: could not estimate memory: {e}", file=sys.stderr)
         return
-    if not fits:
-        say(f"WARNING   {msg}")
+    say(f"memory    {msg}" if fits else f"WARNING   {msg}")

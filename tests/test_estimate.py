@@ -1,0 +1,163 @@
+"""The planner: counts, budgets, the memory model against measured CPU peaks, and `lmlab estimate`."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from lmlab.cli import main
+from lmlab.errors import ConfigError
+from lmlab.models import registry
+from lmlab.plan.estimate import analyse, estimate, lora_trainable, memory_fits
+from lmlab.plan.hardware import HARDWARE, cpu_hardware
+from lmlab.plan.measure import measure_training_peak
+
+
+@pytest.mark.parametrize("name", ["mamba-swelu-tiny", "mamba-swelu-124m", "inl-small", "llama-124m", "inl-4b"])
+def test_parameter_count_is_the_registry_count(name):
+    assert analyse(name).params_total == registry.parameter_count(name)
+
+
+def test_token_ratio_budget_matches_the_hand_computation():
+    # 124,104,719 parameters x 100 tokens each at 16 x 1024 tokens per step
+    e = estimate("mamba-swelu-124m", params=124_104_719, token_ratio=100, seq_len=1024, micro_batch=16,
+                 hardware="h100")
+    assert e.tokens_per_step == 16_384
+    assert e.steps == math.ceil(124_104_719 * 100 / 16_384) == 757_476
+    assert e.tokens == e.steps * 16_384
+    assert e.hours == pytest.approx(e.tokens / e.tokens_per_second / 3600)
+    assert e.cost == pytest.approx(e.hours * HARDWARE["h100"].price_per_hour)
+    with pytest.raises(ConfigError, match="one token budget"):
+        estimate("mamba-swelu-tiny", tokens=1e6, token_ratio=20)
+
+
+def test_state_memory_accounting():
+    n = registry.parameter_count("mamba-swelu-small")
+    e = estimate("mamba-swelu-small", precision="fp32", seq_len=64, micro_batch=1, hardware="a100-80")
+    m = e.memory
+    assert (m["weights"], m["gradients"], m["optimizer"]) == (4 * n, 4 * n, 8 * n)
+    two = estimate("mamba-swelu-small", precision="fp32", seq_len=64, micro_batch=1, hardware="a100-80", gpus=2)
+    assert two.memory["gradients"] == 8 * n  # + DDP's bucket copy
+    ck = estimate("mamba-swelu-small", seq_len=1024, micro_batch=8, hardware="a100-80", checkpointing=True)
+    assert ck.activations_checkpointed < ck.activations_full
+    assert ck.memory["activations"] == ck.activations_checkpointed
+
+
+def test_ref_scan_keeps_the_per_step_states():
+    fused = estimate("mamba-swelu-small", seq_len=512, micro_batch=2, scan="triton")
+    ref = estimate("mamba-swelu-small", seq_len=512, micro_batch=2, scan="ref")
+    cfg = registry.build_config("mamba-swelu-small")
+    d, n = cfg.expand * cfg.d_model, cfg.d_state
+    extra = cfg.n_layers * 2 * 512 * (2 * d * n + d) * 4  # dA_t, h_t and delta_t*u_t in fp32, per step
+    states = cfg.n_layers * 2 * 512 * d * n / 16 * 4
+    assert ref.activations_full - fused.activations_full == pytest.approx(extra - states, rel=1e-6)
+
+
+def test_fits_and_suggestions():
+    small = estimate("mamba-swelu-tiny", seq_len=256, micro_batch=8, hardware="rtx3090")
+    ok, msg = memory_fits(small)
+    assert ok and msg.startswith("fits:")
+    big = estimate("inl-3b", seq_len=1024, micro_batch=4, hardware="rtx4090")
+    ok, msg = memory_fits(big)
+    assert not ok and "does not fit" in msg and big.suggestions
+    assert big.memory["total"] > HARDWARE["rtx4090"].memory_bytes
+    assert any("--method" in s or "--hardware" in s for s in big.suggestions)
+
+
+def test_lora_trainable_count_is_peft_count(tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    cfg = registry.build_config("llama-tiny")
+    model = AutoModelForCausalLM.from_config(cfg)
+    arch = analyse(cfg)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets, lora_alpha=8))
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert lora_trainable(arch, 4, targets) == trainable
+    e = estimate(cfg, method="lora", lora_rank=4, lora_targets=targets, seq_len=32, micro_batch=1)
+    assert e.params_trainable == trainable
+    assert e.memory["optimizer"] == 8 * trainable
+
+
+@pytest.mark.parametrize("name,seq,batch", [
+    ("mamba-swelu-tiny", 256, 8),  # the activation ledger of a MambaSWELU block (fused CPU scan)
+    ("llama-tiny", 512, 4),  # the ledger of a Llama layer
+    ("inl-tiny", 256, 8),  # traced on the meta device
+])
+def test_memory_model_matches_measured_cpu_peak(name, seq, batch):
+    """The planner's total for a CPU against the peak resident memory of a real training step."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("needs Linux /proc/self/clear_refs to measure the peak")
+    measured = measure_training_peak(name, seq_len=seq, micro_batch=batch, threads=2)
+    est = estimate(name, seq_len=seq, micro_batch=batch, precision="fp32", hardware=cpu_hardware())
+    assert measured["params"] == est.params_total
+    ratio = est.memory["total"] / measured["peak_bytes"]
+    assert 0.85 <= ratio <= 1.15, f"{name}: estimate {est.memory['total']:,} vs measured {measured['peak_bytes']:,}"
+
+
+def test_estimate_for_run_uses_the_run_config(tmp_path):
+    from lmlab.config import load_config
+    from lmlab.plan.estimate import estimate_for_run
+    from lmlab.train.runtime import setup_runtime
+
+    cfg = load_config(None, ["model.name=mamba-swelu-tiny", "data.seq_len=64", "train.batch_size=4",
+                             "train.grad_accum=2", "train.max_steps=10"])
+    e = estimate_for_run(cfg, setup_runtime("cpu", "fp32", threads=2))
+    assert (e.seq_len, e.micro_batch, e.grad_accum, e.steps, e.hardware) == (64, 4, 2, 10, "cpu")
+    assert e.tokens_per_step == 64 * 4 * 2
+
+
+def test_cli_plan_json_and_hardware_table(capsys):
+    assert main(["estimate", "--model", "mamba-swelu-124m", "--token-ratio", "100", "--batch", "16",
+                 "--hardware", "h100", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["params_total"] == registry.parameter_count("mamba-swelu-124m")
+    assert d["steps"] == math.ceil(d["params_total"] * 100 / 16_384)
+    assert main(["estimate", "--model", "mamba-swelu-small", "--hardware", "all", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in HARDWARE)
+    assert main(["estimate", "--model", "inl-tiny", "--set", "n_iterations=2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params_total"] == registry.parameter_count(
+        "inl-tiny", overrides={"n_iterations": 2})
+
+
+def test_cli_measure_reports_both(capsys):
+    assert main(["estimate", "--model", "mamba-swelu-tiny", "--seq-len", "64", "--batch", "2", "--measure",
+                 "--device", "cpu", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["measured"]
+    assert m["peak_bytes"] > 0 and m["estimated_peak_bytes"] > 0 and m["device"] == "cpu"
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--model", "no-such-model"], "no-such-model"),
+    (["--hardware", "tpu"], "--hardware"),
+    (["--gpus", "0"], "--gpus"),
+    (["--batch", "0"], "--batch"),
+    (["--method", "full", "--precision", "4bit"], "4bit"),
+    (["--set", "n_layers"], "--set"),
+    (["--model", "mamba-swelu-tiny", "--set", "no_such_key=1"], "no_such_key"),
+    (["--tokens", "1e9", "--token-ratio", "20"], "one token budget"),
+    (["--model", "mamba-swelu-tiny", "--seq-len", "4096"], "max_seq_len"),
+])
+def test_cli_bad_input_is_one_line_exit_2(argv, fragment, capsys):
+    assert main(["estimate", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err and "Traceback" not in err
+
+
+def test_cli_subprocess_exit_code(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "lmlab.cli", "estimate", "--model", str(tmp_path / "missing.yaml")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "missing.yaml" in res.stderr
+
+
+def test_big_models_are_analysed_on_the_meta_device():
+    arch = analyse("inl-3b")
+    assert all(p.device.type == "meta" for p in arch.meta_model.parameters())
+    assert arch.params_total > 2e9
