@@ -14,23 +14,12 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 
 import torch
+from _common import table
 
 from lmlab.models import build_config, build_model
-
-
-def table(title: str, header: list[str], rows: list[list]) -> None:
-    cells = [[str(c) for c in r] for r in [header, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(cells[0], widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in cells[1:]:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
-    sys.stdout.flush()
 
 
 def median_time(fn, reps: int, warmup: int = 1) -> float:

@@ -21,23 +21,13 @@ import sys
 import time
 
 import torch
+from _common import table
 
 from lmlab.models import MambaSWELUConfig, MambaSWELUForCausalLM
 from lmlab.models import scan as scan_lib
 from lmlab.models.mamba import MambaMixer
 
 SMALL = dict(vocab_size=8192, d_model=256, n_layers=4, dense_hidden=512, max_seq_len=1024)
-
-
-def table(title: str, header: list[str], rows: list[list]) -> None:
-    cells = [[str(c) for c in r] for r in [header, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(cells[0], widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in cells[1:]:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
-    sys.stdout.flush()
 
 
 def timed(fn, reps: int, warmup: int = 1, sync=lambda: None) -> list[float]:

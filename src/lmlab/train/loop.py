@@ -305,7 +305,8 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print) -> Path:
             summary = {"step": step, "tokens": tokens_seen, "val_loss": last_val,
                        "val_ppl": math.exp(min(last_val, 50)) if last_val is not None else None,
                        "unigram_ppl": base, "final": str(final)}
-            metrics.log("event", step, event="finished", **{k: v for k, v in summary.items() if k not in ("final", "step")})
+            metrics.log("event", step, event="finished",
+                        **{k: v for k, v in summary.items() if k not in ("final", "step")})
             runs.write_manifest(run_dir, summary=summary)
             say("")
             if last_val is not None:
