@@ -632,13 +632,13 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
     if arch is None:
         arch = analyse(model, vocab_size, overrides, trust_remote_code)
     dflt = arch.run_defaults
-    seq_len = seq_len if seq_len is not None else dflt.get("seq_len", 1024)
+    limit = getattr(arch.config, "max_seq_len", None)  # learned position embeddings stop there
+    seq_len = seq_len if seq_len is not None else dflt.get("seq_len", min(1024, limit or 1024))
     micro_batch = micro_batch if micro_batch is not None else dflt.get("micro_batch", 8)
     grad_accum = grad_accum if grad_accum is not None else dflt.get("grad_accum", 1)
     for name, v in (("--seq-len", seq_len), ("--batch", micro_batch), ("--grad-accum", grad_accum)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
-    limit = getattr(arch.config, "max_seq_len", None)  # learned position embeddings stop there
     if limit is not None and seq_len > limit:
         raise ConfigError(f"--seq-len: {seq_len} exceeds the model's max_seq_len {limit} "
                           f"(raise it with --set max_seq_len={seq_len})")
