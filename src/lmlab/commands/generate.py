@@ -52,6 +52,9 @@ def load_for_inference(spec: str, device: str = "auto"):
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise LmlabError(f"{spec}: no config.json (not a model folder or run folder)")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the generated text is the output
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         return model.to(dev).eval(), load_tokenizer(str(path))
     from ..models.hf import load_model
