@@ -25,10 +25,13 @@ def tokenizer_dir(tmp_path_factory):
     return out
 
 
-def _args(tok, out, name, steps=40, dropout=0.1, batch=4, extra=()):
+MAMBA = ("model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2", "model.dense_hidden=32")
+
+
+def _args(tok, out, name, steps=40, dropout=0.1, batch=4, extra=(), model=MAMBA):
     return [
-        "model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2", "model.dense_hidden=32",
-        f"model.dropout={dropout}", "data.source=stdlib", "data.max_docs=60", f"data.tokenizer={tok}",
+        *model, *([f"model.dropout={dropout}"] if dropout is not None else []), "data.source=stdlib",
+        "data.max_docs=60", f"data.tokenizer={tok}",
         "data.seq_len=32", f"train.batch_size={batch}", f"train.max_steps={steps}", "train.save_every=4",
         "train.eval_every=8", "train.eval_batches=2", "train.log_every=2", "train.threads=1",
         "train.sample_tokens=4", "train.progress=false", "train.warmup_steps=4", "train.lr=3e-3",
@@ -49,43 +52,93 @@ def _events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
-def test_sigkill_and_resume_is_bitwise_identical(tokenizer_dir, tmp_path):
-    straight = _cli("pretrain", *_args(tokenizer_dir, tmp_path, "straight"))
-    assert straight.returncode == 0, straight.stderr
-
-    proc = subprocess.Popen([sys.executable, "-m", "lmlab.cli", "pretrain",
-                             *_args(tokenizer_dir, tmp_path, "killed")],
+def _kill_after_checkpoint(args: list[str], run: Path, min_step: int) -> None:
+    """Start a pretraining run and SIGKILL it as soon as a complete checkpoint at `min_step` or later exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "lmlab.cli", "pretrain", *args],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ckpts = tmp_path / "killed" / "checkpoints"
+    ckpts = run / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         done = [p for p in ckpts.glob("step-*") if (p / "MANIFEST.json").exists()] if ckpts.exists() else []
-        if any(int(p.name.split("-")[1]) >= 12 for p in done):
+        if any(int(p.name.split("-")[1]) >= min_step for p in done):
             break
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    killed = tmp_path / "killed"
-    assert not (killed / "final").exists(), "the run finished before it could be killed"
-    assert json.loads((killed / "run.json").read_text())["status"] == "running"  # died without a word
+    assert not (run / "final").exists(), "the run finished before it could be killed"
+    assert json.loads((run / "run.json").read_text())["status"] == "running"  # died without a word
 
+
+def _assert_resume_is_exact(straight: Path, killed: Path, total: int) -> None:
     resumed = _cli("resume", str(killed))
     assert resumed.returncode == 0, resumed.stderr
     resume_events = [e for e in _events(killed) if e.get("event") == "resume"]
-    assert len(resume_events) == 1 and 12 <= resume_events[0]["step"] < 40
+    assert len(resume_events) == 1 and 0 < resume_events[0]["step"] < total
     assert "resumed   from step-" in resumed.stdout
 
-    a, b = _weights(tmp_path / "straight"), _weights(killed)
+    a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # the loss curves agree too, step for step, after the resume point
     def curve(run):
         return {e["step"]: e["loss"] for e in _events(run) if e["kind"] == "train"}
-    ca, cb = curve(tmp_path / "straight"), curve(killed)
-    assert all(ca[s] == cb[s] for s in cb if s > resume_events[0]["step"])
+    ca, cb = curve(straight), curve(killed)
+    after = [s for s in cb if s > resume_events[0]["step"]]
+    assert after and all(ca[s] == cb[s] for s in after)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bitwise_identical(tokenizer_dir, tmp_path):
+    straight = _cli("pretrain", *_args(tokenizer_dir, tmp_path, "straight"))
+    assert straight.returncode == 0, straight.stderr
+    _kill_after_checkpoint(_args(tokenizer_dir, tmp_path, "killed"), tmp_path / "killed", 12)
+    _assert_resume_is_exact(tmp_path / "straight", tmp_path / "killed", 40)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [
+    ("model.name=inl-tiny", "model.d_model=32", "model.n_heads=2", "model.n_iterations=2", "model.ff_dim=64",
+     "model.dropout=0.1"),
+    ("model.name=llama-tiny", "model.hidden_size=32", "model.intermediate_size=64", "model.num_attention_heads=2",
+     "model.num_key_value_heads=2", "model.attention_dropout=0.1"),
+], ids=["inl", "llama"])
+def test_other_families_resume_exactly(tokenizer_dir, tmp_path, model):
+    """INL-LLM and the Llama baseline go through the same trainer: SIGKILL + resume is bitwise exact."""
+    steps = 16
+    kw = dict(steps=steps, dropout=None, model=model)
+    straight = _cli("pretrain", *_args(tokenizer_dir, tmp_path, "straight", **kw))
+    assert straight.returncode == 0, straight.stderr
+    _kill_after_checkpoint(_args(tokenizer_dir, tmp_path, "killed", **kw), tmp_path / "killed", 4)
+    _assert_resume_is_exact(tmp_path / "straight", tmp_path / "killed", steps)
+
+
+@pytest.mark.slow
+def test_swelu_values_are_logged_and_inspect_shows_them(tokenizer_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = _cli("pretrain", *_args(tokenizer_dir, tmp_path, "sw", steps=8))
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "sw"
+    recs = [e for e in _events(run) if e["kind"] == "swelu"]
+    layers = ["block.0", "block.1", "dense.0", "dense.1", "dense.2"]
+    assert len(recs) == 4 and all(f"{n}.{p}" in recs[0] for n in layers for p in ("k", "lam"))
+    assert recs[-1]["dense.2.lam"] != recs[0]["dense.2.lam"]  # learnable: it moves
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert "swelu/block.0.k" in acc.Tags()["scalars"]
+    out = _cli("inspect", str(run), "--plot", str(tmp_path / "sw.png"))
+    assert out.returncode == 0, out.stderr
+    for name in layers:
+        assert name in out.stdout
+    assert "k first" in out.stdout and "λ now" in out.stdout
+    assert (tmp_path / "sw.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    no_swelu = _cli("pretrain", *_args(tokenizer_dir, tmp_path, "silu", steps=2,
+                                       extra=("model.activation=silu",)))
+    assert no_swelu.returncode == 0, no_swelu.stderr
+    bad = _cli("inspect", str(tmp_path / "silu"))
+    assert bad.returncode == 2 and "no SWELU records" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow

@@ -51,11 +51,11 @@ def _layer_key(name: str) -> tuple[int, int]:
 
 
 def run(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from ..errors import LmlabError
     from ..runs import read_manifest
+    from ._common import console
 
     run_dir = Path(args.run)
     read_manifest(run_dir)
@@ -70,7 +70,7 @@ def run(args) -> int:
         k, lam = series[f"{layer}.k"], series[f"{layer}.lam"]
         table.add_row(layer, f"{k[0]:.4f}", f"{k[-1]:.4f}", f"{k[-1] - k[0]:+.4f}", sparkline(k),
                       f"{lam[0]:.4f}", f"{lam[-1]:.4f}", f"{lam[-1] - lam[0]:+.4f}", sparkline(lam))
-    Console().print(table)
+    console().print(table)
     if args.plot is not None:
         out = Path(args.plot) if args.plot else run_dir / "swelu.png"
         plot(steps, series, layers, out)
