@@ -19,14 +19,18 @@ from lmlab.plan.estimate import estimate
 from lmlab.plan.hardware import cpu_hardware, hardware_from_device
 from lmlab.plan.measure import measure_training_peak
 
+# (model, sequence, batch, activation checkpointing)
 CPU_CASES = [
-    ("mamba-swelu-tiny", 256, 8), ("mamba-swelu-tiny", 512, 16), ("mamba-swelu-small", 256, 8),
-    ("mamba-swelu-small", 1024, 8), ("llama-tiny", 512, 4), ("llama-small", 1024, 8),
-    ("inl-tiny", 256, 8), ("inl-tiny", 512, 16),
+    ("mamba-swelu-tiny", 256, 8, False), ("mamba-swelu-tiny", 512, 16, False), ("mamba-swelu-small", 256, 8, False),
+    ("mamba-swelu-small", 1024, 8, False), ("llama-tiny", 512, 4, False), ("llama-small", 1024, 8, False),
+    ("inl-tiny", 256, 8, False), ("inl-tiny", 512, 16, False),
+    ("mamba-swelu-tiny", 512, 16, True), ("mamba-swelu-small", 1024, 8, True), ("llama-small", 1024, 8, True),
+    ("inl-tiny", 512, 16, True),
 ]
 CUDA_CASES = [
-    ("mamba-swelu-small", 1024, 16), ("mamba-swelu-124m", 1024, 8), ("llama-124m", 1024, 8),
-    ("inl-small", 1024, 4), ("inl-medium", 1024, 2), ("llama-350m", 1024, 8),
+    ("mamba-swelu-small", 1024, 16, False), ("mamba-swelu-124m", 1024, 8, False), ("llama-124m", 1024, 8, False),
+    ("inl-small", 1024, 4, False), ("inl-medium", 1024, 2, False), ("llama-350m", 1024, 8, False),
+    ("mamba-swelu-124m", 1024, 8, True), ("inl-medium", 1024, 2, True),
 ]
 
 
@@ -48,14 +52,17 @@ def main() -> None:
     where = torch.cuda.get_device_name() if args.cuda else f"{platform.processor() or platform.machine()}, " \
                                                             f"{args.threads} threads"
     print(f"planner check on {where}, {precision}, {time.strftime('%Y-%m-%d')}\n")
-    print("| model | seq × batch | estimate MiB | measured MiB | estimate / measured | activations model |")
-    print("|---|---|---:|---:|---:|---|")
-    for name, seq, batch in CUDA_CASES if args.cuda else CPU_CASES:
+    print("| model | seq × batch | checkpointing | estimate MiB | measured MiB | estimate / measured "
+          "| activations model |")
+    print("|---|---|---|---:|---:|---:|---|")
+    for name, seq, batch, ckpt in CUDA_CASES if args.cuda else CPU_CASES:
         m = measure_training_peak(name, seq_len=seq, micro_batch=batch, precision=precision, device=device,
-                                  threads=args.threads)
-        e = estimate(name, seq_len=seq, micro_batch=batch, precision=precision, hardware=hw)
+                                  threads=args.threads, checkpointing=ckpt)
+        e = estimate(name, seq_len=seq, micro_batch=batch, precision=precision, hardware=hw, checkpointing=ckpt)
         est = e.memory["total"] - (e.memory["overhead"] if args.cuda else 0)  # CUDA context is outside the allocator
-        print(f"| {name} | {seq} × {batch} | {mib(est)} | {mib(m['peak_bytes'])} | {est / m['peak_bytes']:.2f} | "
+        ck = "yes" if ckpt else "no"
+        peak = m["peak_bytes"]
+        print(f"| {name} | {seq} × {batch} | {ck} | {mib(est)} | {mib(peak)} | {est / peak:.2f} | "
               f"{e.activation_model} |", flush=True)
 
 

@@ -82,20 +82,22 @@ def test_lora_trainable_count_is_peft_count(tmp_path):
     assert e.memory["optimizer"] == 8 * trainable
 
 
-@pytest.mark.parametrize("name,seq,batch", [
-    ("mamba-swelu-tiny", 256, 8),  # the activation ledger of a MambaSWELU block (fused CPU scan)
-    ("llama-tiny", 512, 4),  # the ledger of a Llama layer
-    ("inl-tiny", 256, 8),  # traced on the meta device
+@pytest.mark.parametrize("name,seq,batch,ckpt", [
+    ("mamba-swelu-tiny", 256, 8, False),  # the activation ledger of a MambaSWELU block (fused CPU scan)
+    ("llama-tiny", 512, 4, False),  # the ledger of a Llama layer
+    ("inl-tiny", 256, 8, False),  # traced on the meta device
+    ("mamba-swelu-tiny", 512, 16, True),  # activation checkpointing, one checkpoint per layer
 ])
-def test_memory_model_matches_measured_cpu_peak(name, seq, batch):
+def test_memory_model_matches_measured_cpu_peak(name, seq, batch, ckpt):
     """The planner's total for a CPU against the peak resident memory of a real training step."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pytest.skip("needs Linux /proc/self/clear_refs to measure the peak")
-    measured = measure_training_peak(name, seq_len=seq, micro_batch=batch, threads=2)
-    est = estimate(name, seq_len=seq, micro_batch=batch, precision="fp32", hardware=cpu_hardware())
+    measured = measure_training_peak(name, seq_len=seq, micro_batch=batch, threads=2, checkpointing=ckpt)
+    est = estimate(name, seq_len=seq, micro_batch=batch, precision="fp32", hardware=cpu_hardware(),
+                   checkpointing=ckpt)
     assert measured["params"] == est.params_total
     ratio = est.memory["total"] / measured["peak_bytes"]
     assert 0.85 <= ratio <= 1.15, f"{name}: estimate {est.memory['total']:,} vs measured {measured['peak_bytes']:,}"
@@ -110,7 +112,10 @@ def test_estimate_for_run_uses_the_run_config(tmp_path):
                              "train.grad_accum=2", "train.max_steps=10"])
     e = estimate_for_run(cfg, setup_runtime("cpu", "fp32", threads=2))
     assert (e.seq_len, e.micro_batch, e.grad_accum, e.steps, e.hardware) == (64, 4, 2, 10, "cpu")
-    assert e.tokens_per_step == 64 * 4 * 2
+    assert e.tokens_per_step == 64 * 4 * 2 and not e.checkpointing
+    cfg.train.activation_checkpointing = True
+    ck = estimate_for_run(cfg, setup_runtime("cpu", "fp32", threads=2))
+    assert ck.checkpointing and ck.memory["activations"] < e.memory["activations"]
 
 
 def test_cli_plan_json_and_hardware_table(capsys):

@@ -106,3 +106,40 @@ def test_mixer_cache_shapes():
     with torch.no_grad():
         m(torch.randn(1, 2, 16), cache=cache)  # shorter than d_conv: conv state is left-padded
     assert cache.conv[0].shape == (1, 32, 4) and cache.ssm[0].shape == (1, 32, 4)
+
+
+def test_activation_checkpointing_same_gradients_less_saved():
+    """One checkpoint per block: identical gradients, and autograd keeps less for the backward."""
+    from lmlab.train.loop import enable_activation_checkpointing
+
+    cfg = MambaSWELUConfig(vocab_size=97, d_model=32, n_layers=3, dense_hidden=48, max_seq_len=64, dropout=0.1)
+    ids = torch.randint(0, 97, (2, 40))
+    grads, saved = [], []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = MambaSWELUForCausalLM(cfg).train()
+        if ckpt:
+            enable_activation_checkpointing(model, "tiny")
+        nbytes = []
+
+        def pack(t, nbytes=nbytes):
+            nbytes.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(1)  # the same dropout masks in both runs (replayed under checkpointing)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        saved.append(sum(nbytes))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert saved[1] < 0.7 * saved[0], saved
+
+
+def test_activation_checkpointing_refuses_models_without_it():
+    from lmlab.errors import ConfigError
+    from lmlab.train.loop import enable_activation_checkpointing
+
+    with pytest.raises(ConfigError, match="train.activation_checkpointing"):
+        enable_activation_checkpointing(torch.nn.Linear(2, 2), "linear")

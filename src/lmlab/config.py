@@ -58,6 +58,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    activation_checkpointing: bool = False  # recompute each layer in the backward: less memory, ~1/3 more compute
     precision: str = "auto"  # auto: fp32 on CPU, bf16 on GPUs that support it, fp16 + loss scaling otherwise
     device: str = "auto"
     seed: int = 1337

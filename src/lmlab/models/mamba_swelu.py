@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutput
 
 from .mamba import MambaCache, MambaMixer
@@ -105,8 +106,8 @@ def _act(cfg: MambaSWELUConfig) -> nn.Module:
     return make_activation(cfg.activation, cfg.swelu_k_init, cfg.swelu_lam_init, cfg.swelu_learnable)
 
 
-class MambaSWELUBlock(nn.Module):
-    """h ← h + dropout(act(mixer(norm(h))))"""
+class MambaSWELUBlock(GradientCheckpointingLayer):
+    """h ← h + dropout(act(mixer(norm(h)))); recomputed in the backward under activation checkpointing."""
 
     def __init__(self, cfg: MambaSWELUConfig, layer_idx: int):
         super().__init__()

@@ -577,7 +577,10 @@ def activation_bytes(arch: Arch, seq_len: int, micro_batch: int, regime: Regime,
         items = {"layer (traced)": int(layer_bytes), "outside the layers (traced)": int(tail_bytes)}
     items["logits and loss"] = int(logits)
     full = arch.n_layers * layer_bytes + tail_bytes + logits
-    ckpt = arch.n_layers * tokens * arch.d_model * resid + layer_bytes + tail_bytes + logits
+    # checkpointed: every layer's input stays; the tail and the loss are done with (their backward has
+    # run) before the first layer is recomputed, so the peak is the larger of the two phases
+    inputs = arch.n_layers * tokens * arch.d_model * resid
+    ckpt = inputs + max(tail_bytes + logits, layer_bytes + 2 * tokens * arch.d_model * 4)
     return int(full), int(min(ckpt, full)), items, desc
 
 
@@ -614,11 +617,14 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
              tokens: float | None = None, token_ratio: float | None = None, steps: int | None = None,
              params: int | None = None, price_per_hour: float | None = None, kwh_price: float = 0.25,
              pue: float = 1.0, vocab_size: int | None = None, overrides: dict[str, Any] | None = None,
-             trust_remote_code: bool = False, arch: Arch | None = None, suggest: bool = True) -> Estimate:
+             trust_remote_code: bool = False, arch: Arch | None = None, suggest: bool = True,
+             suggest_methods: bool = True) -> Estimate:
     """Plan a training run. `model`: a named size, a run config (.yaml), an HF config.json, a model folder,
     a hub id or a PretrainedConfig. A run config supplies seq_len, batch, accumulation, precision and the
     token budget unless given here. `params` replaces the parameter count (to plan a custom size);
-    the architecture still decides activations. Money in USD; `kwh_price` in USD per kWh."""
+    the architecture still decides activations. Money in USD; `kwh_price` in USD per kWh. When the run
+    does not fit, `suggestions` lists changes that would make it fit (LoRA/QLoRA only with
+    `suggest_methods`: they make sense for fine-tuning, not for pretraining from scratch)."""
     hw = get_hardware(hardware)
     method, precision, dtype = _parse_regime(method, precision)
     if tokens is not None and token_ratio is not None:
@@ -723,7 +729,7 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
         est.suggestions = _suggestions(est, arch, dict(
             seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum, method=method, precision=precision,
             lora_rank=lora_rank, lora_targets=lora_targets, hardware=hw, gpus=gpus, checkpointing=checkpointing,
-            scan=scan, mfu=mfu, params=params, kwh_price=kwh_price, pue=pue))
+            scan=scan, mfu=mfu, params=params, kwh_price=kwh_price, pue=pue), suggest_methods)
     return est
 
 
@@ -741,7 +747,7 @@ def _state_bytes(arch: Arch, method: str, precision: str, n: int, trainable: int
     return base + adapters, 4 * trainable, 8 * trainable
 
 
-def _suggestions(est: Estimate, arch: Arch, opts: dict[str, Any]) -> list[str]:
+def _suggestions(est: Estimate, arch: Arch, opts: dict[str, Any], methods: bool = True) -> list[str]:
     """Changes that make the run fit, each checked with the same model."""
     out: list[str] = []
 
@@ -764,7 +770,7 @@ def _suggestions(est: Estimate, arch: Arch, opts: dict[str, Any]) -> list[str]:
             if e := fits(micro_batch=b, grad_accum=acc, checkpointing=True):
                 out.append(f"--checkpointing --batch {b} --grad-accum {acc}: {gib(e.memory['total']):.1f} GiB")
                 break
-    for method in ("lora", "qlora"):
+    for method in ("lora", "qlora") if methods else ():
         if est.method in ("full", "lora") and method != est.method:
             try:
                 e = fits(method=method, precision=None if method == "qlora" else "bf16")
@@ -779,8 +785,8 @@ def _suggestions(est: Estimate, arch: Arch, opts: dict[str, Any]) -> list[str]:
             break
     if not out:  # no single change is enough: the leanest combinations
         acc = est.micro_batch * est.grad_accum
-        methods = [est.method] + [m for m in ("lora", "qlora") if est.method != "qlora" and m != est.method]
-        for method in methods:
+        leaner = [m for m in ("lora", "qlora") if methods and est.method != "qlora" and m != est.method]
+        for method in [est.method, *leaner]:
             try:
                 e = fits(method=method, precision=None if method != est.method else est.precision,
                          checkpointing=True, micro_batch=1, grad_accum=acc)
@@ -854,7 +860,8 @@ def estimate_for_run(cfg, rt, model: nn.Module | None = None) -> Estimate:
                  token_ratio=t.token_ratio if t.max_tokens is None else None,
                  steps=t.max_steps if t.max_tokens is None and t.token_ratio is None else None,
                  vocab_size=vocab or _run_vocab(cfg), overrides=overrides,
-                 trust_remote_code=cfg.model.trust_remote_code)
+                 trust_remote_code=cfg.model.trust_remote_code, checkpointing=t.activation_checkpointing,
+                 suggest_methods=False)
     return e
 
 

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -152,6 +153,8 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print) -> Path:
             raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer!r} has no end-of-text token")
         corpus = build_corpus(cfg, tokenizer, rt)
         model = build_model(cfg, tokenizer)
+        if cfg.train.activation_checkpointing:
+            enable_activation_checkpointing(model, cfg.model.name)
         if cfg.data.document_masking and "seq_idx" not in model.forward.__code__.co_varnames:
             raise ConfigError(f"data.document_masking: {type(model).__name__} cannot reset at document boundaries")
         params = count_parameters(model)
@@ -351,6 +354,17 @@ def unigram_baseline(corpus) -> float:
     return math.exp(unigram_entropy(np.asarray(corpus.val), corpus.vocab_size, ref=np.asarray(corpus.train)))
 
 
+def enable_activation_checkpointing(model, name: str) -> None:
+    """One checkpoint per layer (transformers' mechanism; non-reentrant, so dropout replays exactly)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.activation_checkpointing: {name} ({type(model).__name__}) does not support it")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _warn_if_not_fitting(cfg: Config, rt: Runtime, say) -> None:
     """Print the planner's memory line for this device; a warning (never a stop) when it does not fit."""
     from ..plan.estimate import estimate_for_run, memory_fits
@@ -360,4 +374,13 @@ def _warn_if_not_fitting(cfg: Config, rt: Runtime, say) -> None:
     except Exception as e:  # noqa: BLE001 - the plan is advice; it must never stop a run
         print(f"warning: could not estimate memory: {e}", file=sys.stderr)
         return
-    say(f"memory    {msg}" if fits else f"WARNING   {msg}")
+    say(f"memory    {msg}" if fits else f"WARNING   {as_run_keys(msg)}")
+
+
+def as_run_keys(text: str) -> str:
+    """The planner's suggestions speak `lmlab estimate` flags; a run is changed with config keys."""
+    for flag, key in ((r"--checkpointing", "train.activation_checkpointing=true"),
+                      (r"--batch (\d+)", r"train.batch_size=\1"), (r"--grad-accum (\d+)", r"train.grad_accum=\1"),
+                      (r"--hardware (\S+)", r"a GPU like \1")):
+        text = re.sub(flag, key, text)
+    return text
