@@ -3,7 +3,7 @@
     python bench/planner_check.py            # CPU: fresh processes, peak resident memory
     python bench/planner_check.py --cuda     # the local GPU: torch.cuda.max_memory_allocated, bf16
 
-Prints a markdown table (estimate / measured); asserts nothing. tests/test_estimate.py holds three
+Prints a markdown table (estimate / measured); asserts nothing. tests/test_estimate.py holds four
 of the CPU rows to within 15 %.
 """
 
