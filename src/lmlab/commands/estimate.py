@@ -82,7 +82,7 @@ def _estimate(args, arch, hardware):
                     method=args.method, precision=args.precision, lora_rank=args.lora_rank, lora_targets=targets,
                     hardware=hardware, gpus=args.gpus, checkpointing=args.checkpointing, scan=args.scan,
                     mfu=args.mfu, tokens=args.tokens, token_ratio=args.token_ratio, steps=args.steps,
-                    params=int(args.params) if args.params is not None else None,
+                    params=args.params,
                     price_per_hour=args.price_per_hour, kwh_price=args.kwh_price, pue=args.pue)
 
 
@@ -97,6 +97,8 @@ def run(args) -> int:
         raise ConfigError(f"--vocab-size: must be a positive integer, got {args.vocab_size}")
     arch = analyse(args.model, args.vocab_size, _model_overrides(args.model_set) or None, args.trust_remote_code)
     if args.hardware.lower() == "all":
+        if args.measure:
+            raise ConfigError("--measure: name one --hardware (the table compares GPUs; it measures nothing)")
         ests = [_estimate(args, arch, hw) for hw in HARDWARE]
         if args.json:
             print(json.dumps([e.to_dict() for e in ests], indent=1))
@@ -125,9 +127,13 @@ def _measure(args, est, arch) -> dict:
 
     if est.method != "full":
         raise ConfigError("--measure: measures full training (LoRA/QLoRA are planned, not measured here)")
+    import re
+
     import torch
 
     device = args.device
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"--device: {device!r}; allowed: auto, cpu, cuda, cuda:N")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -135,14 +141,16 @@ def _measure(args, est, arch) -> dict:
     precision = est.precision if device != "cpu" else "fp32"
     m = measure_training_peak(args.model, seq_len=est.seq_len, micro_batch=est.micro_batch, precision=precision,
                               device=device, vocab_size=args.vocab_size,
-                              overrides=_model_overrides(args.model_set) or None, checkpointing=est.checkpointing)
+                              overrides=_model_overrides(args.model_set) or None, checkpointing=est.checkpointing,
+                              trust_remote_code=args.trust_remote_code)
     # the estimate for the device that was measured
     hw = cpu_hardware() if device == "cpu" else hardware_from_device(torch.device(device))
     local = estimate(arch=arch, seq_len=est.seq_len, micro_batch=est.micro_batch, precision=precision, hardware=hw,
                      checkpointing=est.checkpointing, scan=args.scan)
     mem = local.memory
     m["estimated_peak_bytes"] = mem["total"] - (0 if device == "cpu" else mem["overhead"])
-    m["estimated_state_bytes"] = mem["weights"] + mem["optimizer"] + (mem["overhead"] if device == "cpu" else 0)
+    # after a step: fp32 weights and AdamW's states (autocast's bf16 copies are gone by then)
+    m["estimated_state_bytes"] = 4 * local.params_total + mem["optimizer"] + (mem["overhead"] if device == "cpu" else 0)
     m["precision"] = precision
     return m
 
@@ -163,8 +171,10 @@ def _print_plan(est) -> None:
     t.add_column("what", style="bold", no_wrap=True)
     t.add_column("value")
     t.add_row("parameters", f"{est.params_total:,}{tr}")
-    t.add_row("setup", f"{est.gpus} x {est.gpu_label}, {est.precision}, batch {est.micro_batch} x seq {est.seq_len}"
-                       f" x accum {est.grad_accum} x {est.gpus} GPU = {est.tokens_per_step:,} tokens/step")
+    where = "CPU" if est.hardware == "cpu" else f"{est.gpus} x {est.gpu_label}"
+    per = "" if est.hardware == "cpu" else f" x {est.gpus} GPU"
+    t.add_row("setup", f"{where}, {est.precision}, batch {est.micro_batch} x seq {est.seq_len}"
+                       f" x accum {est.grad_accum}{per} = {est.tokens_per_step:,} tokens/step")
     m = est.memory
     t.add_row("weights", _gib(m["weights"]))
     t.add_row("gradients", _gib(m["gradients"]))
@@ -173,21 +183,20 @@ def _print_plan(est) -> None:
                              f"{_gib(est.activations_checkpointed)} with (per micro batch; {est.activation_model})")
     t.add_row("overhead", _gib(m["overhead"]))
     ok, msg = memory_fits(est)
-    t.add_row("memory per GPU", f"[{'green' if ok else 'red'}]{msg}[/]")
+    t.add_row("memory" if est.hardware == "cpu" else "memory per GPU", f"[{'green' if ok else 'red'}]{msg}[/]")
     t.add_row("FLOPs/token", f"{est.flops_per_token / 1e9:.3f} GFLOP training, "
                              f"{est.flops_per_token_inference / 1e9:.3f} GFLOP inference")
-    if est.hardware == "cpu":
-        t.add_row("speed", "not estimated for a CPU (bench/bench_lm.py measures it)")
-    else:
+    if est.hardware != "cpu":
         t.add_row("speed", f"{est.tokens_per_second:,.0f} tokens/s at MFU {est.mfu:.0%} of "
                            f"{est.peak_tflops:g} TFLOP/s per GPU; {est.hours_per_billion_tokens:.1f} h per 1B tokens")
-        if est.steps is not None:
-            t.add_row("budget", f"{est.tokens:,} tokens = {est.steps:,} steps "
-                                f"({est.tokens / est.params_total:.1f} tokens/param)")
-            t.add_row("time", _hours(est.hours))
-            t.add_row("cost", f"{est.gpu_hours:,.1f} GPU-h x {est.price_per_hour:.2f} = {est.cost:,.0f} "
-                              f"{est.currency}; electricity {est.energy_kwh:,.0f} kWh x {est.kwh_price:.2f} = "
-                              f"{est.energy_cost:,.0f} {est.currency}")
+    if est.steps is not None:
+        t.add_row("budget", f"{est.tokens:,} tokens = {est.steps:,} steps "
+                            f"({est.tokens / est.params_total:.1f} tokens/param)")
+    if est.hours is not None:
+        t.add_row("time", _hours(est.hours))
+        t.add_row("cost", f"{est.gpu_hours:,.1f} GPU-h x {est.price_per_hour:.2f} = {est.cost:,.0f} "
+                          f"{est.currency}; electricity {est.energy_kwh:,.0f} kWh x {est.kwh_price:.2f} = "
+                          f"{est.energy_cost:,.0f} {est.currency}")
     for note in est.notes:
         t.add_row("note", note)
     c.print(t)
@@ -211,7 +220,7 @@ def _print_hardware_table(ests) -> None:
     for e in ests:
         need = e.memory["total"]
         fits = "[green]yes[/]" if e.fits else ("[yellow]tight[/]" if e.fits_without_margin else "[red]no[/]")
-        t.add_row(e.hardware, f"{_gib(need)} / {e.gpu_memory / 2**30:.0f} GiB", fits,
+        t.add_row(e.hardware, f"{_gib(need)} / {e.gpu_memory / 2**30:g} GiB", fits,
                   f"{e.tokens_per_second:,.0f}", _hours(e.hours) if e.hours is not None else "-",
                   f"{e.cost:,.0f} {e.currency}" if e.cost is not None else "-")
     console().print(t)

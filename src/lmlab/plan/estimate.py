@@ -22,8 +22,9 @@ Memory per GPU (bytes; N parameters, T trainable, b micro batch, s sequence, V v
                    two fp32 gradients alive when the loss's backward runs). Other architectures are
                    traced: a forward on the meta device records the bytes autograd saves.
     overhead       CUDA context, cuBLAS workspace (+ NCCL buffers with several GPUs)
-FLOPs per token: training 6·N_mm + 12·L_attn·d·s (LoRA: 4·N_mm + 12·L_attn·d·s); inference 2·N_mm + 2·L_attn·d·s,
-with N_mm the parameters that take part in matmuls (input and position embeddings are lookups).
+FLOPs per token: forward F = 2·N_mm + 4·L_attn·d·s (N_mm the parameters that take part in matmuls;
+input and position embeddings are lookups), or counted by FlopCounterMode for traced architectures
+(INL's integrator reuses its weights every iteration); training 3·F (LoRA 2·F), inference F.
 """
 
 from __future__ import annotations
@@ -182,12 +183,14 @@ def load_model_config(model: Any, vocab_size: int | None = None, overrides: dict
                     d["vocab_size"] = vocab_size
                 try:
                     return AutoConfig.for_model(**d), name, {}
-                except (ValueError, KeyError) as e:
-                    raise ConfigError(f"{name}: unknown model_type {d['model_type']!r} ({e})") from None
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ConfigError(f"{name}: not a valid {d['model_type']!r} config ({e})") from None
             if isinstance(d, dict) and "model" in d:
                 return _from_run_config(name, vocab_size, overrides)
             raise ConfigError(f"{name}: expected a Hugging Face config.json (with model_type) or an lmlab run config")
         raise ConfigError(f"{name}: expected a .yaml/.yml run config or a .json model config")
+    if name.endswith((".yaml", ".yml", ".json")):
+        raise ConfigError(f"{name}: file not found")
     kind = registry.describe_kind(name)  # raises ConfigError for unknown names
     from ..models.hf import load_config
 
@@ -210,6 +213,7 @@ def _from_run_config(path: str, vocab_size, overrides) -> tuple[Any, str, dict[s
                 "tokens": t.max_tokens, "token_ratio": t.token_ratio, "steps": t.max_steps}
     if t.precision in ("fp32", "bf16", "fp16"):
         defaults["precision"] = t.precision
+    defaults["checkpointing"] = t.activation_checkpointing
     return mcfg, f"{label} ({path})", defaults
 
 
@@ -225,15 +229,15 @@ def _run_vocab(cfg) -> int | None:
 def _meta_model(config, trust_remote_code: bool = False) -> nn.Module:
     from ..models import registry
 
-    for fam in registry.FAMILIES.values():
-        if isinstance(config, fam.config_cls):
-            return registry.build_model(config, device="meta")
-    from transformers import AutoModelForCausalLM
-
     try:
+        for fam in registry.FAMILIES.values():
+            if isinstance(config, fam.config_cls):
+                return registry.build_model(config, device="meta")
+        from transformers import AutoModelForCausalLM
+
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"model: cannot build {config.model_type!r} as a causal LM ({e})") from None
 
 
@@ -260,6 +264,8 @@ def analyse(model: Any = "mamba-swelu-124m", vocab_size: int | None = None, over
                 largest = max(largest, w)
     mt = getattr(cfg, "model_type", "") or type(cfg).__name__
     n_layers = int(_first_attr(cfg, "num_hidden_layers", "n_layers", "n_layer", default=0))
+    if n_layers < 1:
+        raise ConfigError(f"model: {label} has {n_layers} layers; it needs at least one")
     d = int(_first_attr(cfg, "hidden_size", "d_model", "n_embd", default=0))
     has_attn = bool(_first_attr(cfg, "num_attention_heads", "n_heads", "n_head", default=0))
     if mt.startswith("inl") and getattr(cfg, "context", "attention") != "attention":
@@ -584,13 +590,55 @@ def activation_bytes(arch: Arch, seq_len: int, micro_batch: int, regime: Regime,
     return int(full), int(min(ckpt, full)), items, desc
 
 
+def _counted_forward_flops(arch: Arch, seq_len: int) -> float:
+    """Forward FLOPs per token counted by PyTorch's FlopCounterMode on the meta device, with 1 and 2
+    layers (the difference is one layer), so weights used several times per token count every time."""
+    key = ("flops", seq_len)
+    if key not in arch.traces:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        def count(m) -> float:
+            m.eval()
+            with FlopCounterMode(display=False) as fc:
+                m(input_ids=torch.zeros(1, seq_len, dtype=torch.long, device="meta"))
+            return fc.get_total_flops() / seq_len
+
+        one, two = _with_layers(arch, 1), _with_layers(arch, 2)
+        try:
+            if one is not None and two is not None:
+                f1, f2 = count(one), count(two)
+                total = arch.n_layers * (f2 - f1) + (2 * f1 - f2)
+            else:
+                total = count(arch.meta_model)
+        except Exception as e:  # noqa: BLE001 - any model may fail on meta tensors
+            raise ConfigError(f"model: cannot count the FLOPs of {arch.model_type!r} ({type(e).__name__}: {e})") \
+                from None
+        arch.traces[key] = (total, 0.0)
+    return arch.traces[key][0]
+
+
+def _position_limit(config) -> tuple[str, int] | None:
+    """(config key, longest sequence) for models with a hard position limit (learned positions)."""
+    for key in ("max_seq_len", "n_positions"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return key, v
+    if getattr(config, "model_type", "") in ("gpt2", "gpt_neo", "opt", "bloom") and \
+            isinstance(getattr(config, "max_position_embeddings", None), int):
+        return "max_position_embeddings", config.max_position_embeddings
+    return None
+
+
 # ---------------------------------------------------------------------------------------- estimate
-def _parse_regime(method: str, precision: str | None) -> tuple[str, str, str]:
+def _parse_regime(method: str, precision: str | None, cpu: bool = False) -> tuple[str, str, str]:
     """(method, precision, activation dtype regime) after checking the combination."""
     if method not in METHODS:
         raise ConfigError(f"--method: unknown method {method!r}; allowed: {', '.join(METHODS)}")
     if precision is None:
-        precision = "4bit" if method == "qlora" else "bf16"
+        precision = "4bit" if method == "qlora" else ("fp32" if cpu else "bf16")
+    if method == "qlora" and precision != "4bit":
+        raise ConfigError(f"--precision {precision}: QLoRA keeps the base weights in 4 bits and computes in bf16; "
+                          f"use --precision 4bit (or --method lora for a {precision} base)")
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision: unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
     if precision == "4bit" and method == "full":
@@ -605,8 +653,8 @@ def _parse_regime(method: str, precision: str | None) -> tuple[str, str, str]:
 def _positive(name: str, value, allow_none: bool = False):
     if value is None and allow_none:
         return None
-    if value is None or isinstance(value, bool) or not value > 0:
-        raise ConfigError(f"{name}: must be a positive number, got {value!r}")
+    if value is None or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+        raise ConfigError(f"{name}: must be a positive finite number, got {value!r}")
     return value
 
 
@@ -626,9 +674,8 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
     does not fit, `suggestions` lists changes that would make it fit (LoRA/QLoRA only with
     `suggest_methods`: they make sense for fine-tuning, not for pretraining from scratch)."""
     hw = get_hardware(hardware)
-    method, precision, dtype = _parse_regime(method, precision)
-    if tokens is not None and token_ratio is not None:
-        raise ConfigError("--tokens and --token-ratio: give one token budget, not both")
+    if sum(x is not None for x in (tokens, token_ratio, steps)) > 1:
+        raise ConfigError("--steps, --tokens and --token-ratio: give one budget, not several")
     for name, v in (("--gpus", gpus), ("--mfu", mfu), ("--lora-rank", lora_rank), ("--pue", pue)):
         _positive(name, v)
     if mfu > 1:
@@ -638,21 +685,29 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
     if arch is None:
         arch = analyse(model, vocab_size, overrides, trust_remote_code)
     dflt = arch.run_defaults
-    limit = getattr(arch.config, "max_seq_len", None)  # learned position embeddings stop there
-    seq_len = seq_len if seq_len is not None else dflt.get("seq_len", min(1024, limit or 1024))
+    if precision is None and method == "full":
+        precision = dflt.get("precision")
+    checkpointing = checkpointing or bool(dflt.get("checkpointing"))
+    method, precision, dtype = _parse_regime(method, precision, cpu=hw.name == "cpu")
+    limit = _position_limit(arch.config)
+    seq_len = seq_len if seq_len is not None else dflt.get("seq_len", min(1024, limit[1] if limit else 1024))
     micro_batch = micro_batch if micro_batch is not None else dflt.get("micro_batch", 8)
     grad_accum = grad_accum if grad_accum is not None else dflt.get("grad_accum", 1)
     for name, v in (("--seq-len", seq_len), ("--batch", micro_batch), ("--grad-accum", grad_accum)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
-    if limit is not None and seq_len > limit:
-        raise ConfigError(f"--seq-len: {seq_len} exceeds the model's max_seq_len {limit} "
-                          f"(raise it with --set max_seq_len={seq_len})")
+    if limit is not None and seq_len > limit[1]:
+        raise ConfigError(f"--seq-len: {seq_len} exceeds the model's {limit[0]} {limit[1]} "
+                          f"(raise it with --set {limit[0]}={seq_len})")
     if tokens is None and token_ratio is None and steps is None:
         tokens, token_ratio, steps = dflt.get("tokens"), dflt.get("token_ratio"), dflt.get("steps")
     _positive("--tokens", tokens, allow_none=True)
     _positive("--token-ratio", token_ratio, allow_none=True)
     _positive("--params", params, allow_none=True)
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0):
+        raise ConfigError(f"--steps: must be a positive integer, got {steps!r}")
+    if params is not None and int(params) < 1:
+        raise ConfigError(f"--params: must be at least 1, got {params!r}")
     notes: list[str] = []
 
     n_real = arch.params_total
@@ -684,10 +739,14 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
     fits_raw = memory["total"] <= hw.memory_bytes
 
     # ---- compute and time
-    n_mm = arch.params_matmul * scale
-    attn = 12 * arch.attn_layers * arch.d_model * seq_len
-    flops = (6 if method == "full" else 4) * n_mm + attn
-    flops_inf = 2 * n_mm + 2 * arch.attn_layers * arch.d_model * seq_len
+    if _ledger(arch, seq_len, scan, "cpu" if hw.name == "cpu" else "cuda") is not None:
+        # 2 FLOPs per matmul weight per token forward, and 4·d·s per attention layer (QKᵀ and AV, the
+        # whole s × s as the usual model-FLOPs convention counts it); backward twice the forward
+        fwd = 2 * arch.params_matmul * scale + 4 * arch.attn_layers * arch.d_model * seq_len
+    else:  # counted: weights used more than once per token (INL's iterations) cost more than 2 each
+        fwd = _counted_forward_flops(arch, seq_len) * scale
+    flops = (3 if method == "full" else 2) * fwd  # LoRA: no weight gradients for the frozen base
+    flops_inf = fwd
     compute = "fp32" if precision == "fp32" else ("bf16" if precision == "4bit" else precision)
     peak = hw.peak_tflops(compute)
     recompute = (flops + flops_inf) / flops if checkpointing else 1.0
@@ -701,7 +760,7 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
     if steps is None and budget is not None:
         steps = math.ceil(budget / tokens_per_step)
     run_tokens = steps * tokens_per_step if steps is not None else None
-    hours = run_tokens / tok_s / 3600 if run_tokens is not None else None
+    hours = run_tokens / tok_s / 3600 if run_tokens is not None and hw.name != "cpu" else None
     price = hw.price_per_hour if price_per_hour is None else float(price_per_hour)
     gpu_hours = hours * gpus if hours is not None else None
     kwh = hw.tdp_w * gpus * hours / 1000 * pue if hours is not None else None
@@ -711,6 +770,8 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
         notes.append(f"checkpointing recomputes the forward: time x{recompute:.2f} at the same MFU")
     if hw.name == "cuda":
         notes.append(hw.label)
+    if hw.name == "cpu":
+        notes.append("CPU: memory only; time and cost are not estimated (bench/bench_lm.py measures the speed)")
 
     est = Estimate(
         model=arch.label, model_type=arch.model_type, params_total=n, params_trainable=trainable,
@@ -837,7 +898,7 @@ def format_plan(est: Estimate) -> str:
         f"speed     {est.tokens_per_second:,.0f} tokens/s at MFU {est.mfu:.0%} "
         f"({est.flops_per_token / 1e9:.2f} GFLOP/token, {est.peak_tflops:g} TFLOP/s peak per GPU)",
     ]
-    if est.steps is not None:
+    if est.hours is not None:
         lines.append(f"budget    {est.tokens:,} tokens = {est.steps:,} steps, {_fmt_hours(est.hours)}, "
                      f"{est.gpu_hours:,.0f} GPU-h = {est.cost:,.0f} {est.currency} "
                      f"+ {est.energy_kwh:,.0f} kWh = {est.energy_cost:,.0f} {est.currency} electricity")

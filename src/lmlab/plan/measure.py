@@ -33,10 +33,11 @@ _MMAP_THRESHOLD = "65536"
 def measure_training_peak(model: str, *, seq_len: int, micro_batch: int, precision: str = "fp32",
                           device: str = "cpu", vocab_size: int | None = None,
                           overrides: dict[str, Any] | None = None, checkpointing: bool = False,
-                          threads: int = 2, timeout: float = 900) -> dict[str, Any]:
+                          threads: int = 2, timeout: float = 900, trust_remote_code: bool = False) -> dict[str, Any]:
     """Run two training steps of `model` (any name `lmlab estimate` takes) and report the second's peak."""
     spec = dict(model=model, seq_len=seq_len, micro_batch=micro_batch, precision=precision, device=device,
-                vocab_size=vocab_size, overrides=overrides or {}, checkpointing=checkpointing, threads=threads)
+                vocab_size=vocab_size, overrides=overrides or {}, checkpointing=checkpointing, threads=threads,
+                trust_remote_code=trust_remote_code)
     if device != "cpu":
         return _measure(spec)
     if not os.path.exists("/proc/self/clear_refs"):
@@ -80,7 +81,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     precision = spec["precision"]
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision: measuring runs full training in fp32, bf16 or fp16, not {precision!r}")
-    cfg, _, _ = load_model_config(spec["model"], spec["vocab_size"], spec["overrides"] or None)
+    trust = bool(spec.get("trust_remote_code"))
+    cfg, _, _ = load_model_config(spec["model"], spec["vocab_size"], spec["overrides"] or None, trust)
     torch.manual_seed(0)
     gc.collect()
     if cpu:
@@ -91,14 +93,14 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     if any(isinstance(cfg, f.config_cls) for f in registry.FAMILIES.values()):
         model = registry.build_model(cfg).to(dev)
     else:
-        meta = _meta_model(cfg)  # the same class the planner analysed, now for real
+        meta = _meta_model(cfg, trust)  # the same class the planner analysed, now for real
         model = type(meta)(cfg).to(dev)
         del meta
     model.train()
     if spec["checkpointing"]:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ConfigError(f"{spec['model']}: this model does not support activation checkpointing")
-        model.gradient_checkpointing_enable()
+        from ..train.loop import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model, spec["model"])  # as the trainer does it
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
     V = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)

@@ -200,7 +200,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print) -> Path:
         say(f"data      {corpus.manifest.get('train_tokens', len(corpus.train)):,} train tokens, "
             f"{len(corpus.val):,} validation tokens ({corpus.dir})")
         say(f"run       {run_dir}")
-        _warn_if_not_fitting(cfg, rt, say)
+        _warn_if_not_fitting(cfg, rt, say, model)
         if latest is not None:
             say(f"resumed   from {latest.name} (step {step:,}, {tokens_seen:,} tokens)")
             metrics.log("event", step, event="resume", checkpoint=latest.name, tokens=tokens_seen)
@@ -365,12 +365,12 @@ def enable_activation_checkpointing(model, name: str) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _warn_if_not_fitting(cfg: Config, rt: Runtime, say) -> None:
+def _warn_if_not_fitting(cfg: Config, rt: Runtime, say, model=None) -> None:
     """Print the planner's memory line for this device; a warning (never a stop) when it does not fit."""
     from ..plan.estimate import estimate_for_run, memory_fits
 
     try:
-        fits, msg = memory_fits(estimate_for_run(cfg, rt))
+        fits, msg = memory_fits(estimate_for_run(cfg, rt, model))
     except Exception as e:  # noqa: BLE001 - the plan is advice; it must never stop a run
         print(f"warning: could not estimate memory: {e}", file=sys.stderr)
         return
