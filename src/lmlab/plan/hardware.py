@@ -48,6 +48,8 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
              {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}, tdp_w=400, price_per_hour=1.50),
     Hardware("h100", "NVIDIA H100 80GB (SXM)", 79.6,
              {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}, tdp_w=700, price_per_hour=2.50),
+    Hardware("h100-pcie", "NVIDIA H100 80GB (PCIe)", 79.6,
+             {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0}, tdp_w=350, price_per_hour=2.00),
     Hardware("h200", "NVIDIA H200 141GB (SXM)", 140.4,
              {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}, tdp_w=700, price_per_hour=3.50),
 )}
@@ -59,6 +61,14 @@ def cpu_hardware(tflops: float = 1.0) -> Hardware:
     import os
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # containers
+        try:
+            with open(limit) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            mem = min(mem, int(text) / GIB)
     return Hardware("cpu", "CPU (host memory)", mem, dict.fromkeys(("fp32", "tf32", "bf16", "fp16"), tflops))
 
 
@@ -84,6 +94,8 @@ def hardware_from_device(device=None) -> Hardware:
     props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
     name, mem = props.name, props.total_memory / GIB
     upper = name.upper()
+    if "H100" in upper and "PCIE" in upper:
+        return replace(HARDWARE["h100-pcie"], memory_gib=mem)
     for key, needle in (("rtx3090", "3090"), ("rtx4090", "4090"), ("h200", "H200"), ("h100", "H100")):
         if needle in upper:
             return replace(HARDWARE[key], memory_gib=mem)
