@@ -95,7 +95,8 @@ def run(args) -> int:
 
     if args.vocab_size is not None and args.vocab_size < 1:
         raise ConfigError(f"--vocab-size: must be a positive integer, got {args.vocab_size}")
-    arch = analyse(args.model, args.vocab_size, _model_overrides(args.model_set) or None, args.trust_remote_code)
+    overrides = _model_overrides(args.model_set) or None
+    arch = analyse(args.model, args.vocab_size, overrides, args.trust_remote_code)
     if args.hardware.lower() == "all":
         if args.measure:
             raise ConfigError("--measure: name one --hardware (the table compares GPUs; it measures nothing)")
@@ -106,7 +107,7 @@ def run(args) -> int:
             _print_hardware_table(ests)
         return 0
     est = _estimate(args, arch, args.hardware)
-    measured = _measure(args, est, arch) if args.measure else None
+    measured = _measure(args, est, arch, overrides) if args.measure else None
     if args.json:
         d = est.to_dict()
         if measured is not None:
@@ -119,7 +120,7 @@ def run(args) -> int:
     return 0
 
 
-def _measure(args, est, arch) -> dict:
+def _measure(args, est, arch, overrides: dict | None) -> dict:
     from ..errors import ConfigError
     from ..plan.estimate import estimate
     from ..plan.hardware import cpu_hardware, hardware_from_device
@@ -141,7 +142,7 @@ def _measure(args, est, arch) -> dict:
     precision = est.precision if device != "cpu" else "fp32"
     m = measure_training_peak(args.model, seq_len=est.seq_len, micro_batch=est.micro_batch, precision=precision,
                               device=device, vocab_size=args.vocab_size,
-                              overrides=_model_overrides(args.model_set) or None, checkpointing=est.checkpointing,
+                              overrides=overrides, checkpointing=est.checkpointing,
                               trust_remote_code=args.trust_remote_code)
     # the estimate for the device that was measured
     hw = cpu_hardware() if device == "cpu" else hardware_from_device(torch.device(device))
@@ -162,7 +163,7 @@ def _gib(n: float) -> str:
 def _print_plan(est) -> None:
     from rich.table import Table
 
-    from ..plan.estimate import memory_fits
+    from ..plan.estimate import fmt_hours, memory_fits
     from ._common import console
 
     c = console()
@@ -193,7 +194,7 @@ def _print_plan(est) -> None:
         t.add_row("budget", f"{est.tokens:,} tokens = {est.steps:,} steps "
                             f"({est.tokens / est.params_total:.1f} tokens/param)")
     if est.hours is not None:
-        t.add_row("time", _hours(est.hours))
+        t.add_row("time", fmt_hours(est.hours))
         t.add_row("cost", f"{est.gpu_hours:,.1f} GPU-h x {est.price_per_hour:.2f} = {est.cost:,.0f} "
                           f"{est.currency}; electricity {est.energy_kwh:,.0f} kWh x {est.kwh_price:.2f} = "
                           f"{est.energy_cost:,.0f} {est.currency}")
@@ -202,13 +203,10 @@ def _print_plan(est) -> None:
     c.print(t)
 
 
-def _hours(h: float) -> str:
-    return f"{h:.1f} h" if h < 48 else f"{h:,.0f} h ({h / 24:.1f} days)"
-
-
 def _print_hardware_table(ests) -> None:
     from rich.table import Table
 
+    from ..plan.estimate import fmt_hours
     from ._common import console
 
     e0 = ests[0]
@@ -221,7 +219,7 @@ def _print_hardware_table(ests) -> None:
         need = e.memory["total"]
         fits = "[green]yes[/]" if e.fits else ("[yellow]tight[/]" if e.fits_without_margin else "[red]no[/]")
         t.add_row(e.hardware, f"{_gib(need)} / {e.gpu_memory / 2**30:g} GiB", fits,
-                  f"{e.tokens_per_second:,.0f}", _hours(e.hours) if e.hours is not None else "-",
+                  f"{e.tokens_per_second:,.0f}", fmt_hours(e.hours) if e.hours is not None else "-",
                   f"{e.cost:,.0f} {e.currency}" if e.cost is not None else "-")
     console().print(t)
 

@@ -142,7 +142,8 @@ class Arch:
     attn_impl: str  # sdpa | eager | flash_attention_2 | none
     meta_model: nn.Module | None = None
     run_defaults: dict[str, Any] = field(default_factory=dict)
-    traces: dict[Any, tuple[float, float]] = field(default_factory=dict)  # (seq_len, regime) -> (layer, tail)
+    traces: dict[Any, tuple[float, float]] = field(default_factory=dict)  # what -> (per layer, outside the layers)
+    shallow: tuple[nn.Module, ...] | None = None  # copies with 1 and 2 layers, () if the config cannot say so
 
 
 def _first_attr(cfg, *names, default=None):
@@ -527,30 +528,37 @@ def _with_layers(arch: Arch, k: int) -> nn.Module | None:
             setattr(cfg, key, k)
             try:
                 return _meta_model(cfg)
-            except Exception:  # noqa: BLE001 - configs with per-layer lists; trace the whole model instead
+            except Exception:  # noqa: BLE001 - configs with per-layer lists; use the whole model instead
                 return None
     return None
 
 
+def _per_layer(arch: Arch, key: Any, measure) -> tuple[float, float]:
+    """(per layer, outside the layers) of `measure(meta model)`, cached under `key`. Measured on copies
+    with 1 and 2 layers (the difference is one layer), so the largest models cost the same as the
+    smallest; when the config cannot be cut, the whole model is measured and shared evenly."""
+    if key not in arch.traces:
+        if arch.shallow is None:
+            one, two = _with_layers(arch, 1), _with_layers(arch, 2)
+            arch.shallow = (one, two) if one is not None and two is not None else ()
+        if arch.shallow:
+            m1, m2 = (measure(m) for m in arch.shallow)
+            arch.traces[key] = (m2 - m1, max(2 * m1 - m2, 0))
+        else:
+            arch.traces[key] = (measure(arch.meta_model) / max(arch.n_layers, 1), 0.0)
+    return arch.traces[key]
+
+
 def _traced_layer_and_tail(arch: Arch, seq_len: int, regime: Regime) -> tuple[float, float]:
     """(bytes per layer, bytes outside the layers) saved for one sequence in fp32, score tensors removed
-    unless attention runs eagerly. Traced with 1 and 2 layers (the difference is one layer), so the
-    largest models cost the same as the smallest; the whole model is traced when that is not possible."""
-    key = (seq_len, regime)
-    if key not in arch.traces:
-        eager = arch.attn_impl == "eager"
+    unless attention runs eagerly."""
+    eager = arch.attn_impl == "eager"
 
-        def net(m):
-            total, scores = _trace_saved_bytes(m, seq_len, regime)
-            return total - (0 if eager else scores)  # SDPA/flash never keep the s x s scores
+    def net(m):
+        total, scores = _trace_saved_bytes(m, seq_len, regime)
+        return total - (0 if eager else scores)  # SDPA/flash never keep the s x s scores
 
-        one, two = _with_layers(arch, 1), _with_layers(arch, 2)
-        if one is not None and two is not None:
-            b1, b2 = net(one), net(two)
-            arch.traces[key] = (b2 - b1, max(2 * b1 - b2, 0))
-        else:
-            arch.traces[key] = (net(arch.meta_model) / max(arch.n_layers, 1), 0.0)
-    return arch.traces[key]
+    return _per_layer(arch, ("saved", seq_len, regime), net)
 
 
 def activation_bytes(arch: Arch, seq_len: int, micro_batch: int, regime: Regime, scan: str = "auto",
@@ -591,30 +599,22 @@ def activation_bytes(arch: Arch, seq_len: int, micro_batch: int, regime: Regime,
 
 
 def _counted_forward_flops(arch: Arch, seq_len: int) -> float:
-    """Forward FLOPs per token counted by PyTorch's FlopCounterMode on the meta device, with 1 and 2
-    layers (the difference is one layer), so weights used several times per token count every time."""
-    key = ("flops", seq_len)
-    if key not in arch.traces:
-        from torch.utils.flop_counter import FlopCounterMode
+    """Forward FLOPs per token counted by PyTorch's FlopCounterMode on the meta device, so weights used
+    several times per token count every time."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-        def count(m) -> float:
-            m.eval()
+    def count(m) -> float:
+        m.eval()
+        try:
             with FlopCounterMode(display=False) as fc:
                 m(input_ids=torch.zeros(1, seq_len, dtype=torch.long, device="meta"))
-            return fc.get_total_flops() / seq_len
-
-        one, two = _with_layers(arch, 1), _with_layers(arch, 2)
-        try:
-            if one is not None and two is not None:
-                f1, f2 = count(one), count(two)
-                total = arch.n_layers * (f2 - f1) + (2 * f1 - f2)
-            else:
-                total = count(arch.meta_model)
         except Exception as e:  # noqa: BLE001 - any model may fail on meta tensors
             raise ConfigError(f"model: cannot count the FLOPs of {arch.model_type!r} ({type(e).__name__}: {e})") \
                 from None
-        arch.traces[key] = (total, 0.0)
-    return arch.traces[key][0]
+        return fc.get_total_flops() / seq_len
+
+    per_layer, tail = _per_layer(arch, ("flops", seq_len), count)
+    return arch.n_layers * per_layer + tail
 
 
 def _position_limit(config) -> tuple[str, int] | None:
@@ -879,8 +879,8 @@ def memory_fits(est: Estimate) -> tuple[bool, str]:
     return False, msg
 
 
-def _fmt_hours(h: float) -> str:
-    return f"{h:.1f} h" if h < 48 else f"{h:.0f} h ({h / 24:.1f} days)"
+def fmt_hours(h: float) -> str:
+    return f"{h:.1f} h" if h < 48 else f"{h:,.0f} h ({h / 24:.1f} days)"
 
 
 def format_plan(est: Estimate) -> str:
@@ -899,7 +899,7 @@ def format_plan(est: Estimate) -> str:
         f"({est.flops_per_token / 1e9:.2f} GFLOP/token, {est.peak_tflops:g} TFLOP/s peak per GPU)",
     ]
     if est.hours is not None:
-        lines.append(f"budget    {est.tokens:,} tokens = {est.steps:,} steps, {_fmt_hours(est.hours)}, "
+        lines.append(f"budget    {est.tokens:,} tokens = {est.steps:,} steps, {fmt_hours(est.hours)}, "
                      f"{est.gpu_hours:,.0f} GPU-h = {est.cost:,.0f} {est.currency} "
                      f"+ {est.energy_kwh:,.0f} kWh = {est.energy_cost:,.0f} {est.currency} electricity")
     ok, msg = memory_fits(est)
