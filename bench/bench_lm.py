@@ -20,6 +20,9 @@ import torch
 from _common import table
 
 from lmlab.models import build_config, build_model
+from lmlab.train.objectives import Pretrain
+from lmlab.train.runtime import Runtime
+from lmlab.train.step import apply_update, compute_gradients
 
 
 def median_time(fn, reps: int, warmup: int = 1) -> float:
@@ -36,13 +39,13 @@ def median_time(fn, reps: int, warmup: int = 1) -> float:
 def train_tokens_per_s(model, batch: int, seq: int, reps: int) -> float:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1))
+    batches = [{"input_ids": ids[:, :-1], "targets": ids[:, 1:]}]
+    rt, objective = Runtime(device=torch.device("cpu"), precision="fp32"), Pretrain(cfg=None)
 
-    def step():
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step():  # the trainer's step
+        compute_gradients(model, objective, batches, rt, optimizer=opt)
+        apply_update(opt)
 
     return batch * seq / median_time(step, reps)
 

@@ -3,6 +3,7 @@
     python bench/bench_scan.py             # everything that runs here (HF baseline at the real size: minutes)
     python bench/bench_scan.py --quick     # HF baseline on a shorter sequence, extrapolated (stated)
     python bench/bench_scan.py --sections train,mixer
+    python bench/bench_scan.py --sections train,mixer --backends cpu --threads 2   # one backend, before/after
 
 Prints tables; asserts nothing about time. CPU sections use 2 threads (override with --threads).
 The GPU section runs only when CUDA is available.
@@ -71,7 +72,7 @@ def section_train(args) -> None:
     ids = torch.randint(0, SMALL["vocab_size"], (b, l))
     rows = []
     results = {}
-    for backend in ["ref", "chunked", "cpu"]:
+    for backend in [x for x in ("ref", "chunked", "cpu") if x in args.backends]:
         model = MambaSWELUForCausalLM(MambaSWELUConfig(**SMALL, scan_backend=backend))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         reps, warm = (1, 0) if backend == "ref" else (args.reps, 1)
@@ -79,6 +80,10 @@ def section_train(args) -> None:
         results[backend] = b * l / min(ts)
         rows.append([backend, f"{b}×{l}", f"{min(ts):.3f}", f"{statistics.median(ts):.3f}",
                      f"{results[backend]:,.0f}"])
+    if "hf" not in args.backends:
+        table("Training step, CPU fp32, vocab 8192, d 256, 4 layers (steps/s as tokens/s)",
+              ["scan backend", "batch", "best s/step", "median s/step", "tokens/s"], rows)
+        return
     # transformers' Mamba (no CUDA kernels: its slow path), same sizes
     hl = 64 if args.quick else l
     model = hf_mamba(SMALL["vocab_size"], SMALL["d_model"], SMALL["n_layers"])
@@ -137,7 +142,7 @@ def section_mixer(args) -> None:
     torch.manual_seed(0)
     x = torch.randn(b, l, d, requires_grad=True)
     rows = []
-    for backend in ["cpu", "chunked"]:
+    for backend in [x for x in ("cpu", "chunked") if x in args.backends]:
         t_scan, t_rest, t_full = _mixer_times(backend, x, args.reps)
         rows.append([backend, f"{t_scan * 1e3:.0f}", f"{t_rest * 1e3:.0f}", f"{t_full * 1e3:.0f}",
                      f"{t_scan / t_rest:.2f}"])
@@ -287,9 +292,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="HF baseline on 64 tokens, extrapolated ×4")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--backends", default="ref,chunked,cpu,hf",
+                   help="comma list of the backends the train and mixer sections time (hf: transformers' Mamba)")
     p.add_argument("--gpu-batch", type=int, default=8)
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.backends = {x.strip() for x in args.backends.split(",")}
     torch.set_num_threads(args.threads)
     if args.memory_child:
         _memory_child(args.memory_child)

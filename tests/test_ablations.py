@@ -30,6 +30,13 @@ def test_frozen_swelu_keeps_k_and_lambda_as_buffers():
     assert not any(n.endswith(("k_raw", "lam")) for n in params)
     n_swelu = model.config.n_layers + model.config.n_dense
     assert sum(n.endswith(("k_raw", "lam")) for n in buffers) == 2 * n_swelu
+    frozen = {n: b.clone() for n, b in buffers.items() if n.endswith(("k_raw", "lam"))}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 64, (2, 7))
-    model(ids, labels=ids).loss.backward()  # trains without touching them
-    assert all(b.grad is None for n, b in buffers.items() if n.endswith(("k_raw", "lam")))
+    for _ in range(3):  # trains without touching them
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(buffers[n], v) for n, v in frozen.items())
+    assert sum(not torch.equal(p.detach(), before[n]) for n, p in params.items()) > len(params) // 2

@@ -31,7 +31,7 @@ def test_defaults_and_overrides(tmp_path):
     ("train.max_steps=many", "train.max_steps: expected an integer"),
     ("data.seq_len=100000", "exceeds the model's maximum sequence length"),
     ("train.batch_size=true", "train.batch_size: expected an integer"),
-    ("model.scan_backend=gpu", "model.scan_backend: invalid value 'gpu'"),
+    ("model.scan_backend=gpu", "model.scan_backend: 'gpu' is not a scan backend"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:

@@ -97,7 +97,7 @@ def test_fits_and_suggestions():
     ok, msg = memory_fits(big)
     assert not ok and "does not fit" in msg and big.suggestions
     assert big.memory["total"] > HARDWARE["rtx4090"].memory_bytes
-    assert any("--method" in s or "--hardware" in s for s in big.suggestions)
+    assert any("finetune.method=" in s or "--hardware" in s for s in big.suggestions)
 
 
 def test_lora_trainable_count_is_peft_count(tmp_path):

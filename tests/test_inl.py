@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lmlab import _compat
 from lmlab.errors import ConfigError
 from lmlab.models import INLConfig, INLForCausalLM, build_config, build_model, registry
 
@@ -183,7 +184,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = _model().train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            _compat.enable_activation_checkpointing(model)
         model(ids, labels=ids).loss.backward()
         grads.append(model.blocks[0].inl.controller.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])

@@ -110,7 +110,7 @@ def test_mixer_cache_shapes():
 
 def test_activation_checkpointing_same_gradients_less_saved():
     """One checkpoint per block: identical gradients, and autograd keeps less for the backward."""
-    from lmlab.train.loop import enable_activation_checkpointing
+    from lmlab.train.setup import enable_activation_checkpointing
 
     cfg = MambaSWELUConfig(vocab_size=97, d_model=32, n_layers=3, dense_hidden=48, max_seq_len=64, dropout=0.1)
     ids = torch.randint(0, 97, (2, 40))
@@ -139,7 +139,7 @@ def test_activation_checkpointing_same_gradients_less_saved():
 
 def test_activation_checkpointing_refuses_models_without_it():
     from lmlab.errors import ConfigError
-    from lmlab.train.loop import enable_activation_checkpointing
+    from lmlab.train.setup import enable_activation_checkpointing
 
     with pytest.raises(ConfigError, match="train.activation_checkpointing"):
         enable_activation_checkpointing(torch.nn.Linear(2, 2), "linear")

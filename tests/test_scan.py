@@ -17,6 +17,7 @@ import warnings
 import pytest
 import torch
 
+from lmlab.errors import ConfigError
 from lmlab.models import MambaSWELUConfig, MambaSWELUForCausalLM
 from lmlab.models import scan as S
 
@@ -155,14 +156,46 @@ def test_step_decoding_equals_full_scan(backend):
     torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-5)
 
 
-def test_resolve_backend():
+def test_resolve_backend(monkeypatch):
     assert S.resolve_backend("auto", "cpu") in ("cpu", "chunked")
     assert S.resolve_backend("chunked", "cpu") == "chunked"
     assert "ref" in S.available_backends("cpu") and "cpu" not in S.available_backends("cuda")
-    with pytest.raises(ValueError, match="allowed"):
+    with pytest.raises(ConfigError, match=r"^model.scan_backend: 'fast' is not a scan backend; allowed on cpu: auto, "):
         S.resolve_backend("fast", "cpu")
-    with pytest.raises(ValueError, match="CPU tensors only"):
+    with pytest.raises(ConfigError, match="^model.scan_backend: 'cpu' runs on CPU tensors only; allowed on cuda"):
         S.resolve_backend("cpu", "cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError) as err:
+        S.resolve_backend("triton", "cpu")
+    assert "\n" not in str(err.value) and "'triton'" in str(err.value)
+    assert str(err.value).endswith("allowed on cpu: auto, ref, chunked, cpu")
+    # the planner's view: the device type alone, nothing imported or built
+    assert S.resolve_backend("auto", "cuda", probe=False) == "triton"
+    assert S.resolve_backend("auto", "cpu", probe=False) == "cpu"
+    assert S.resolve_backend("mamba_ssm", "cuda", probe=False) == "mamba_ssm"
+    assert S.available_backends("cuda", probe=False) == ["ref", "chunked", "triton", "mamba_ssm"]
+
+
+def test_backend_names_and_chunks_are_the_kernels_constants():
+    from lmlab.models import scan_cpu
+
+    assert tuple(S.BACKENDS) == S.BACKEND_NAMES and S.SCAN_CHOICES == ("auto", *S.BACKEND_NAMES)
+    assert S.SCAN_CHUNK["chunked"] == scan_cpu.CHUNK and S.SCAN_CHUNK["cpu"] == scan_cpu.CPU_CHUNK
+    assert set(S.SCAN_CHUNK) == set(S.BACKEND_NAMES) - {"ref"}
+
+
+def test_scan_modules_do_not_import_each_other_back():
+    """scan.py dispatches to the backends; the backend modules import nothing of lmlab (no import cycle)."""
+    import ast
+    import pathlib
+
+    for name in ("scan_cpu.py", "scan_triton.py"):
+        tree = ast.parse((pathlib.Path(S.__file__).parent / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 0 and not node.module.startswith("lmlab"), (name, node.module)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("lmlab") for a in node.names), name
 
 
 def test_auto_is_the_compiled_kernel_here():

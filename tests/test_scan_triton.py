@@ -96,6 +96,14 @@ def test_triton_state_update_matches_torch():
         torch.testing.assert_close(s_tri, s_ref, rtol=1e-4, atol=1e-5)
 
 
+@needs_triton_device
+def test_chunk_constant_matches_the_kernel():
+    """scan.py states the Triton chunk without importing triton; the kernel module is the truth."""
+    from lmlab.models import scan_triton
+
+    assert S.SCAN_CHUNK["triton"] == S.TRITON_CHUNK == scan_triton.CHUNK
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_auto_on_cuda_prefers_a_kernel():
     assert S.resolve_backend("auto", "cuda") in ("mamba_ssm", "triton")

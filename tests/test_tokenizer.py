@@ -11,9 +11,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer
 
 import lmlab.data.tokenizer as tokmod
-from lmlab.data.hub import hub_unreachable
 from lmlab.data.tokenizer import EOS, load_tokenizer, tokenizer_fingerprint, train_bpe
 from lmlab.errors import ConfigError, DataError
+from lmlab.hub import unreachable as hub_unreachable
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog. " * 3,

@@ -63,6 +63,7 @@ def _kill_after_checkpoint(args: list[str], run: Path, min_step: int) -> None:
         if any(int(p.name.split("-")[1]) >= min_step for p in done):
             break
         time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -170,8 +171,8 @@ def test_ddp_two_processes_match_one(tokenizer_dir, tmp_path):
 def test_export_loads_with_auto_classes_and_generates(tokenizer_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    import lmlab  # noqa: F401  (registers the Auto classes)
-    from lmlab.commands.generate import load_for_inference
+    import lmlab.models  # noqa: F401  (registers the Auto classes)
+    from lmlab.inference import load_for_inference
 
     res = _cli("pretrain", *_args(tokenizer_dir, tmp_path, "exp", steps=6))
     assert res.returncode == 0, res.stderr

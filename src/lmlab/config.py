@@ -12,6 +12,7 @@ The resolved config is saved as `config.yaml` in every run folder and reloaded b
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -72,6 +73,36 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["def ", "The "])
     sample_tokens: int = 48
     progress: bool = True
+    objective: str = "pretrain"  # what is optimised: pretrain (next token); see lmlab.train.objectives
+    guard: str = "skip"  # a non-finite or spiking step: skip | rollback | stop | off (lmlab.train.guard)
+    guard_window: int = 128  # steps of loss / gradient-norm history a spike is measured against
+    guard_warmup: int = 64  # steps in the window before spikes are judged (non-finite values always are)
+    guard_sigma: float = 6.0  # a spike: above mean + sigma·std of the window
+    guard_max_skips: int = 10  # bad steps in a row before a skipping run stops
+    guard_max_rollbacks: int = 3
+    guard_lr_factor: float = 0.5  # LR multiplier after each rollback
+
+
+@dataclass
+class FinetuneConfig:
+    """Instruction and preference tuning (train.objective sft or dpo); model.name is the base to tune."""
+
+    method: str = "full"  # full | lora | qlora (4-bit NF4 base + LoRA)
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=list)  # module-name suffixes; empty: the family's defaults
+    template: str = "auto"  # auto | tokenizer | plain | chatml | llama3
+    system_prompt: str | None = None
+    train_on: str = "assistant"  # assistant: loss on assistant tokens only; all: every token
+    packing: bool = True  # several examples per row, kept apart (state resets / block-diagonal attention)
+    max_len: int | None = None  # longest example in tokens (default data.seq_len)
+    overlong: str = "truncate"  # truncate | drop
+    on_error: str = "skip"  # a malformed example: skip (counted) | fail
+    weights: list[float] = field(default_factory=list)  # per data.source, for mixing (default: equal)
+    max_examples: list[int] = field(default_factory=list)  # per data.source cap (default: none)
+    dpo_beta: float = 0.1
+    dpo_reference: str = "auto"  # auto: the base with adapters off (LoRA) or a frozen copy (full)
 
 
 @dataclass
@@ -85,6 +116,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +128,12 @@ class Config:
 
 CHOICES = {
     "train.schedule": ("cosine", "linear", "constant"),
+    "train.guard": ("skip", "rollback", "stop", "off"),
+    "finetune.method": ("full", "lora", "qlora"),
+    "finetune.template": ("auto", "tokenizer", "plain", "chatml", "llama3"),
+    "finetune.train_on": ("assistant", "all"),
+    "finetune.overlong": ("truncate", "drop"),
+    "finetune.on_error": ("skip", "fail"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
 }
@@ -253,7 +291,19 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _check(value in allowed, key, f"invalid value {value!r}; allowed: {', '.join(allowed)}")
-    t, d = cfg.train, cfg.data
+    t, d, ft = cfg.train, cfg.data, cfg.finetune
+    for name, section in (("train", t), ("data", d), ("finetune", ft)):
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            if isinstance(v, float):
+                _check(math.isfinite(v), f"{name}.{f.name}", f"must be a finite number, got {v}")
+    _check(ft.lora_rank >= 1, "finetune.lora_rank", f"must be >= 1, got {ft.lora_rank}")
+    _check(ft.lora_alpha > 0, "finetune.lora_alpha", f"must be > 0, got {ft.lora_alpha}")
+    _check(0 <= ft.lora_dropout < 1, "finetune.lora_dropout", f"must be in [0, 1), got {ft.lora_dropout}")
+    _check(ft.max_len is None or ft.max_len >= 2, "finetune.max_len", f"must be >= 2, got {ft.max_len}")
+    _check(ft.dpo_beta > 0, "finetune.dpo_beta", f"must be > 0, got {ft.dpo_beta}")
+    _check(all(w > 0 for w in ft.weights), "finetune.weights", f"must all be > 0, got {ft.weights}")
+    _check(all(m >= 1 for m in ft.max_examples), "finetune.max_examples", f"must all be >= 1, got {ft.max_examples}")
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
@@ -268,6 +318,20 @@ def validate(cfg: Config) -> None:
     _check(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
     _check(t.sample_every >= 0, "train.sample_every", f"must be >= 0, got {t.sample_every}")
     _check(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1, got {t.threads}")
+    _check(t.sample_tokens >= 1, "train.sample_tokens", f"must be >= 1, got {t.sample_tokens}")
+    _check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
+    _check(t.guard_window >= 2 and t.guard_warmup >= 1, "train.guard_window/guard_warmup",
+           f"need window >= 2 and warmup >= 1, got {t.guard_window}, {t.guard_warmup}")
+    _check(t.guard_warmup <= t.guard_window, "train.guard_warmup",
+           f"{t.guard_warmup} exceeds train.guard_window {t.guard_window}")
+    _check(t.guard_sigma > 0, "train.guard_sigma", f"must be > 0, got {t.guard_sigma}")
+    _check(t.guard_max_skips >= 0 and t.guard_max_rollbacks >= 0, "train.guard_max_skips/guard_max_rollbacks",
+           "must be >= 0")
+    _check(0 < t.guard_lr_factor <= 1, "train.guard_lr_factor", f"must be in (0, 1], got {t.guard_lr_factor}")
+    from .train.objectives import OBJECTIVES
+
+    _check(t.objective in OBJECTIVES, "train.objective",
+           f"unknown objective {t.objective!r}; allowed: {', '.join(OBJECTIVES)}")
     budgets = [k for k in ("max_steps", "max_tokens", "token_ratio") if getattr(t, k) is not None]
     _check(len(budgets) <= 1, "train", f"set only one budget of max_steps, max_tokens, token_ratio "
                                        f"(got {', '.join(budgets)})")
@@ -287,6 +351,8 @@ def _validate_model(cfg: Config) -> None:
 
     kind = registry.describe_kind(cfg.model.name)
     if kind == "named":
+        family = registry.named_sizes()[cfg.model.name]
+        cfg.model.overrides = _typed_overrides(family.config_cls, cfg.model.overrides)
         cfg_obj = registry.build_config(cfg.model.name, overrides=cfg.model.overrides)
         seq_limit = getattr(cfg_obj, "max_seq_len", None) or getattr(cfg_obj, "max_position_embeddings", None)
         if seq_limit is not None:
@@ -297,11 +363,49 @@ def _validate_model(cfg: Config) -> None:
         if act is not None:
             _check(act in ("swelu", "silu"), "model.activation", f"invalid value {act!r}; allowed: swelu, silu")
         backend = getattr(cfg_obj, "scan_backend", None)
-        if backend is not None:
+        if backend is not None:  # resolved for the run's device, as the trainer will (lmlab.models.scan)
             from .models import scan
+            from .train.runtime import pick_device
 
-            _check(backend == "auto" or backend in scan.BACKENDS, "model.scan_backend",
-                   f"invalid value {backend!r}; allowed: auto, {', '.join(scan.BACKENDS)}")
+            scan.resolve_backend(backend, pick_device(cfg.train.device))
+        _build_on_meta(cfg_obj, cfg.model.name)
     elif cfg.model.overrides:
         key = next(iter(cfg.model.overrides))
         raise ConfigError(f"model.{key}: overrides apply only to lmlab's named sizes, not to {cfg.model.name!r}")
+
+
+def _typed_overrides(config_cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Each `model.*` override converted to the type its family's config declares, with range checks."""
+    import inspect
+
+    params = inspect.signature(config_cls.__init__).parameters
+    out = {}
+    for key, value in overrides.items():
+        p = params.get(key)
+        if p is None:  # the family reports unknown keys with the allowed list
+            out[key] = value
+            continue
+        if p.annotation is not inspect.Parameter.empty:
+            value = _coerce(f"model.{key}", value, p.annotation)
+        if isinstance(value, float):
+            _check(math.isfinite(value), f"model.{key}", f"must be a finite number, got {value}")
+        if "dropout" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check(0 <= value < 1, f"model.{key}", f"must be in [0, 1), got {value}")
+        default = p.default
+        if isinstance(value, int) and not isinstance(value, bool) and isinstance(default, int) \
+                and not isinstance(default, bool) and default >= 1:
+            _check(value >= 1, f"model.{key}", f"must be >= 1, got {value}")
+        out[key] = value
+    return out
+
+
+def _build_on_meta(cfg_obj: Any, name: str) -> None:
+    """Build the model on the meta device (no memory, no compute): what its constructor refuses, we refuse now."""
+    from .models import registry
+
+    try:
+        registry.build_model(cfg_obj, device="meta")
+    except Exception as e:  # noqa: BLE001 - any constructor error is a bad model.* value
+        from .fsutil import first_line
+
+        raise ConfigError(f"model: {name} cannot be built with these model.* values ({first_line(e)})") from None

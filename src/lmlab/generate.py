@@ -2,7 +2,7 @@
 
 Models with a recurrent cache (`model.new_cache()`: MambaSWELU's conv + SSM state, INL's KV cache)
 pay the same per new token whatever the context length. Other Hugging Face models use their
-`past_key_values`. `use_cache=False` recomputes the whole context at every token (the slow
+own key/value cache. `use_cache=False` recomputes the whole context at every token (the slow
 reference the tests compare against).
 """
 
@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .models.hf import forward_cached, new_cache
 
 
 @dataclass
@@ -51,20 +53,12 @@ class _Stepper:
 
     def __init__(self, model, use_cache: bool):
         self.model = model
-        self.mode = "none"
-        if use_cache and hasattr(model, "new_cache"):
-            self.mode, self.cache = "lmlab", model.new_cache()
-        elif use_cache:
-            self.mode, self.past = "hf", None
+        self.cache = new_cache(model) if use_cache else None
         self.context: torch.Tensor | None = None
 
     def __call__(self, new_ids: torch.Tensor) -> torch.Tensor:
-        if self.mode == "lmlab":
-            return self.model(new_ids, cache=self.cache).logits[:, -1]
-        if self.mode == "hf":
-            out = self.model(input_ids=new_ids, past_key_values=self.past, use_cache=True)
-            self.past = out.past_key_values
-            return out.logits[:, -1]
+        if self.cache is not None:
+            return forward_cached(self.model, new_ids, self.cache)[:, -1]
         self.context = new_ids if self.context is None else torch.cat([self.context, new_ids], dim=1)
         return self.model(self.context).logits[:, -1]
 

@@ -16,7 +16,7 @@ EPILOG = """examples:
 def add_arguments(p) -> None:
     import argparse
 
-    from ..plan.estimate import METHODS, PRECISIONS, SCANS
+    from ..plan.estimate import METHODS, PRECISIONS
     from ..plan.hardware import HARDWARE
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -39,7 +39,8 @@ def add_arguments(p) -> None:
     g.add_argument("--lora-targets", help="comma-separated Linear names, or all-linear (default: attention/mixer "
                                           "projections)")
     g.add_argument("--checkpointing", action="store_true", help="activation checkpointing, one per layer")
-    g.add_argument("--scan", default="auto", choices=SCANS, help="Mamba scan for the activation model")
+    g.add_argument("--scan", default="auto",
+                   help="Mamba scan for the activation model: auto, ref, chunked, cpu, triton, mamba_ssm")
     h = p.add_argument_group("hardware and money")
     h.add_argument("--hardware", default="h100",
                    help=f"{', '.join(HARDWARE)}, cpu, or all for a table over every GPU (default h100)")

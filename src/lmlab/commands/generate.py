@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 HELP = "generate text from a run, an exported model folder, or a hub model"
 
@@ -22,47 +21,6 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
 
 
-def load_for_inference(spec: str, device: str = "auto"):
-    """(model, tokenizer) from a run folder, a model folder or a hub id."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..data.tokenizer import load_tokenizer
-    from ..errors import LmlabError
-    from ..train.runtime import pick_device
-
-    dev = pick_device(device)
-    path = Path(spec)
-    if (path / "run.json").is_file() or (path / "config.yaml").is_file():  # a run folder
-        if (path / "final" / "config.json").is_file():
-            path = path / "final"
-        else:
-            from ..config import load_config
-            from ..train import checkpoint as ckpt
-            from ..train.setup import build_model
-
-            latest = ckpt.latest_checkpoint(path / "checkpoints")
-            if latest is None:
-                raise LmlabError(f"{spec}: run has neither final/ nor a complete checkpoint yet")
-            cfg = load_config(path / "config.yaml")
-            tok = load_tokenizer(str(path / "tokenizer"))
-            model = build_model(cfg, tok)
-            ckpt.load_checkpoint(latest, model)
-            return model.to(dev).eval(), tok
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise LmlabError(f"{spec}: no config.json (not a model folder or run folder)")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # the generated text is the output
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        return model.to(dev).eval(), load_tokenizer(str(path))
-    from ..models.hf import load_model
-
-    model = load_model(spec)
-    return model.to(dev).eval(), load_tokenizer(spec)
-
-
 def run(args) -> int:
     import torch
 
@@ -76,6 +34,8 @@ def run(args) -> int:
     prompt = args.prompt
     if not prompt and not sys.stdin.isatty():
         prompt = sys.stdin.read()
+    from ..inference import load_for_inference
+
     model, tok = load_for_inference(args.model, args.device)
     ids = tok.encode(prompt) if prompt else [tok.eos_token_id]
     dev = next(model.parameters()).device

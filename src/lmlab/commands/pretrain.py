@@ -17,6 +17,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..config import load_config
+    from ..plan.estimate import memory_line
     from ..train.loop import train
 
     overrides = list(args.overrides) + budget_overrides(args)
@@ -24,5 +25,5 @@ def run(args) -> int:
         if getattr(args, flag):
             overrides.append(f"{key}={getattr(args, flag)}")
     cfg = load_config(args.config, overrides)
-    train(cfg)
+    train(cfg, preflight=memory_line)
     return 0

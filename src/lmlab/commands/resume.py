@@ -18,9 +18,15 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..config import load_config, save_config
     from ..errors import ConfigError, LmlabError
+    from ..plan.estimate import memory_line
     from ..train.loop import train
 
     run_dir = Path(args.run)
+    if (run_dir / "stages.yaml").is_file():  # a multi-stage run: each stage is a run of its own
+        from ..train.stages import resume_stages
+
+        resume_stages(run_dir)
+        return 0
     if not (run_dir / "config.yaml").is_file():
         raise LmlabError(f"{run_dir}: not an lmlab run folder (no config.yaml)")
     for o in args.overrides:
@@ -29,5 +35,5 @@ def run(args) -> int:
     cfg = load_config(run_dir / "config.yaml", args.overrides)
     if args.overrides:
         save_config(cfg, run_dir / "config.yaml")
-    train(cfg, run_dir)
+    train(cfg, run_dir, preflight=memory_line)
     return 0

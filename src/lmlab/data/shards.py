@@ -30,8 +30,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from ..errors import ConfigError, DataError
+from ..fsutil import atomic_dir
 from . import cache_dir
-from ._util import atomic_dir
 from .sources import Source, describe_source, iter_documents, source_fingerprint
 from .tokenizer import clean_backend, tokenizer_fingerprint
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import DataError
-from ._util import first_line
+from ..fsutil import first_line
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
@@ -249,7 +249,7 @@ def parse_hf(part: str) -> tuple[str, str | None, str]:
 
 
 def _iter_hf(part: str, text_field: str) -> Iterator[str]:
-    from .hub import hub_unreachable
+    from ..hub import unreachable as hub_unreachable
 
     name, config, split = parse_hf(part)
     try:

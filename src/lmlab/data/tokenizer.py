@@ -17,9 +17,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..errors import ConfigError, DataError
+from ..fsutil import atomic_dir, first_line
+from ..hub import unreachable as hub_unreachable
 from . import cache_dir
-from ._util import atomic_dir, first_line
-from .hub import hub_unreachable
 from .sources import Source, iter_documents
 
 EOS = "<|endoftext|>"

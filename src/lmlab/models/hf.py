@@ -5,33 +5,29 @@
 
 Offline first: a hub id that is not in the local cache fails at once with a ConfigError when
 HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set, or when the hub's model API does not answer over
-verified HTTPS within `HUB_PROBE_TIMEOUT_S` seconds — instead of transformers' own retries (about
+verified HTTPS within `lmlab.hub.PROBE_TIMEOUT_S` seconds — instead of transformers' own retries (about
 25 s with no network). An id the hub does not know fails just as fast.
 Code shipped inside a model folder (`auto_map` in config.json) runs only with trust_remote_code=True.
 
 Decoding: `new_cache(model)` and `forward_cached(model, ids, cache)` hide the difference between lmlab's
 models (`model.new_cache()`, `model(ids, cache=...)`) and transformers' own (`DynamicCache`,
-`past_key_values=...`): prefill with the prompt, then feed one token at a time.
+the cache keyword of the installed transformers): prefill with the prompt, then feed one token at a time.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from .. import hub
+from .._compat import HF_CACHE_KWARG
 from ..errors import ConfigError
-
-HUB_PROBE_TIMEOUT_S = 3.0
-_TRUTHY = {"1", "on", "yes", "true"}
+from ..fsutil import first_line
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -56,9 +52,10 @@ def load_config(name_or_path: str, *, trust_remote_code: bool = False) -> Pretra
 def is_lmlab_model(model: torch.nn.Module) -> bool:
     """True for lmlab's own architectures (MambaSWELU, INL-LLM), whose decoding uses `model.new_cache()`.
 
-    The llama baselines are plain transformers models and answer False.
+    The llama baselines are plain transformers models and answer False. Read from the capability the
+    model class declares, so a model wrapped by PEFT or loaded through `auto_map` answers the same.
     """
-    return type(model).__module__.startswith("lmlab.") and hasattr(model, "new_cache")
+    return bool(getattr(model, "supports_recurrent_cache", False))
 
 
 def _load(loader, name: str, trust_remote_code: bool, kwargs: dict):
@@ -66,13 +63,13 @@ def _load(loader, name: str, trust_remote_code: bool, kwargs: dict):
     if os.path.isdir(name):
         _check_remote_code(Path(name), trust_remote_code)
         return _call(loader, name, trust_remote_code, kwargs, local_files_only=True)
-    if not _HUB_ID.match(name):
+    if not hub.is_hub_id(name):
         raise ConfigError(f"model.name: folder {name!r} does not exist")
     try:  # a hub id: the local Hugging Face cache first, without touching the network
         return _call(loader, name, trust_remote_code, kwargs, local_files_only=True)
     except _NotCached:
         pass
-    status = None if hub_offline() else hub_status(name)
+    status = None if hub.offline() else hub.status(name)
     if status is None or status >= 500:
         raise ConfigError(f"model.name: {name!r} not found locally and the Hugging Face hub is unreachable "
                           f"(offline?); pass a local folder")
@@ -92,11 +89,11 @@ def _call(loader, name: str, trust_remote_code: bool, kwargs: dict, local_files_
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ConfigError(_remote_code_message(name)) from None
-        raise ConfigError(f"model.name: {name!r}: {_first_line(e)}") from None
+        raise ConfigError(f"model.name: {name!r}: {first_line(e)}") from None
     except OSError as e:
         if local_files_only and not os.path.isdir(name):
             raise _NotCached() from e
-        raise ConfigError(f"model.name: {name!r}: {_first_line(e)}") from None
+        raise ConfigError(f"model.name: {name!r}: {first_line(e)}") from None
 
 
 def _check_remote_code(folder: Path, trust_remote_code: bool) -> None:
@@ -118,14 +115,6 @@ def _remote_code_message(name: str) -> str:
             f"unless asked; pass model.trust_remote_code=true if you trust it")
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2" or "org/name"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _dtype(dtype: str | torch.dtype) -> str | torch.dtype:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
@@ -134,43 +123,6 @@ def _dtype(dtype: str | torch.dtype) -> str | torch.dtype:
     if dtype not in names:
         raise ConfigError(f"model.dtype: unknown dtype {dtype!r}; allowed: auto, {', '.join(names)}")
     return names[dtype]
-
-
-# ------------------------------------------------------------------------------------------- the hub
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set (read now, not at import)."""
-    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(flag in _TRUTHY for flag in flags)
-
-
-def hub_status(repo_id: str, endpoint: str | None = None, timeout: float = HUB_PROBE_TIMEOUT_S) -> int | None:
-    """HTTP status of the hub's model API for `repo_id` (200, 401, 404, ...), or None when nothing
-    answers over verified HTTPS within `timeout` seconds in all (DNS included: the probe runs in a thread)."""
-    base = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    headers = {}
-    try:
-        from huggingface_hub import get_token
-
-        if token := get_token():
-            headers["authorization"] = f"Bearer {token}"
-    except Exception:  # no token, or an unreadable token file: ask anonymously
-        pass
-    request = urllib.request.Request(f"{base}/api/models/{repo_id}", method="HEAD", headers=headers)
-    result: list[int] = []
-
-    def probe() -> None:
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                result.append(response.status)
-        except urllib.error.HTTPError as e:
-            result.append(e.code)
-        except (OSError, ValueError):
-            pass
-
-    worker = threading.Thread(target=probe, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    return result[0] if result else None
 
 
 # ------------------------------------------------------------------------------------------- decoding
@@ -188,4 +140,4 @@ def forward_cached(model: PreTrainedModel, input_ids: torch.LongTensor, cache) -
     """Logits (b, l, V) for `input_ids` (b, l) continuing from `cache`, which advances by l tokens."""
     if is_lmlab_model(model):
         return model(input_ids, cache=cache).logits
-    return model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+    return model(input_ids=input_ids, use_cache=True, **{HF_CACHE_KWARG: cache}).logits

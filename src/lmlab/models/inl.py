@@ -39,11 +39,34 @@ Choices (see docs/models.md):
     batch and cached decoding matches the full forward. Training always runs T iterations.
   * `seq_idx` (b, l) is a document mask: attention (or the running mean) never crosses a document
     boundary and positions restart at each document.
+
+Options that reproduce the original INL code (docs/models.md has the fidelity table; defaults are lmlab's):
+    context_mean           causal | sequence (V0 without a mask: the mean over the whole row, future included)
+    attention_residual     False | True (V1: h ← h + drop(attn(norm_attn h)); the integrator starts at norm₁ h)
+    attention_bias         False | True (V1: biases on q, k, v, o)
+    positions              rope | sinusoidal (attention variant; the projection variant is always sinusoidal)
+    block_output           displacement (h + x_T − x₀) | state (h + x_T, both originals)
+    controller_activation  gelu | relu (both originals)
+    controller_shared      False: 4 groups of k units, one per head (V0's four MLPs) | True: k units shared by
+                           the four heads (V1)
+    alpha_form             rms: α·exp(−κ·rms(x − μ)), κ learnable | l2: α·exp(−κ₀‖x − μ‖), κ₀ = kappa_init
+                           fixed (V1) | batch: α·(1 − exp(−κ₀‖x − x̄‖)), x̄ the mean over every token of the
+                           batch (V0)
+    excitation_learnable   True | False (amplitude fixed at excitation_init, both originals)
+    excitation_clock       iteration (t) | constant (t = 0 at every iteration, V1) | counter (a saved counter
+                           that advances once per iteration in training and stands still in eval, V0)
+    mu_drift               0 | r: in training μ ← (1 − r)^T μ + (1 − (1 − r)^T)·mean(c) after each forward (V0)
+    ff_inner_dropout       False | True (dropout between the FF's two layers, both originals)
+    init_scheme            lmlab | pytorch (PyTorch's default Linear init, as both originals)
+    decay_all_parameters   False: weight decay on matrices only | True: every parameter (read by the optimizer)
+`context_mean: sequence` and `alpha_form: batch` let a token see the future (and the rest of the batch):
+they exist to evaluate checkpoints trained that way, warn at the first forward, and refuse to train.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -52,11 +75,30 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutput
+
+from .common import (
+    CachedGenerationMixin,
+    LMOutput,
+    inv_sigmoid,
+    inv_softplus,
+    lm_loss,
+    lm_output,
+    make_norm,
+    positions_within_documents,
+)
 
 _CONTEXTS = ("attention", "projection")
 _FFS = ("gelu", "swiglu")
 _NORMS = ("layernorm", "rmsnorm")
+_CHOICES = {
+    "context_mean": ("causal", "sequence"),
+    "positions": ("rope", "sinusoidal"),
+    "block_output": ("displacement", "state"),
+    "controller_activation": ("gelu", "relu"),
+    "alpha_form": ("rms", "l2", "batch"),
+    "excitation_clock": ("iteration", "constant", "counter"),
+    "init_scheme": ("lmlab", "pytorch"),
+}
 
 
 class INLConfig(PretrainedConfig):
@@ -88,6 +130,20 @@ class INLConfig(PretrainedConfig):
         norm_eps: float = 1e-5,
         dropout: float = 0.0,
         initializer_range: float = 0.02,
+        context_mean: str = "causal",
+        attention_residual: bool = False,
+        attention_bias: bool = False,
+        positions: str = "rope",
+        block_output: str = "displacement",
+        controller_activation: str = "gelu",
+        controller_shared: bool = False,
+        alpha_form: str = "rms",
+        excitation_learnable: bool = True,
+        excitation_clock: str = "iteration",
+        mu_drift: float = 0.0,
+        ff_inner_dropout: bool = False,
+        init_scheme: str = "lmlab",
+        decay_all_parameters: bool = False,
         tie_word_embeddings: bool = True,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
@@ -111,6 +167,14 @@ class INLConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be in (0, 1), got {value}")
         if beta_init <= 0 or kappa_init <= 0:
             raise ValueError("beta_init and kappa_init must be > 0")
+        chosen = dict(context_mean=context_mean, positions=positions, block_output=block_output,
+                      controller_activation=controller_activation, alpha_form=alpha_form,
+                      excitation_clock=excitation_clock, init_scheme=init_scheme)
+        for key, value in chosen.items():
+            if value not in _CHOICES[key]:
+                raise ValueError(f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+        if not 0.0 <= mu_drift < 1.0:
+            raise ValueError(f"mu_drift must be in [0, 1), got {mu_drift}")
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.n_layers = n_layers
@@ -135,8 +199,32 @@ class INLConfig(PretrainedConfig):
         self.norm_eps = norm_eps
         self.dropout = dropout
         self.initializer_range = initializer_range
+        self.context_mean = context_mean
+        self.attention_residual = attention_residual
+        self.attention_bias = attention_bias
+        self.positions = positions
+        self.block_output = block_output
+        self.controller_activation = controller_activation
+        self.controller_shared = controller_shared
+        self.alpha_form = alpha_form
+        self.excitation_learnable = excitation_learnable
+        self.excitation_clock = excitation_clock
+        self.mu_drift = mu_drift
+        self.ff_inner_dropout = ff_inner_dropout
+        self.init_scheme = init_scheme
+        self.decay_all_parameters = decay_all_parameters
         super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+
+    @property
+    def leaky(self) -> str:
+        """The options set that let a token see the future or the batch ('' when none)."""
+        found = []
+        if self.context == "projection" and self.context_mean == "sequence":
+            found.append("context_mean=sequence")
+        if self.dynamic_alpha and self.alpha_form == "batch":
+            found.append("alpha_form=batch")
+        return ", ".join(found)
 
     @property
     def hidden_size(self) -> int:  # the names other tools look for
@@ -158,21 +246,19 @@ class INLCache:
     keys: list[torch.Tensor] = field(default_factory=list)  # (b, n_heads, s, d_head)
     values: list[torch.Tensor] = field(default_factory=list)  # (b, n_heads, s, d_head)
     ctx_sum: list[torch.Tensor] = field(default_factory=list)  # (b, d), fp32
+    ids: torch.Tensor | None = None  # (b, seen): the tokens so far, kept only by models with leaky options
     seen: int = 0  # tokens consumed so far
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep the rows `beam_idx` (transformers' `generate` calls this)."""
+        pick = lambda ts: [t.index_select(0, beam_idx.to(t.device)) for t in ts]  # noqa: E731
+        self.keys, self.values, self.ctx_sum = pick(self.keys), pick(self.values), pick(self.ctx_sum)
+        if self.ids is not None:
+            self.ids = pick([self.ids])[0]
 
 
 def _norm(cfg: INLConfig) -> nn.Module:
-    if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-    return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-
-
-def _inv_sigmoid(y: float) -> float:
-    return math.log(y / (1 - y))
-
-
-def _inv_softplus(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
+    return make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -181,16 +267,6 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- positions
-def _positions_within_documents(seq_idx: torch.Tensor) -> torch.Tensor:
-    """(b, l) document ids → (b, l) position of each token inside its document."""
-    b, l = seq_idx.shape
-    idx = torch.arange(l, device=seq_idx.device).expand(b, l)
-    start = torch.ones_like(seq_idx, dtype=torch.bool)
-    start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return idx - first
-
-
 def _angles(pos: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
     """(b, l) positions → (b, l, dim/2) angles pos · θ^(−2i/dim), fp32."""
     inv_freq = theta ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
@@ -204,8 +280,11 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 def _sinusoidal(pos: torch.Tensor, d: int) -> torch.Tensor:
-    """(b, l) positions → (b, l, d) fixed sin/cos position encoding (interleaved, as in the original)."""
-    ang = _angles(pos, d, 10000.0)  # (b, l, d/2)
+    """(b, l) positions → (b, l, d) fixed sin/cos position encoding (interleaved, as in the original).
+
+    Frequencies exp(−2i·ln(10⁴)/d) in fp32, the original's formula to the last bit."""
+    inv_freq = torch.exp(torch.arange(0, d, 2, device=pos.device).float() * (-math.log(10000.0) / d))
+    ang = pos.float()[..., None] * inv_freq  # (b, l, d/2)
     return torch.stack([ang.sin(), ang.cos()], dim=-1).flatten(-2)[..., :d]
 
 
@@ -219,18 +298,20 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.d_head = cfg.n_heads, d // cfg.n_heads
         self.layer_idx = layer_idx
         self.attn_dropout = cfg.dropout
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(d, d, bias=bias)
+        self.k_proj = nn.Linear(d, d, bias=bias)
+        self.v_proj = nn.Linear(d, d, bias=bias)
+        self.o_proj = nn.Linear(d, d, bias=bias)
 
     def forward(self, u, rope, cache: INLCache | None = None, doc_mask=None):
         b, l, d = u.shape
-        cos, sin = rope
         q = self.q_proj(u).view(b, l, self.n_heads, self.d_head).transpose(1, 2)  # (b, nh, l, hd)
         k = self.k_proj(u).view(b, l, self.n_heads, self.d_head).transpose(1, 2)
         v = self.v_proj(u).view(b, l, self.n_heads, self.d_head).transpose(1, 2)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if rope is not None:  # None: positions are in the embeddings
+            cos, sin = rope
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         if cache is not None:
             if len(cache.keys) > self.layer_idx:
                 k = torch.cat([cache.keys[self.layer_idx], k], dim=2)  # (b, nh, past + l, hd)
@@ -253,20 +334,25 @@ class CausalSelfAttention(nn.Module):
 
 
 class CausalMeanProjection(nn.Module):
-    """The original INL context: c_i = mean_{j ≤ i} proj(u_j), a causal running mean."""
+    """The original INL context: c_i = mean_{j ≤ i} proj(u_j), a causal running mean.
+
+    With `context_mean: sequence`, c_i = mean over the whole row (V0 called without a mask; leaky)."""
 
     def __init__(self, cfg: INLConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.whole_row = cfg.context_mean == "sequence"
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, u, rope=None, cache: INLCache | None = None, doc_mask=None, seq_idx=None):
         b, l, _ = u.shape
+        if self.whole_row:
+            return self.proj(u).mean(dim=1, keepdim=True).expand(b, l, -1)  # (b, l, d)
         p = self.proj(u).float()  # (b, l, d)
         csum = p.cumsum(dim=1)  # (b, l, d)
         count = torch.arange(1, l + 1, device=u.device, dtype=torch.float32)[None, :, None]  # (1, l, 1)
         if seq_idx is not None:  # restart the sum at each document
-            pos = _positions_within_documents(seq_idx)  # (b, l)
+            pos = positions_within_documents(seq_idx)  # (b, l)
             before = torch.arange(l, device=u.device)[None, :] - pos - 1  # index before the document start
             prev = torch.gather(csum, 1, before.clamp_min(0)[..., None].expand_as(csum))
             csum = csum - torch.where(before[..., None] >= 0, prev, torch.zeros_like(prev))
@@ -289,7 +375,8 @@ class IntegratorNeuronLayer(nn.Module):
         super().__init__()
         d, k = cfg.d_model, cfg.controller_hidden
         self.cfg = cfg  # read at call time, so adaptive_stop / stop_tol can be switched on a live model
-        self.controller = nn.Linear(3 * d, 4 * k)  # columns: [c | x | v]; rows: α, β, g, v_cand units
+        # columns: [c | x | v]; rows: the α, β, g, v_cand units (shared by the four heads: controller_shared)
+        self.controller = nn.Linear(3 * d, k if cfg.controller_shared else 4 * k)
         self.to_alpha = nn.Linear(k, d)
         self.to_beta = nn.Linear(k, d)
         self.to_gate = nn.Linear(k, d)
@@ -297,47 +384,69 @@ class IntegratorNeuronLayer(nn.Module):
         self.mu = nn.Parameter(torch.zeros(d))  # learnable equilibrium
         self.gamma = nn.Parameter(torch.ones(d))  # excitation frequency
         self.phi = nn.Parameter(torch.zeros(d))  # excitation phase
-        self.amplitude = nn.Parameter(torch.full((d,), cfg.excitation_init))  # excitation amplitude
-        if cfg.dynamic_alpha:
-            self.kappa_raw = nn.Parameter(torch.tensor(_inv_softplus(cfg.kappa_init)))
+        amplitude = torch.full((d,), cfg.excitation_init)  # excitation amplitude
+        if cfg.excitation_learnable:
+            self.amplitude = nn.Parameter(amplitude)
+        else:
+            self.register_buffer("amplitude", amplitude)
+        if cfg.excitation_clock == "counter":  # t of the excitation: advances once per training iteration
+            self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        if cfg.dynamic_alpha and cfg.alpha_form == "rms":
+            self.kappa_raw = nn.Parameter(torch.tensor(inv_softplus(cfg.kappa_init)))
         self.last_iterations = 0  # iterations the last forward ran (adaptive stop may cut it short)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         cfg = self.cfg
-        heads = ((self.to_alpha, _inv_sigmoid(cfg.alpha_init)), (self.to_beta, _inv_softplus(cfg.beta_init)),
-                 (self.to_gate, _inv_sigmoid(cfg.gate_init)), (self.to_vcand, 0.0))
+        heads = ((self.to_alpha, inv_sigmoid(cfg.alpha_init)), (self.to_beta, inv_softplus(cfg.beta_init)),
+                 (self.to_gate, inv_sigmoid(cfg.gate_init)), (self.to_vcand, 0.0))
         for head, bias in heads:
             hf_init.zeros_(head.weight)
             hf_init.constant_(head.bias, bias)
         hf_init.zeros_(self.mu)
         hf_init.normal_(self.gamma, mean=1.0, std=0.1)
-        hf_init.uniform_(self.phi, 0.0, 2 * math.pi)
+        if cfg.init_scheme == "pytorch":
+            hf_init.normal_(self.phi, mean=0.0, std=2 * math.pi)
+        else:
+            hf_init.uniform_(self.phi, 0.0, 2 * math.pi)
         hf_init.constant_(self.amplitude, cfg.excitation_init)
-        if cfg.dynamic_alpha:
-            hf_init.constant_(self.kappa_raw, _inv_softplus(cfg.kappa_init))
+        if hasattr(self, "kappa_raw"):
+            hf_init.constant_(self.kappa_raw, inv_softplus(cfg.kappa_init))
+
+    def _alpha_damping(self, x: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+        """The dynamic-α factor, (b, l, 1)."""
+        cfg = self.cfg
+        if cfg.alpha_form == "rms":
+            return torch.exp(-F.softplus(self.kappa_raw) * _rms(err))
+        if cfg.alpha_form == "l2":
+            return torch.exp(-cfg.kappa_init * torch.linalg.vector_norm(err, dim=-1, keepdim=True))
+        dev = x - x.mean(dim=(0, 1))  # "batch": distance to the mean over every token of the batch
+        return 1.0 - torch.exp(-cfg.kappa_init * torch.linalg.vector_norm(dev, dim=-1, keepdim=True))
 
     def forward(self, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """c, x (b, l, d) → x_T (b, l, d)."""
-        cfg, d = self.cfg, x.shape[-1]
-        w = self.controller.weight  # (4k, 3d)
-        pre_c = F.linear(c, w[:, :d], self.controller.bias)  # (b, l, 4k), the same at every iteration
-        w_x, w_v = w[:, d:2 * d], w[:, 2 * d:]
-        kappa = F.softplus(self.kappa_raw) if cfg.dynamic_alpha else None
+        cfg = self.cfg
+        act = F.relu if cfg.controller_activation == "relu" else F.gelu
         adaptive = cfg.adaptive_stop and not self.training
+        counter = cfg.excitation_clock == "counter"
         active = None  # (b, l, 1) tokens still moving, adaptive stop only
         v = torch.zeros_like(x)
         for t in range(cfg.n_iterations):
-            pre = pre_c + F.linear(x, w_x) + (F.linear(v, w_v) if t > 0 else 0.0)
-            z_a, z_b, z_g, z_v = F.gelu(pre).chunk(4, dim=-1)  # (b, l, k) each
+            z = act(self.controller(torch.cat([c, x, v], dim=-1)))  # (b, l, 4k), or (b, l, k) when shared
+            z_a, z_b, z_g, z_v = (z,) * 4 if cfg.controller_shared else z.chunk(4, dim=-1)  # (b, l, k) each
             err = x - self.mu  # (b, l, d)
             alpha = torch.sigmoid(self.to_alpha(z_a))
-            if kappa is not None:
-                alpha = alpha * torch.exp(-kappa * _rms(err))
+            if cfg.dynamic_alpha:
+                alpha = alpha * self._alpha_damping(x, err)
             beta = F.softplus(self.to_beta(z_b))
             gate = torch.sigmoid(self.to_gate(z_g))
             v_cand = self.to_vcand(z_v)
-            excitation = self.amplitude * torch.sin(self.gamma * t + self.phi)  # (d,)
+            clock = t if cfg.excitation_clock == "iteration" else 0
+            if counter:
+                clock = self.step_count.to(self.gamma.dtype)
+                if self.training:
+                    self.step_count += 1
+            excitation = self.amplitude * torch.sin(self.gamma * clock + self.phi)  # (d,)
             v_new = alpha * v + (1 - alpha) * v_cand - beta * err + excitation
             x_new = x + cfg.dt * gate * v_new
             if adaptive:
@@ -350,6 +459,10 @@ class IntegratorNeuronLayer(nn.Module):
             if adaptive and not bool(active.any()):
                 break
         self.last_iterations = t + 1
+        if cfg.mu_drift > 0 and self.training:  # after the forward, so no output depends on the batch
+            with torch.no_grad():
+                keep = (1 - cfg.mu_drift) ** cfg.n_iterations
+                self.mu.mul_(keep).add_((1 - keep) * c.detach().mean(dim=(0, 1)).to(self.mu.dtype))
         return x
 
 
@@ -359,9 +472,10 @@ class GELUMLP(nn.Module):
         super().__init__()
         self.fc_in = nn.Linear(cfg.d_model, cfg.ff_dim)
         self.fc_out = nn.Linear(cfg.ff_dim, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.ff_inner_dropout else nn.Identity()
 
     def forward(self, x):
-        return self.fc_out(F.gelu(self.fc_in(x)))
+        return self.fc_out(self.drop(F.gelu(self.fc_in(x))))
 
 
 class SwiGLUMLP(nn.Module):
@@ -371,16 +485,25 @@ class SwiGLUMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
 
+        self.drop = nn.Dropout(cfg.dropout) if cfg.ff_inner_dropout else nn.Identity()
+
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.drop(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class INLBlock(GradientCheckpointingLayer):
-    """h ← h + drop(INL(context(norm₁ h), norm₁ h) − norm₁ h);  h ← h + drop(FF(norm₂ h))"""
+    """h ← h + drop(INL(context(norm₁ h), norm₁ h) − norm₁ h);  h ← h + drop(FF(norm₂ h))
+
+    With attention_residual (V1): a = attn(norm_attn h); h ← h + drop(a); the integrator then runs on
+    context a from norm₁ h. With block_output=state the block adds x_T instead of x_T − x₀."""
 
     def __init__(self, cfg: INLConfig, layer_idx: int):
         super().__init__()
         self.context_kind = cfg.context
+        self.displacement = cfg.block_output == "displacement"
+        self.attention_residual = cfg.attention_residual and cfg.context == "attention"
+        if self.attention_residual:
+            self.norm_attn = _norm(cfg)
         self.norm1 = _norm(cfg)
         context_cls = CausalSelfAttention if cfg.context == "attention" else CausalMeanProjection
         self.context = context_cls(cfg, layer_idx)
@@ -390,12 +513,18 @@ class INLBlock(GradientCheckpointingLayer):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, h, rope=None, cache=None, doc_mask=None, seq_idx=None):
-        u = self.norm1(h)  # (b, l, d)
-        if self.context_kind == "attention":
-            c = self.context(u, rope, cache=cache, doc_mask=doc_mask)
+        if self.attention_residual:
+            c = self.context(self.norm_attn(h), rope, cache=cache, doc_mask=doc_mask)  # (b, l, d)
+            h = h + self.drop(c)
+            u = self.norm1(h)
         else:
-            c = self.context(u, cache=cache, seq_idx=seq_idx)
-        h = h + self.drop(self.inl(c, u) - u)
+            u = self.norm1(h)  # (b, l, d)
+            if self.context_kind == "attention":
+                c = self.context(u, rope, cache=cache, doc_mask=doc_mask)
+            else:
+                c = self.context(u, cache=cache, seq_idx=seq_idx)
+        x_T = self.inl(c, u)
+        h = h + self.drop(x_T - u if self.displacement else x_T)
         return h + self.drop(self.mlp(self.norm2(h)))
 
 
@@ -410,7 +539,13 @@ class INLPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        pytorch = self.config.init_scheme == "pytorch"
+        if isinstance(module, nn.Linear) and pytorch:  # PyTorch's own default, as the original code
+            hf_init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.in_features)
+                hf_init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.Linear):
             hf_init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 hf_init.zeros_(module.bias)
@@ -422,7 +557,7 @@ class INLPreTrainedModel(PreTrainedModel):
                 hf_init.zeros_(module.bias)
         elif isinstance(module, IntegratorNeuronLayer):  # children first, so this overrides their init
             module.reset_parameters()
-        elif isinstance(module, INLBlock):  # GPT-2 style scaling of the projections into the residual
+        elif isinstance(module, INLBlock) and not pytorch:  # GPT-2 style scaling of the residual projections
             scaled = std / math.sqrt(2 * self.config.n_layers)
             out = module.mlp.fc_out if isinstance(module.mlp, GELUMLP) else module.mlp.down_proj
             hf_init.normal_(out.weight, mean=0.0, std=scaled)
@@ -430,7 +565,7 @@ class INLPreTrainedModel(PreTrainedModel):
                 hf_init.normal_(module.context.o_proj.weight, mean=0.0, std=scaled)
 
 
-class INLForCausalLM(INLPreTrainedModel, GenerationMixin):
+class INLForCausalLM(CachedGenerationMixin, INLPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "wte.weight"}
 
     def __init__(self, config: INLConfig):
@@ -462,15 +597,6 @@ class INLForCausalLM(INLPreTrainedModel, GenerationMixin):
         """Integrator iterations per layer in the last forward (< n_iterations only with adaptive stop)."""
         return [blk.inl.last_iterations for blk in self.blocks]
 
-    # `generate` from transformers: its Cache objects are not ours, so every step re-reads the whole prefix
-    # (correct, O(l²)); lmlab's own decoding uses new_cache() instead.
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False
-
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, **kwargs):
-        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=None, **kwargs)
-
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -478,43 +604,59 @@ class INLForCausalLM(INLPreTrainedModel, GenerationMixin):
         cache: INLCache | None = None,
         seq_idx: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cache_params: INLCache | None = None,  # the name before transformers 5.24
         **kwargs,
-    ) -> CausalLMOutput:
+    ) -> LMOutput:
         """input_ids (b, l). `labels` follow the Hugging Face convention (shifted inside, -100 ignored).
 
         With `cache`, the call continues from the cached state (first call: prefill) and advances it.
         `seq_idx` (b, l) marks packed documents: a document mask, and positions restart at each document.
         """
         cfg = self.config
+        cache = cache if cache is not None else cache_params
         b, l = input_ids.shape
         if seq_idx is not None and cache is not None:
             raise ValueError("seq_idx (packed documents) cannot be combined with a decoding cache")
+        if cfg.leaky:
+            if not getattr(self, "_leaky_warned", False):
+                self._leaky_warned = True
+                warnings.warn(f"INL: {cfg.leaky} lets each token see later tokens (and the rest of the batch); "
+                              "use it only to evaluate checkpoints trained that way (training refuses it)",
+                              stacklevel=2)
+            if self.training and torch.is_grad_enabled():
+                raise ValueError(f"INL: {cfg.leaky} sees later tokens and cannot be trained; set "
+                                 "context_mean=causal and alpha_form=rms (or l2) to fine-tune")
+            if seq_idx is not None:
+                raise ValueError(f"INL: {cfg.leaky} cannot keep packed documents apart")
+            if cache is not None:  # every output may depend on every token: re-read the whole prefix
+                ids = input_ids if cache.ids is None else torch.cat([cache.ids, input_ids], dim=1)
+                logits = self(ids).logits[:, -l:]
+                cache.ids, cache.seen = ids, cache.seen + l
+                loss = lm_loss(logits, labels) if labels is not None else None
+                return lm_output(loss, logits, cache)
         start = cache.seen if cache is not None else 0
         if position_ids is None:
             if seq_idx is not None:
-                position_ids = _positions_within_documents(seq_idx)
+                position_ids = positions_within_documents(seq_idx)
             else:
                 position_ids = torch.arange(start, start + l, device=input_ids.device)[None, :]
         position_ids = position_ids.expand(b, l)
         h = self.wte(input_ids)  # (b, l, d)
         rope, doc_mask = None, None
-        if cfg.context == "attention":
+        if cfg.context == "attention" and cfg.positions == "rope":
             d_head = cfg.d_model // cfg.n_heads
             ang = _angles(position_ids, d_head, cfg.rope_theta)[:, None]  # (b, 1, l, d_head/2)
             rope = (ang.cos(), ang.sin())
-            if seq_idx is not None:
-                same = seq_idx[:, :, None] == seq_idx[:, None, :]  # (b, l, l)
-                doc_mask = (same & torch.ones(l, l, dtype=torch.bool, device=h.device).tril())[:, None]
         else:
             h = h + _sinusoidal(position_ids, cfg.d_model).to(h.dtype)
+        if cfg.context == "attention" and seq_idx is not None:
+            same = seq_idx[:, :, None] == seq_idx[:, None, :]  # (b, l, l)
+            doc_mask = (same & torch.ones(l, l, dtype=torch.bool, device=h.device).tril())[:, None]
         h = self.drop(h)
         for blk in self.blocks:
             h = blk(h, rope, cache=cache, doc_mask=doc_mask, seq_idx=seq_idx)
         logits = self.lm_head(self.norm_f(h))  # (b, l, V)
         if cache is not None:
             cache.seen += l
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutput(loss=loss, logits=logits)
+        loss = lm_loss(logits, labels) if labels is not None else None
+        return lm_output(loss, logits, cache)

@@ -3,13 +3,15 @@
     x ──in_proj──► (x, z)                        (b, l, 2·d_inner)
     x ──causal depthwise conv1d──► SiLU ──► u     (b, d_inner, l)
     u ──x_proj──► (δ_r, B, C)                     δ_r: dt_rank, B, C: d_state
-    Δ = softplus(dt_proj(δ_r))                    dt_proj's bias added inside the scan
+    Δ = softplus(dt_proj(δ_r))                    softplus applied inside the scan
     y = selective_scan(u, Δ, A = −exp(A_log), B, C, D) · SiLU(z)
     out = out_proj(y)                             (b, l, d_model)
 
 Names (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj) and initialisation follow the
 reference implementation, so weights load with strict=True into and from `transformers`' MambaMixer.
 The scan itself lives in `scan.py` behind a backend interface; this file knows nothing of kernels.
+Every Linear is called as a module (never through its `.weight`), so LoRA adapters and 4-bit layers
+that replace them take part in the forward and receive gradients.
 """
 
 from __future__ import annotations
@@ -37,6 +39,39 @@ class MambaCache:
         """Beam search: keep the rows `beam_idx` (transformers' `generate` calls this)."""
         self.conv = [c.index_select(0, beam_idx.to(c.device)) for c in self.conv]
         self.ssm = [s.index_select(0, beam_idx.to(s.device)) for s in self.ssm]
+
+
+def causal_conv(conv1d: nn.Conv1d, x: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """Causal depthwise conv over (b, d_inner, l). With seq_idx, taps never cross a document start."""
+    l = x.shape[-1]
+    if seq_idx is None:
+        return conv1d(x)[..., :l]
+    d_conv = conv1d.kernel_size[0]
+    w = conv1d.weight[:, 0, :]  # (d_inner, d_conv); tap j looks back d_conv-1-j steps
+    out = x * w[:, -1, None]
+    for back in range(1, d_conv):
+        if back >= l:
+            break
+        shifted = F.pad(x, (back, 0))[..., :l]
+        same = F.pad(seq_idx, (back, 0), value=-1)[..., :l] == seq_idx  # (b, l)
+        out = out + shifted * same[:, None, :].to(x.dtype) * w[:, -1 - back, None]
+    if conv1d.bias is not None:
+        out = out + conv1d.bias[:, None]
+    return out
+
+
+def conv_state_after(x: torch.Tensor, d_conv: int) -> torch.Tensor:
+    """The last d_conv inputs of (b, d_inner, l), left-padded with zeros: the decoding conv state."""
+    l = x.shape[-1]
+    return (F.pad(x, (d_conv - l, 0)) if l < d_conv else x[..., -d_conv:]).detach().clone()
+
+
+def conv_step(conv1d: nn.Conv1d, conv_state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One decoding step of the causal conv: shifts x (b, d_inner) into the state, returns (b, d_inner)."""
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x
+    out = (conv_state * conv1d.weight[:, 0, :]).sum(-1)
+    return out + conv1d.bias if conv1d.bias is not None else out
 
 
 class MambaMixer(nn.Module):
@@ -91,21 +126,7 @@ class MambaMixer(nn.Module):
 
     # ---------------------------------------------------------------- full sequence
     def _conv(self, x: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
-        """Causal depthwise conv over (b, d_inner, l). With seq_idx, taps never cross a document start."""
-        l = x.shape[-1]
-        if seq_idx is None:
-            return self.conv1d(x)[..., :l]
-        w = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv); tap j looks back d_conv-1-j steps
-        out = x * w[:, -1, None]
-        for back in range(1, self.d_conv):
-            if back >= l:
-                break
-            shifted = F.pad(x, (back, 0))[..., :l]
-            same = F.pad(seq_idx, (back, 0), value=-1)[..., :l] == seq_idx  # (b, l)
-            out = out + shifted * same[:, None, :].to(x.dtype) * w[:, -1 - back, None]
-        if self.conv1d.bias is not None:
-            out = out + self.conv1d.bias[:, None]
-        return out
+        return causal_conv(self.conv1d, x, seq_idx)
 
     def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None,
                 seq_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,16 +137,15 @@ class MambaMixer(nn.Module):
         xz = self.in_proj(hidden).transpose(1, 2)  # (b, 2·d_inner, l)
         x, z = xz.chunk(2, dim=1)
         if cache is not None:
-            conv_state = F.pad(x, (self.d_conv - l, 0)) if l < self.d_conv else x[..., -self.d_conv:]
-            cache.conv.append(conv_state.detach().clone())
+            cache.conv.append(conv_state_after(x, self.d_conv))
         u = F.silu(self._conv(x, seq_idx))  # (b, d_inner, l)
         dBC = self.x_proj(u.transpose(1, 2))  # (b, l, dt_rank + 2n)
         dt, B, C = torch.split(dBC, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, d_inner, l), bias added in the scan
+        delta = self.dt_proj(dt).transpose(1, 2)  # (b, d_inner, l), Δ before softplus
         A = -torch.exp(self.A_log.float())
         out = scan_lib.selective_scan(
             u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=z,
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, seq_idx=seq_idx,
+            delta_bias=None, delta_softplus=True, seq_idx=seq_idx,
             return_last_state=cache is not None, backend=self.scan_backend,
         )
         if cache is not None:
@@ -143,16 +163,11 @@ class MambaMixer(nn.Module):
         """One token: hidden (b, d_model) → (b, 1, d_model); O(1) in the context length."""
         conv_state, ssm_state = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d_inner) each
-        conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-        conv_state[:, :, -1] = x
-        x = (conv_state * self.conv1d.weight[:, 0, :]).sum(-1)
-        if self.conv1d.bias is not None:
-            x = x + self.conv1d.bias
-        u = F.silu(x)
+        u = F.silu(conv_step(self.conv1d, conv_state, x))
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = dt @ self.dt_proj.weight.t()
+        delta = self.dt_proj(dt)  # (b, d_inner), Δ before softplus
         y = scan_lib.selective_state_update(
             ssm_state, u, delta, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
-            dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+            dt_bias=None, dt_softplus=True,
         )
         return self.out_proj(y.to(hidden.dtype))[:, None, :]

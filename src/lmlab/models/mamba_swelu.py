@@ -7,30 +7,35 @@
 
 Shapes: b batch, l sequence, d d_model, h dense_hidden. `activation: silu` swaps every SWELU for
 SiLU (ablation); `swelu_learnable: false` freezes k and λ at their initial values.
+
+Options that reproduce the first MambaSWELU code (docs/models.md has the fidelity table; the defaults
+are lmlab's):
+    mixer                 mamba (Mamba-1 selective scan) | simplified (the scan-less block, simplified_mamba.py)
+    swelu_k_param         softplus (k = softplus(k_raw) + 0.05) | abs (k = |k_raw| + 1e-6, the original formula)
+    swelu_lambda          True: learnable scale λ | False: no λ (the 124M run)
+    dense_dropout         False | True: dropout after every dense layer but the last
+    init_scheme           reference (Mamba's dt/A/D init, scaled out_proj) | normal (every Linear N(0, std),
+                          biases 0, as the original; A_log, D and the conv keep their reference init)
+    decay_all_parameters  False: weight decay on matrices only | True: on every parameter (read by the optimizer)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import CausalLMOutput
 
+from .common import CachedGenerationMixin, LMOutput, lm_loss, lm_output, make_norm, positions_within_documents
 from .mamba import MambaCache, MambaMixer
-from .swelu import SWELU, make_activation
+from .simplified_mamba import SimplifiedMambaMixer
+from .swelu import K_PARAMS, SWELU, make_activation
 
-
-@dataclass
-class MambaSWELUOutput(CausalLMOutput):
-    """CausalLMOutput plus the recurrent cache, under the name transformers' `generate` carries between steps."""
-
-    cache_params: MambaCache | None = None
+MIXERS = ("mamba", "simplified")
+INIT_SCHEMES = ("reference", "normal")
 
 
 class MambaSWELUConfig(PretrainedConfig):
@@ -57,12 +62,22 @@ class MambaSWELUConfig(PretrainedConfig):
         dropout: float = 0.0,
         initializer_range: float = 0.02,
         scan_backend: str = "auto",
+        mixer: str = "mamba",
+        swelu_k_param: str = "softplus",
+        swelu_lambda: bool = True,
+        dense_dropout: bool = False,
+        init_scheme: str = "reference",
+        decay_all_parameters: bool = False,
         tie_word_embeddings: bool = True,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
         **kwargs,
     ):
+        for key, value, allowed in (("mixer", mixer, MIXERS), ("swelu_k_param", swelu_k_param, K_PARAMS),
+                                    ("init_scheme", init_scheme, INIT_SCHEMES)):
+            if value not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.n_layers = n_layers
@@ -82,6 +97,12 @@ class MambaSWELUConfig(PretrainedConfig):
         self.dropout = dropout
         self.initializer_range = initializer_range
         self.scan_backend = scan_backend
+        self.mixer = mixer
+        self.swelu_k_param = swelu_k_param
+        self.swelu_lambda = swelu_lambda
+        self.dense_dropout = dense_dropout
+        self.init_scheme = init_scheme
+        self.decay_all_parameters = decay_all_parameters
         super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
@@ -95,15 +116,12 @@ class MambaSWELUConfig(PretrainedConfig):
 
 
 def _norm(cfg: MambaSWELUConfig, dim: int) -> nn.Module:
-    if cfg.norm == "layernorm":
-        return nn.LayerNorm(dim, eps=cfg.norm_eps)
-    if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=cfg.norm_eps)
-    raise ValueError(f"unknown norm {cfg.norm!r}; allowed: layernorm, rmsnorm")
+    return make_norm(cfg.norm, dim, cfg.norm_eps)
 
 
 def _act(cfg: MambaSWELUConfig) -> nn.Module:
-    return make_activation(cfg.activation, cfg.swelu_k_init, cfg.swelu_lam_init, cfg.swelu_learnable)
+    return make_activation(cfg.activation, cfg.swelu_k_init, cfg.swelu_lam_init, cfg.swelu_learnable,
+                           k_param=cfg.swelu_k_param, use_lambda=cfg.swelu_lambda)
 
 
 class MambaSWELUBlock(GradientCheckpointingLayer):
@@ -112,8 +130,12 @@ class MambaSWELUBlock(GradientCheckpointingLayer):
     def __init__(self, cfg: MambaSWELUConfig, layer_idx: int):
         super().__init__()
         self.norm = _norm(cfg, cfg.d_model)
-        self.mixer = MambaMixer(cfg.d_model, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank,
-                                scan_backend=cfg.scan_backend, layer_idx=layer_idx)
+        if cfg.mixer == "simplified":
+            self.mixer = SimplifiedMambaMixer(cfg.d_model, cfg.d_state, cfg.d_conv, cfg.expand, _act(cfg),
+                                              layer_idx=layer_idx)
+        else:
+            self.mixer = MambaMixer(cfg.d_model, cfg.d_state, cfg.d_conv, cfg.expand, cfg.dt_rank,
+                                    scan_backend=cfg.scan_backend, layer_idx=layer_idx)
         self.act = _act(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -122,15 +144,16 @@ class MambaSWELUBlock(GradientCheckpointingLayer):
 
 
 class DenseSWELU(nn.Module):
-    """Linear followed by the activation."""
+    """Linear followed by the activation (and dropout, with `dense_dropout`, on all but the last layer)."""
 
-    def __init__(self, cfg: MambaSWELUConfig, d_in: int, d_out: int):
+    def __init__(self, cfg: MambaSWELUConfig, d_in: int, d_out: int, last: bool = False):
         super().__init__()
         self.fc = nn.Linear(d_in, d_out)
         self.act = _act(cfg)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dense_dropout and not last else nn.Identity()
 
     def forward(self, x):
-        return self.act(self.fc(x))
+        return self.drop(self.act(self.fc(x)))
 
 
 class MambaSWELUPreTrainedModel(PreTrainedModel):
@@ -153,21 +176,27 @@ class MambaSWELUPreTrainedModel(PreTrainedModel):
             if getattr(module, "bias", None) is not None:
                 hf_init.zeros_(module.bias)
         elif isinstance(module, SWELU):
-            fresh = SWELU(self.config.swelu_k_init, self.config.swelu_lam_init, self.config.swelu_learnable)
-            hf_init.copy_(module.k_raw, fresh.k_raw)
-            hf_init.copy_(module.lam, fresh.lam)
-        if isinstance(module, MambaMixer):
+            k_raw, lam = module.initial_values(self.config.swelu_k_init, self.config.swelu_lam_init)
+            hf_init.copy_(module.k_raw, k_raw)
+            hf_init.copy_(module.lam, lam)
+        if isinstance(module, (MambaMixer, SimplifiedMambaMixer)):
             # conv keeps PyTorch's default (kaiming-uniform) init, as in the reference
             hf_init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
             if module.conv1d.bias is not None:
                 bound = 1 / math.sqrt(module.d_conv)
                 hf_init.uniform_(module.conv1d.bias, -bound, bound)
-            module.reset_ssm_parameters()
-            # GPT-2 style rescaling of the residual output projection
-            hf_init.normal_(module.out_proj.weight, mean=0.0, std=std / math.sqrt(self.config.n_layers))
+        if isinstance(module, MambaMixer):
+            if self.config.init_scheme == "normal":  # A_log, D as the reference; every Linear stays N(0, std)
+                module.reset_ssm_parameters()
+                hf_init.normal_(module.dt_proj.weight, mean=0.0, std=std)
+                hf_init.zeros_(module.dt_proj.bias)
+            else:
+                module.reset_ssm_parameters()
+                # GPT-2 style rescaling of the residual output projection
+                hf_init.normal_(module.out_proj.weight, mean=0.0, std=std / math.sqrt(self.config.n_layers))
 
 
-class MambaSWELUForCausalLM(MambaSWELUPreTrainedModel, GenerationMixin):
+class MambaSWELUForCausalLM(CachedGenerationMixin, MambaSWELUPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "wte.weight"}
 
     def __init__(self, config: MambaSWELUConfig):
@@ -179,7 +208,8 @@ class MambaSWELUForCausalLM(MambaSWELUPreTrainedModel, GenerationMixin):
         self.blocks = nn.ModuleList([MambaSWELUBlock(c, i) for i in range(c.n_layers)])
         self.norm_f = _norm(c, c.d_model)
         dims = [c.d_model] + [c.dense_hidden] * (c.n_dense - 1) + [c.d_model]
-        self.dense = nn.ModuleList([DenseSWELU(c, dims[i], dims[i + 1]) for i in range(c.n_dense)])
+        self.dense = nn.ModuleList([DenseSWELU(c, dims[i], dims[i + 1], last=i == c.n_dense - 1)
+                                    for i in range(c.n_dense)])
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.post_init()
 
@@ -198,14 +228,18 @@ class MambaSWELUForCausalLM(MambaSWELUPreTrainedModel, GenerationMixin):
     def set_scan_backend(self, name: str) -> None:
         self.config.scan_backend = name
         for blk in self.blocks:
-            blk.mixer.scan_backend = name
+            if isinstance(blk.mixer, MambaMixer):
+                blk.mixer.scan_backend = name
 
     def swelu_modules(self) -> dict[str, SWELU]:
-        """Every SWELU by a stable short name: block.0 … block.N-1, dense.0 … dense.2."""
+        """Every SWELU by a stable short name: block.0 … block.N-1 (block.i.ssm: the simplified mixer's),
+        dense.0 … dense.2."""
         out = {}
         for i, blk in enumerate(self.blocks):
             if isinstance(blk.act, SWELU):
                 out[f"block.{i}"] = blk.act
+            if isinstance(getattr(blk.mixer, "ssm_activation", None), SWELU):
+                out[f"block.{i}.ssm"] = blk.mixer.ssm_activation
         for i, layer in enumerate(self.dense):
             if isinstance(layer.act, SWELU):
                 out[f"dense.{i}"] = layer.act
@@ -214,20 +248,6 @@ class MambaSWELUForCausalLM(MambaSWELUPreTrainedModel, GenerationMixin):
     def new_cache(self) -> MambaCache:
         return MambaCache()
 
-    # transformers' `generate` (and everything built on it) decodes with the recurrent cache too: the first call
-    # creates it and reads the prompt, every later call feeds only the tokens the cache has not seen.
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False
-
-    def prepare_inputs_for_generation(self, input_ids, cache_params: MambaCache | None = None, use_cache=True,
-                                      **kwargs):
-        if use_cache is False:
-            return {"input_ids": input_ids}
-        if cache_params is None:
-            cache_params = self.new_cache()
-        return {"input_ids": input_ids[:, cache_params.seen:], "cache_params": cache_params}
-
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -235,9 +255,9 @@ class MambaSWELUForCausalLM(MambaSWELUPreTrainedModel, GenerationMixin):
         cache: MambaCache | None = None,
         seq_idx: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache_params: MambaCache | None = None,
+        cache_params: MambaCache | None = None,  # the name before transformers 5.24
         **kwargs,
-    ) -> MambaSWELUOutput:
+    ) -> LMOutput:
         """input_ids (b, l). `labels` follow the Hugging Face convention (shifted inside, -100 ignored).
 
         With `cache`, the call continues from the cached state (first call: prefill) and advances it.
@@ -248,7 +268,7 @@ class MambaSWELUForCausalLM(MambaSWELUPreTrainedModel, GenerationMixin):
         start = cache.seen if cache is not None else 0
         if position_ids is None:
             if seq_idx is not None:
-                position_ids = _positions_within_documents(seq_idx)
+                position_ids = positions_within_documents(seq_idx)
             else:
                 position_ids = torch.arange(start, start + l, device=input_ids.device)[None, :]
         if int(position_ids.max()) >= self.config.max_seq_len:
@@ -262,19 +282,6 @@ class MambaSWELUForCausalLM(MambaSWELUPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)  # (b, l, vocab)
         if cache is not None:
             cache.seen += l
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
-        return MambaSWELUOutput(loss=loss, logits=logits, cache_params=cache)
+        loss = lm_loss(logits, labels) if labels is not None else None
+        return lm_output(loss, logits, cache)
 
-
-def _positions_within_documents(seq_idx: torch.Tensor) -> torch.Tensor:
-    """(b, l) document ids → (b, l) position of each token inside its document."""
-    b, l = seq_idx.shape
-    idx = torch.arange(l, device=seq_idx.device).expand(b, l)
-    start = torch.zeros_like(seq_idx, dtype=torch.bool)
-    start[:, 0] = True
-    start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    return idx - first

@@ -12,15 +12,16 @@ checked against the config class's parameters before anything is built.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
+from .. import hub
 from ..errors import ConfigError
 
 
@@ -45,20 +46,19 @@ def named_sizes() -> dict[str, Family]:
     return {size: fam for fam in FAMILIES.values() for size in fam.sizes}
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def describe_kind(name: str) -> str:
     """'named', 'local' or 'hub' — or raise ConfigError naming the allowed values."""
     if name in named_sizes():
         return "named"
     if os.path.isdir(name):
         return "local"
-    if _HUB_ID.match(name) and not os.path.exists(name):
+    close = difflib.get_close_matches(name, named_sizes(), n=1, cutoff=0.8)
+    # `org/name`; a bare legacy id (`gpt2`) only where it can be had: cached, or the hub is allowed
+    if hub.is_hub_id(name) and not close and ("/" in name or not hub.offline() or hub.cached(name)):
         return "hub"
-    allowed = ", ".join(named_sizes())
-    raise ConfigError(f"model.name: unknown model {name!r}; allowed: {allowed}, a local model folder, "
-                      f"or a Hugging Face hub id (org/name)")
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ConfigError(f"model.name: unknown model {name!r}; {hint}allowed: {', '.join(named_sizes())}, "
+                      f"a local model folder, or a Hugging Face hub id (org/name)")
 
 
 def config_parameters(config_cls: type[PretrainedConfig]) -> list[str]:

@@ -19,15 +19,20 @@ Backends (`available_backends(device)` lists those usable on a device):
     ref        the sequential oracle below: obviously correct, float64-capable, slow (autograd
                records every step). Tests hold every other backend to it.
     chunked    pure torch, any device: chunked scan with a hand-written backward that keeps only
-               chunk-boundary states and recomputes the rest (scan_cpu.py).
+               chunk-boundary states and recomputes the rest (scan_cpu.py). Deterministic at a given
+               thread count; torch's CPU kernels split work by thread count, so its last bits may not
+               be the same at another one.
     cpu        C++/OpenMP kernel built at first use (scan_cpu.py); CPU only. Without a compiler it
-               warns once and runs `chunked`.
+               warns once and runs `chunked`. Outputs and gradients are bitwise the same at any
+               thread count (fixed work partition, fixed-order reductions).
     triton     fused Triton kernels, forward and backward, fp32 state (scan_triton.py); CUDA, or CPU
                tensors under TRITON_INTERPRET=1 (how the tests run it without a GPU).
     mamba_ssm  the official CUDA kernel `selective_scan_fn`, when the package is importable; it
                knows no seq_idx / initial_state, so such calls go to `triton`.
 `auto`: CPU → cpu;  CUDA → mamba_ssm if importable, else triton if importable, else chunked.
-None of the fast backends keeps a (b, d, l, n) tensor for the backward.
+None of the fast backends keeps a (b, d, l, n) tensor for the backward: `SCAN_CHUNK` says how many
+steps lie between the (b, d, n) states each one keeps. `resolve_backend` is the one place that
+decides and validates a backend name for a device. The backends never import this module.
 """
 
 from __future__ import annotations
@@ -39,6 +44,16 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import ConfigError
+from . import scan_cpu  # torch and the standard library only; the C++ kernel is built at first use
+
+BACKEND_NAMES = ("ref", "chunked", "cpu", "triton", "mamba_ssm")
+SCAN_CHOICES = ("auto", *BACKEND_NAMES)  # what `model.scan_backend` accepts
+TRITON_CHUNK = 16  # scan_triton.CHUNK (that module imports triton; tests/test_scan_triton.py holds them equal)
+# steps between the (b, d, n) fp32 states a backend keeps for its backward; `ref` keeps every step.
+# mamba_ssm's kernel keeps 2 floats per state every 2048 steps: one state per 1024 steps in memory.
+SCAN_CHUNK = {"triton": TRITON_CHUNK, "chunked": scan_cpu.CHUNK, "cpu": scan_cpu.CPU_CHUNK, "mamba_ssm": 1024}
 
 ScanFn = Callable[..., "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 BACKENDS: dict[str, ScanFn] = {}
@@ -120,15 +135,17 @@ def scan_from_core(core, u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 
 
 def _chunked(*args, **kwargs):
-    from .scan_cpu import chunked_core
-
-    return scan_from_core(chunked_core, *args, **kwargs)
+    return scan_from_core(scan_cpu.chunked_core, *args, **kwargs)
 
 
-def _cpu(*args, **kwargs):
-    from .scan_cpu import selective_scan_cpu
-
-    return selective_scan_cpu(*args, **kwargs)
+def _cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+         seq_idx=None, initial_state=None, return_last_state=False):
+    if not scan_cpu.cpu_kernel_available():  # no working compiler: warned once, the torch path instead
+        return _chunked(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                        seq_idx=seq_idx, initial_state=initial_state, return_last_state=return_last_state)
+    y, last = scan_cpu.fused_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                         reset=reset_mask(seq_idx), initial_state=initial_state)
+    return (y, last) if return_last_state else y
 
 
 def _triton(*args, **kwargs):
@@ -152,6 +169,7 @@ register_backend("chunked", _chunked)
 register_backend("cpu", _cpu)
 register_backend("triton", _triton)
 register_backend("mamba_ssm", _mamba_ssm)
+assert tuple(BACKENDS) == BACKEND_NAMES
 
 
 @functools.cache
@@ -166,46 +184,53 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _usable(name: str, device_type: str) -> str | None:
-    """None if backend `name` can run on `device_type`, else the reason why not."""
+def _usable(name: str, device_type: str, probe: bool = True) -> str | None:
+    """None if backend `name` can run on `device_type`, else the reason why not.
+
+    probe=False judges by the device type alone, as if triton and mamba_ssm were installed.
+    """
     if name == "cpu" and device_type != "cpu":
         return "runs on CPU tensors only"
     if name == "triton":
-        if not _importable("triton"):
+        if probe and not _importable("triton"):
             return "needs the triton package"
         if device_type != "cuda" and not triton_interpreted():
             return "needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
     if name == "mamba_ssm":
-        if not _importable("mamba_ssm"):
+        if probe and not _importable("mamba_ssm"):
             return "needs the mamba_ssm package"
         if device_type != "cuda":
             return "needs CUDA tensors"
     return None
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
+def available_backends(device: torch.device | str = "cpu", probe: bool = True) -> list[str]:
     dt = torch.device(device).type
-    return [name for name in BACKENDS if _usable(name, dt) is None]
+    return [name for name in BACKENDS if _usable(name, dt, probe) is None]
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
-    """Map `auto` to the preferred backend for `device`; check that a named one exists and can run there."""
+def resolve_backend(name: str, device: torch.device | str, probe: bool = True) -> str:
+    """The backend `model.scan_backend = name` runs on `device`: `auto` mapped to the device's choice,
+    a named one checked. Raises ConfigError (one line: key, value, what the device allows) otherwise.
+
+    Call it once per run, before any compute. probe=True looks at what is installed: triton and
+    mamba_ssm importable, the C++ scan built (`auto` on CPU builds it, ~3 s once, cached on disk).
+    probe=False (the planner) decides from the device type alone, assuming the C++ compiler and triton
+    are there: `auto` is cpu on CPU, triton on CUDA.
+    """
     dt = torch.device(device).type
     if name != "auto":
-        if name not in BACKENDS:
-            raise ValueError(f"unknown scan backend {name!r}; allowed: auto, {', '.join(BACKENDS)}")
-        why = _usable(name, dt)
+        known = isinstance(name, str) and name in BACKENDS
+        why = _usable(name, dt, probe) if known else "is not a scan backend"
         if why is not None:
-            raise ValueError(f"scan backend {name!r} {why}; usable on {dt}: auto, "
-                             f"{', '.join(available_backends(dt))}")
+            raise ConfigError(f"model.scan_backend: {name!r} {why}; allowed on {dt}: "
+                              f"{', '.join(['auto', *available_backends(dt, probe)])}")
         return name
     if dt == "cpu":
-        from .scan_cpu import cpu_kernel_available
-
-        return "cpu" if cpu_kernel_available() else "chunked"
+        return "cpu" if not probe or scan_cpu.cpu_kernel_available() else "chunked"
     if dt == "cuda":
-        for cand in ("mamba_ssm", "triton"):
-            if _usable(cand, dt) is None:
+        for cand in ("mamba_ssm", "triton") if probe else ("triton",):
+            if _usable(cand, dt, probe) is None:
                 return cand
     return "chunked"
 

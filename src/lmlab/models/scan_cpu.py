@@ -20,7 +20,10 @@ $LMLAB_CACHE, loaded with ctypes, no torch headers, ~3 s to build) is the same a
 everything around it: Δ bias + softplus, the D skip and the SiLU(z) gate, reading the mixer's
 transposed views in place through their strides. One OpenMP work item is one (b, d) channel walking
 time with its n states in SIMD registers; the backward recomputes states chunk by chunk (CPU_CHUNK)
-from the saved boundary states and reduces dB, dC over channels in per-thread buffers. Measured
+from the saved boundary states. Its work item is a batch row and a fixed group of channels
+(`backward_groups`), which sums its channels' dB, dC into its own partial buffer; the partials, and
+dA, dD, dbias over batch rows, are then reduced in a fixed order. So outputs and gradients are
+bitwise the same at any thread count and under any OpenMP schedule. Measured
 against `chunked` it is 10–15× faster (docs/benchmarks.md), hence `auto` on CPU. Without a working
 compiler it warns once and runs `chunked`.
 """
@@ -131,12 +134,13 @@ def chunked_core(u, dt, A, B, C, reset=None, h0=None, chunk: int = CHUNK):
 
 # ------------------------------------------------------------------------------------------ C++
 CPU_CHUNK = 64  # steps between saved states of the C++ path: memory (b, d, l/64, n)
+GROUP_ITEMS = 64  # backward work items (batch row × channel group); scratch for dB, dC: 2·b·G·l·n, b·G < 64 + b
 
 _CPP_SRC = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <new>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -169,15 +173,29 @@ static inline float vsoftplus(float x) {
 static inline double vsoftplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
 template <typename T> static inline T vsigmoid(T x) { return T(1) / (T(1) + vexp(-x)); }
 
+// Per-thread scratch, 64-byte aligned: every thread's buffers then have the same alignment, so a
+// vectorised loop splits into the same head / body / tail on any thread and rounds the same way.
+template <typename T> struct Scratch {
+    T* p;
+    explicit Scratch(int64_t count)
+        : p(static_cast<T*>(::operator new[](sizeof(T) * (count > 0 ? count : 1), std::align_val_t(64)))) {}
+    ~Scratch() { ::operator delete[](p, std::align_val_t(64)); }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    T* data() const { return p; }
+    T& operator[](int64_t i) const { return p[i]; }
+};
+
 // Everything one call needs. (b, d, l) inputs and (b, n, l) B, C come with their strides, so the
 // transposed views the mixer makes are read in place. Outputs are contiguous. Optional pointers are null.
 struct Args {
     const void *u, *delta, *bias, *A, *B, *C, *D, *z, *h0, *gout, *ghlast;
     const uint8_t* reset;                          // (b, l) contiguous
     void *out, *hlast, *ckpt;                      // (b, d, l), (b, d, n), (b, d, nc, n)
-    void *gu, *gdelta, *gz, *gA, *gD, *gbias, *gh0;  // (b, d, l) x3, (b, d, n), (b, d), (b, d), (b, d, n)
-    void *gB, *gC;                                 // (nthreads, b, l, n), zero on entry
-    int64_t b, d, l, n, chunk;
+    void *gu, *gdelta, *gz, *gh0;                  // (b, d, l) x3, (b, d, n)
+    void *gA, *gD, *gbias, *gB, *gC;               // (d, n), (d,), (d,), (b, l, n), (b, l, n)
+    void *pA, *pD, *pbias, *pB, *pC;               // scratch: (b, d, n), (b, d), (b, d), (b, G, l, n) x2
+    int64_t b, d, l, n, chunk, groups;             // groups: G, channel groups per batch row (backward)
     int64_t su[3], sdt[3], sz[3], sB[3], sC[3];    // strides (elements) of u, delta, z, B, C
     int32_t softplus, nthreads;
 };
@@ -230,9 +248,10 @@ static void fwd(const Args& a) {
     const bool contiguous_n = a.sB[1] == 1 && a.sC[1] == 1;
 #pragma omp parallel num_threads(a.nthreads)
     {
-        std::vector<T> hv(n), Bv(n), Cv(n), dtr(l), silu(l);
-        T hloc[NT > 0 ? NT : 1];  // fixed n: the state lives in registers
+        Scratch<T> hv(n), Bv(n), Cv(n), dtr(l), silu(l);
+        alignas(64) T hloc[NT > 0 ? NT : 1];  // fixed n: the state lives in registers
         T* __restrict__ h = NT > 0 ? hloc : hv.data();
+        // any schedule is exact here: a channel's outputs depend on that channel alone
 #pragma omp for schedule(dynamic, 16)
         for (int64_t item = 0; item < a.b * d; ++item) {
             const Item<T> it(a, item / d, item % d);
@@ -266,114 +285,147 @@ static void fwd(const Args& a) {
     }
 }
 
+// The backward. One work item is one batch row bi and one fixed group of channels [d0, d1): it walks
+// them in order, each backwards in time, and adds their dB, dC contributions into the group's own
+// (l, n) partial sums. The groups are a function of (b, d) only, never of the thread count, and the
+// closing reduction (over groups for dB, dC; over batch rows for dA, dD, dbias) runs in a fixed
+// order, so every gradient is the same to the bit whichever thread ran which item, with any number
+// of threads.
 template <typename T, int NT>
 static void bwd(const Args& a) {
-    const int64_t n = NT > 0 ? NT : a.n, l = a.l, d = a.d, chunk = a.chunk;
+    const int64_t n = NT > 0 ? NT : a.n, l = a.l, d = a.d, chunk = a.chunk, G = a.groups;
     const int64_t nc = (l + chunk - 1) / chunk;
     const bool contiguous_n = a.sB[1] == 1 && a.sC[1] == 1;
 #pragma omp parallel num_threads(a.nthreads)
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num();
-#else
-        const int tid = 0;
-#endif
-        std::vector<T> gv(n), gAv(n), hbv(chunk * n), abv(chunk * n), Bbuf(chunk * n), Cbuf(chunk * n);
-        std::vector<T> dtbuf(chunk), ybuf(chunk), sdbuf(chunk), silbuf(chunk), szbuf(chunk);
-        T gloc[NT > 0 ? NT : 1], gAloc[NT > 0 ? NT : 1];
+        Scratch<T> gv(n), gAv(n), hbv(chunk * n), abv(chunk * n), Bbuf(chunk * n), Cbuf(chunk * n);
+        Scratch<T> dtbuf(chunk), ybuf(chunk), sdbuf(chunk), silbuf(chunk), szbuf(chunk);
+        alignas(64) T gloc[NT > 0 ? NT : 1];
+        alignas(64) T gAloc[NT > 0 ? NT : 1];
         T* __restrict__ g = NT > 0 ? gloc : gv.data();
         T* __restrict__ gAl = NT > 0 ? gAloc : gAv.data();
         T* hbuf = hbv.data();
         T* abuf = abv.data();
-        T* gBp = (T*)a.gB + tid * a.b * l * n;
-        T* gCp = (T*)a.gC + tid * a.b * l * n;
-#pragma omp for schedule(dynamic, 16)
-        for (int64_t item = 0; item < a.b * d; ++item) {
-            const int64_t bi = item / d;
-            const Item<T> it(a, bi, item % d);
-            const T* gout = (const T*)a.gout + item * l;
-            T* gu = (T*)a.gu + item * l;
-            T* gdelta = (T*)a.gdelta + item * l;
-            T* gz = a.z ? (T*)a.gz + item * l : nullptr;
-            T* gBb = gBp + bi * l * n;
-            T* gCb = gCp + bi * l * n;
-            T gD = 0, gbias = 0;
-            for (int64_t k = 0; k < n; ++k) {
-                g[k] = a.ghlast ? ((const T*)a.ghlast)[item * n + k] : T(0);
-                gAl[k] = 0;
-            }
-            for (int64_t c = nc - 1; c >= 0; --c) {
-                const int64_t s = c * chunk, e = (s + chunk < l) ? s + chunk : l;
-                const T* hc = (const T*)a.ckpt + (item * nc + c) * n;
-                // recompute the chunk: Δ, decays, states and C·h
-                it.prepare(s, e, a.softplus, dtbuf.data(), sdbuf.data(), silbuf.data(), szbuf.data());
-                for (int64_t t = s; t < e; ++t) {
-                    const int64_t j = t - s;
-                    const T dtv = dtbuf[j], du = dtv * it.u[t * it.su];
-                    const T keep = (it.r && it.r[t]) ? T(0) : T(1);
-                    T* Bt = Bbuf.data() + j * n;
-                    T* Ct = Cbuf.data() + j * n;
-                    for (int64_t k = 0; k < n; ++k) {
-                        Bt[k] = contiguous_n ? it.B[t * it.sBl + k] : it.B[t * it.sBl + k * it.sBn];
-                        Ct[k] = contiguous_n ? it.C[t * it.sCl + k] : it.C[t * it.sCl + k * it.sCn];
-                    }
-                    const T* hp = j > 0 ? hbuf + (j - 1) * n : hc;
-                    T* ht = hbuf + j * n;
-                    T* at = abuf + j * n;
-                    T acc = 0;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t work = 0; work < a.b * G; ++work) {
+            const int64_t bi = work / G, grp = work % G;
+            const int64_t d0 = grp * d / G, d1 = (grp + 1) * d / G;
+            T* gBb = (T*)a.pB + work * l * n;  // this group's partial sums, (l, n)
+            T* gCb = (T*)a.pC + work * l * n;
+            std::memset(gBb, 0, l * n * sizeof(T));
+            std::memset(gCb, 0, l * n * sizeof(T));
+            for (int64_t di = d0; di < d1; ++di) {
+                const int64_t item = bi * d + di;
+                const Item<T> it(a, bi, di);
+                const T* gout = (const T*)a.gout + item * l;
+                T* gu = (T*)a.gu + item * l;
+                T* gdelta = (T*)a.gdelta + item * l;
+                T* gz = a.z ? (T*)a.gz + item * l : nullptr;
+                T gD = 0, gbias = 0;
+                for (int64_t k = 0; k < n; ++k) {
+                    g[k] = a.ghlast ? ((const T*)a.ghlast)[item * n + k] : T(0);
+                    gAl[k] = 0;
+                }
+                for (int64_t c = nc - 1; c >= 0; --c) {
+                    const int64_t s = c * chunk, e = (s + chunk < l) ? s + chunk : l;
+                    const T* hc = (const T*)a.ckpt + (item * nc + c) * n;
+                    // recompute the chunk: Δ, decays, states and C·h
+                    it.prepare(s, e, a.softplus, dtbuf.data(), sdbuf.data(), silbuf.data(), szbuf.data());
+                    for (int64_t t = s; t < e; ++t) {
+                        const int64_t j = t - s;
+                        const T dtv = dtbuf[j], du = dtv * it.u[t * it.su];
+                        const T keep = (it.r && it.r[t]) ? T(0) : T(1);
+                        T* Bt = Bbuf.data() + j * n;
+                        T* Ct = Cbuf.data() + j * n;
+                        for (int64_t k = 0; k < n; ++k) {
+                            Bt[k] = contiguous_n ? it.B[t * it.sBl + k] : it.B[t * it.sBl + k * it.sBn];
+                            Ct[k] = contiguous_n ? it.C[t * it.sCl + k] : it.C[t * it.sCl + k * it.sCn];
+                        }
+                        const T* hp = j > 0 ? hbuf + (j - 1) * n : hc;
+                        T* ht = hbuf + j * n;
+                        T* at = abuf + j * n;
+                        T acc = 0;
 #pragma omp simd reduction(+ : acc)
-                    for (int64_t k = 0; k < n; ++k) {
-                        const T av = vexp(dtv * it.A[k]) * keep;
-                        at[k] = av;
-                        const T hk = av * hp[k] + du * Bt[k];
-                        ht[k] = hk;
-                        acc += hk * Ct[k];
+                        for (int64_t k = 0; k < n; ++k) {
+                            const T av = vexp(dtv * it.A[k]) * keep;
+                            at[k] = av;
+                            const T hk = av * hp[k] + du * Bt[k];
+                            ht[k] = hk;
+                            acc += hk * Ct[k];
+                        }
+                        ybuf[j] = acc;
                     }
-                    ybuf[j] = acc;
-                }
-                // adjoint, backwards in time
-                for (int64_t t = e - 1; t >= s; --t) {
-                    const int64_t j = t - s;
-                    const T dtv = dtbuf[j], uv = it.u[t * it.su], du = dtv * uv;
-                    T gyt = gout[t];
-                    if (it.z) {  // out = (y + D u) · silu(z),  silu' = σ (1 + z (1 − σ)) = σ + silu (1 − σ)
-                        const T sg = szbuf[j], sl = silbuf[j];
-                        gz[t] = gyt * (ybuf[j] + it.D * uv) * (sg + sl * (T(1) - sg));
-                        gyt *= sl;
-                    }
-                    gD += gyt * uv;
-                    const T* Bt = Bbuf.data() + j * n;
-                    const T* Ct = Cbuf.data() + j * n;
-                    const T* hp = j > 0 ? hbuf + (j - 1) * n : hc;
-                    const T* ht = hbuf + j * n;
-                    const T* at = abuf + j * n;
-                    T* gBt = gBb + t * n;
-                    T* gCt = gCb + t * n;
-                    T sB = 0, sA = 0;
+                    // adjoint, backwards in time
+                    for (int64_t t = e - 1; t >= s; --t) {
+                        const int64_t j = t - s;
+                        const T dtv = dtbuf[j], uv = it.u[t * it.su], du = dtv * uv;
+                        T gyt = gout[t];
+                        // out = (y + D u) · silu(z),  silu' = σ (1 + z (1 − σ)) = σ + silu (1 − σ)
+                        if (it.z) {
+                            const T sg = szbuf[j], sl = silbuf[j];
+                            gz[t] = gyt * (ybuf[j] + it.D * uv) * (sg + sl * (T(1) - sg));
+                            gyt *= sl;
+                        }
+                        gD += gyt * uv;
+                        const T* Bt = Bbuf.data() + j * n;
+                        const T* Ct = Cbuf.data() + j * n;
+                        const T* hp = j > 0 ? hbuf + (j - 1) * n : hc;
+                        const T* ht = hbuf + j * n;
+                        const T* at = abuf + j * n;
+                        T* gBt = gBb + t * n;
+                        T* gCt = gCb + t * n;
+                        T sB = 0, sA = 0;
 #pragma omp simd reduction(+ : sB, sA)
-                    for (int64_t k = 0; k < n; ++k) {
-                        const T gk = g[k] + gyt * Ct[k];
-                        gCt[k] += gyt * ht[k];
-                        sB += gk * Bt[k];
-                        gBt[k] += gk * du;
-                        const T w = gk * hp[k] * at[k];
-                        sA += w * it.A[k];
-                        gAl[k] += w * dtv;
-                        g[k] = gk * at[k];
+                        for (int64_t k = 0; k < n; ++k) {
+                            const T gk = g[k] + gyt * Ct[k];
+                            gCt[k] += gyt * ht[k];
+                            sB += gk * Bt[k];
+                            gBt[k] += gk * du;
+                            const T w = gk * hp[k] * at[k];
+                            sA += w * it.A[k];
+                            gAl[k] += w * dtv;
+                            g[k] = gk * at[k];
+                        }
+                        T gdt = sA + sB * uv;  // ∂L/∂Δ
+                        if (a.softplus) gdt *= sdbuf[j];
+                        gdelta[t] = gdt;
+                        gbias += gdt;
+                        gu[t] = sB * dtv + gyt * it.D;
                     }
-                    T gdt = sA + sB * uv;  // ∂L/∂Δ
-                    if (a.softplus) gdt *= sdbuf[j];
-                    gdelta[t] = gdt;
-                    gbias += gdt;
-                    gu[t] = sB * dtv + gyt * it.D;
                 }
+                for (int64_t k = 0; k < n; ++k) {
+                    ((T*)a.gh0)[item * n + k] = g[k];
+                    ((T*)a.pA)[item * n + k] = gAl[k];
+                }
+                ((T*)a.pD)[item] = gD;
+                ((T*)a.pbias)[item] = gbias;
             }
-            for (int64_t k = 0; k < n; ++k) {
-                ((T*)a.gh0)[item * n + k] = g[k];
-                ((T*)a.gA)[item * n + k] = gAl[k];
+        }
+        // fixed-order reductions (the implied barrier above makes every partial sum complete)
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < a.b * l; ++row) {  // dB, dC of (bi, t): Σ over groups 0..G-1
+            const int64_t bi = row / l, t = row % l;
+            T* oB = (T*)a.gB + row * n;
+            T* oC = (T*)a.gC + row * n;
+            const T* pB = (const T*)a.pB + (bi * G * l + t) * n;
+            const T* pC = (const T*)a.pC + (bi * G * l + t) * n;
+            for (int64_t k = 0; k < n; ++k) { oB[k] = pB[k]; oC[k] = pC[k]; }
+            for (int64_t grp = 1; grp < G; ++grp)
+                for (int64_t k = 0; k < n; ++k) { oB[k] += pB[grp * l * n + k]; oC[k] += pC[grp * l * n + k]; }
+        }
+#pragma omp for schedule(static)
+        for (int64_t di = 0; di < d; ++di) {  // dA, dD, dbias of channel di: Σ over batch rows 0..b-1
+            T* oA = (T*)a.gA + di * n;
+            T oD = 0, obias = 0;
+            for (int64_t k = 0; k < n; ++k) oA[k] = 0;
+            for (int64_t bi = 0; bi < a.b; ++bi) {
+                const T* p = (const T*)a.pA + (bi * d + di) * n;
+                for (int64_t k = 0; k < n; ++k) oA[k] += p[k];
+                oD += ((const T*)a.pD)[bi * d + di];
+                obias += ((const T*)a.pbias)[bi * d + di];
             }
-            ((T*)a.gD)[item] = gD;
-            ((T*)a.gbias)[item] = gbias;
+            ((T*)a.gD)[di] = oD;
+            ((T*)a.gbias)[di] = obias;
         }
     }
 }
@@ -477,8 +529,9 @@ class _Args(ctypes.Structure):
 
     _fields_ = ([(name, ctypes.c_void_p) for name in
                  ("u", "delta", "bias", "A", "B", "C", "D", "z", "h0", "gout", "ghlast", "reset",
-                  "out", "hlast", "ckpt", "gu", "gdelta", "gz", "gA", "gD", "gbias", "gh0", "gB", "gC")]
-                + [(name, ctypes.c_int64) for name in ("b", "d", "l", "n", "chunk")]
+                  "out", "hlast", "ckpt", "gu", "gdelta", "gz", "gh0", "gA", "gD", "gbias", "gB", "gC",
+                  "pA", "pD", "pbias", "pB", "pC")]
+                + [(name, ctypes.c_int64) for name in ("b", "d", "l", "n", "chunk", "groups")]
                 + [(name, ctypes.c_int64 * 3) for name in ("su", "sdt", "sz", "sB", "sC")]
                 + [("softplus", ctypes.c_int32), ("nthreads", ctypes.c_int32)])
 
@@ -500,6 +553,12 @@ def _strides(t: torch.Tensor | None):
 def _call(kind: str, dtype: torch.dtype, a: _Args) -> None:
     fn = getattr(_lib, f"scan_{kind}_{'f64' if dtype == torch.float64 else 'f32'}")
     fn(ctypes.byref(a))
+
+
+def backward_groups(b: int, d: int) -> int:
+    """Channel groups per batch row in the backward: about GROUP_ITEMS work items in all, whatever the
+    thread count (the rounding of dB, dC depends on the groups, so they must not depend on threads)."""
+    return max(1, min(d, -(-GROUP_ITEMS // b)))
 
 
 class _CppScan(torch.autograd.Function):
@@ -526,41 +585,39 @@ class _CppScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, bias, r8, ckpt = ctx.saved_tensors
         b, d, l = u.shape
         n = A.shape[1]
-        nt = torch.get_num_threads()
+        groups = backward_groups(b, d)
         gout = gout.contiguous() if gout is not None else u.new_zeros(b, d, l)
         ghlast = ghlast.contiguous() if ghlast is not None else None
         gu, gdelta = u.new_empty(b, d, l), u.new_empty(b, d, l)
         gz = u.new_empty(b, d, l) if z is not None else None
-        gA, gh0 = u.new_empty(b, d, n), u.new_empty(b, d, n)
-        gD, gbias = u.new_empty(b, d), u.new_empty(b, d)
-        gB, gC = u.new_zeros(nt, b, l, n), u.new_zeros(nt, b, l, n)
+        gh0, gA, gD, gbias = u.new_empty(b, d, n), u.new_empty(d, n), u.new_empty(d), u.new_empty(d)
+        gB, gC = u.new_empty(b, l, n), u.new_empty(b, l, n)
+        # partial sums the kernel reduces in a fixed order: per batch row (dA, dD, dbias), per group (dB, dC)
+        pA, pD, pbias = u.new_empty(b, d, n), u.new_empty(b, d), u.new_empty(b, d)
+        pB, pC = u.new_empty(b, groups, l, n), u.new_empty(b, groups, l, n)
         a = _args(u=u, delta=delta, bias=bias, A=A, B=B, C=C, D=D, z=z, reset=r8, ckpt=ckpt, gout=gout,
-                  ghlast=ghlast, gu=gu, gdelta=gdelta, gz=gz, gA=gA, gD=gD, gbias=gbias, gh0=gh0, gB=gB,
-                  gC=gC, b=b, d=d, l=l, n=n, chunk=ctx.chunk, softplus=int(ctx.softplus), nthreads=nt)
+                  ghlast=ghlast, gu=gu, gdelta=gdelta, gz=gz, gh0=gh0, gA=gA, gD=gD, gbias=gbias, gB=gB, gC=gC,
+                  pA=pA, pD=pD, pbias=pbias, pB=pB, pC=pC, b=b, d=d, l=l, n=n, chunk=ctx.chunk, groups=groups,
+                  softplus=int(ctx.softplus), nthreads=torch.get_num_threads())
         a.su, a.sdt, a.sz, a.sB, a.sC = (_strides(t) for t in (u, delta, z, B, C))
         _call("bwd", u.dtype, a)
-        return (gu, gdelta, gA.sum(0), gB.sum(0).transpose(1, 2), gC.sum(0).transpose(1, 2),
-                gD.sum(0) if D is not None else None, gz, gbias.sum(0) if bias is not None else None,
-                gh0 if ctx.has_h0 else None, None, None, None)
+        return (gu, gdelta, gA, gB.transpose(1, 2), gC.transpose(1, 2), gD if D is not None else None, gz,
+                gbias if bias is not None else None, gh0 if ctx.has_h0 else None, None, None, None)
 
 
-def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-                       seq_idx=None, initial_state=None, return_last_state=False, chunk: int = CPU_CHUNK):
-    """The `cpu` backend (signature of scan.selective_scan_ref); `chunked` when no compiler works."""
-    from .scan import reset_mask, scan_from_core
+def fused_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, reset=None,
+               initial_state=None, chunk: int = CPU_CHUNK):
+    """The `cpu` backend's scan: (y, h_last) for CPU tensors; `reset` (b, l) bool as from `scan.reset_mask`.
 
-    if not cpu_kernel_available():
-        return scan_from_core(chunked_core, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
-                              delta_softplus=delta_softplus, seq_idx=seq_idx, initial_state=initial_state,
-                              return_last_state=return_last_state)
+    Needs `cpu_kernel_available()`; `scan.selective_scan` falls back to `chunked` when it is not.
+    """
     if u.device.type != "cpu":
-        raise ValueError(f"scan backend 'cpu' needs CPU tensors, got {u.device}")
+        raise ValueError(f"the C++ scan needs CPU tensors, got {u.device}")
     dtype_in = u.dtype
     cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, delta, B, C = (t.to(cdt) for t in (u, delta, B, C))
     A = A.to(cdt).contiguous()
     D, bias, h0 = (t.to(cdt).contiguous() if t is not None else None for t in (D, delta_bias, initial_state))
     z = z.to(cdt) if z is not None else None
-    out, last = _CppScan.apply(u, delta, A, B, C, D, z, bias, h0, reset_mask(seq_idx), delta_softplus, chunk)
-    out = out.to(dtype_in)
-    return (out, last) if return_last_state else out
+    out, last = _CppScan.apply(u, delta, A, B, C, D, z, bias, h0, reset, delta_softplus, chunk)
+    return out.to(dtype_in), last

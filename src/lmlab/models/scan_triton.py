@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 16
+CHUNK = 16  # scan.TRITON_CHUNK states it without importing triton (the planner reads it there)
 BLOCK_D = 16
 NUM_WARPS = 4
 NUM_WARPS_BWD = 8  # the backward holds ~10 (CHUNK, BLOCK_D, n) tiles live

@@ -14,17 +14,22 @@ function with these derivatives written out: a^(k−1) is evaluated with a clamp
 slope at 0 is exact for k = 1, ≈0 for k > 1 and large but finite for k < 1), and the a^k·ln a term
 is set to its limit 0 at a = 0. `swelu_reference` is the plain formula, used by the tests away
 from zero. k is parametrised as softplus(k_raw) + k_min so it stays positive.
+
+The first MambaSWELU code parametrised k differently: k = |k_raw| + 1e-6 (k_raw starts at k_init) and
+SWELU(z) = sign(z) · (1 − exp(−(|z| + 1e-8)^k)), differentiated by autograd, with no λ. `k_param="abs"`
+computes exactly that (`swelu_original`), and `use_lambda=False` drops λ (a fixed 1, not a parameter).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import inv_softplus
+
 _EPS = 1e-6  # bounds the slope at z = 0 for k < 1 (1e3·λ·k at k = 0.5)
+K_PARAMS = ("softplus", "abs")
 
 
 def swelu_reference(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -67,47 +72,67 @@ def swelu(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return _SWELUFunction.apply(z, k.to(z.dtype), lam.to(z.dtype))
 
 
-def _inv_softplus(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
+def swelu_original(z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The first MambaSWELU formula, sign(z) · (1 − exp(−(|z| + 1e-8)^k)), through plain autograd."""
+    return torch.sign(z) * (1 - torch.exp(-(z.abs() + 1e-8).pow(k.to(z.dtype))))
 
 
 class SWELU(nn.Module):
     """SWELU with one learnable (or fixed) k and λ per layer.
 
-    Parameters (names as they appear in checkpoints and k/λ logs): `k_raw` with
-    k = softplus(k_raw) + k_min, and `lam` = λ.
+    Parameters (names as they appear in checkpoints and k/λ logs): `k_raw` and `lam` = λ.
+    k_param "softplus": k = softplus(k_raw) + k_min, the function above with its exact derivatives.
+    k_param "abs": k = |k_raw| + 1e-6 and the first MambaSWELU formula (`swelu_original`).
+    use_lambda False: no λ parameter; `lam` is a fixed 1 that is not saved.
     """
 
-    def __init__(self, k_init: float = 1.0, lam_init: float = 1.0, learnable: bool = True, k_min: float = 0.05):
+    def __init__(self, k_init: float = 1.0, lam_init: float = 1.0, learnable: bool = True, k_min: float = 0.05,
+                 k_param: str = "softplus", use_lambda: bool = True):
         super().__init__()
-        if k_init <= k_min:
+        if k_param not in K_PARAMS:
+            raise ValueError(f"unknown SWELU k_param {k_param!r}; allowed: {', '.join(K_PARAMS)}")
+        if k_param == "softplus" and k_init <= k_min:
             raise ValueError(f"SWELU k_init must be > {k_min}, got {k_init}")
-        self.k_min = k_min
-        k_raw = torch.tensor(_inv_softplus(k_init - k_min))
-        lam = torch.tensor(float(lam_init))
+        self.k_min, self.k_param, self.use_lambda = k_min, k_param, use_lambda
+        k_raw = torch.tensor(inv_softplus(k_init - k_min) if k_param == "softplus" else float(k_init))
+        lam = torch.tensor(float(lam_init) if use_lambda else 1.0)
         if learnable:
             self.k_raw = nn.Parameter(k_raw)
-            self.lam = nn.Parameter(lam)
         else:
             self.register_buffer("k_raw", k_raw)
-            self.register_buffer("lam", lam)
+        if use_lambda and learnable:
+            self.lam = nn.Parameter(lam)
+        else:
+            self.register_buffer("lam", lam, persistent=use_lambda)
+
+    def initial_values(self, k_init: float, lam_init: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_raw, lam) as a fresh module with these settings would hold them."""
+        k_raw = inv_softplus(k_init - self.k_min) if self.k_param == "softplus" else float(k_init)
+        return torch.tensor(k_raw), torch.tensor(float(lam_init) if self.use_lambda else 1.0)
 
     @property
     def k(self) -> torch.Tensor:
+        if self.k_param == "abs":
+            return self.k_raw.abs() + 1e-6
         return F.softplus(self.k_raw) + self.k_min
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.k_param == "abs":
+            y = swelu_original(z, self.k)
+            return self.lam.to(z.dtype) * y if self.use_lambda else y
         return swelu(z, self.k, self.lam)
 
     def extra_repr(self) -> str:
-        learnable = isinstance(self.lam, nn.Parameter)
-        return f"k={self.k.item():.4g}, lam={self.lam.item():.4g}, learnable={learnable}"
+        learnable = isinstance(self.k_raw, nn.Parameter)
+        return (f"k={self.k.item():.4g}, lam={self.lam.item():.4g}, learnable={learnable}, "
+                f"k_param={self.k_param}, use_lambda={self.use_lambda}")
 
 
-def make_activation(name: str, k_init: float = 1.0, lam_init: float = 1.0, learnable: bool = True) -> nn.Module:
+def make_activation(name: str, k_init: float = 1.0, lam_init: float = 1.0, learnable: bool = True,
+                    k_param: str = "softplus", use_lambda: bool = True) -> nn.Module:
     """The activation after each block and dense layer: `swelu` (default) or `silu` (ablation)."""
     if name == "swelu":
-        return SWELU(k_init, lam_init, learnable)
+        return SWELU(k_init, lam_init, learnable, k_param=k_param, use_lambda=use_lambda)
     if name == "silu":
         return nn.SiLU()
     raise ValueError(f"unknown activation {name!r}; allowed: swelu, silu")

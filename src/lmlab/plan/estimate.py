@@ -17,9 +17,10 @@ Memory per GPU (bytes; N parameters, T trainable, b micro batch, s sequence, V v
                    + one dequantised layer, fp32 adapters 4T, gradients 4T, AdamW 8T
     data parallel  + a second fp32 copy of the trainable gradients (DDP's reduction buckets)
     activations    what autograd keeps for the backward of one micro batch, written per layer as a
-                   ledger of saved tensors (`_llama_ledger`, `_mamba_swelu_ledger`), plus the logits:
-                   b·s·V·(p + 12) bytes (logits held in compute dtype p, fp32 log-softmax output and the
-                   two fp32 gradients alive when the loss's backward runs). Other architectures are
+                   ledger of saved tensors (`_llama_ledger`, `_mamba_swelu_ledger`), plus the loss:
+                   b·s·V·12 bytes (the fp32 log-softmax output and the two fp32 gradients alive when the
+                   loss's backward runs; the trainer's objective drops the logits themselves before the
+                   backward, lmlab.train.step). Other architectures are
                    traced: a forward on the meta device records the bytes autograd saves.
     overhead       CUDA context, cuBLAS workspace (+ NCCL buffers with several GPUs)
 FLOPs per token: forward F = 2·N_mm + 4·L_attn·d·s (N_mm the parameters that take part in matmuls;
@@ -44,15 +45,12 @@ from .hardware import CURRENCY, GIB, HARDWARE, Hardware, get_hardware
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("fp32", "bf16", "fp16", "4bit")
-SCANS = ("auto", "ref", "chunked", "cpu", "triton", "mamba_ssm")  # lmlab.models.scan backends
 NF4_BYTES = 4.127 / 8  # QLoRA: 4-bit NF4 + double-quantised absmax constants, bytes per parameter
 CUDA_OVERHEAD_GIB = 0.8  # CUDA context + cuBLAS workspace on one GPU
 CPU_OVERHEAD_GIB = 28 / 1024  # measured: a CPU training step's allocations beyond weights and AdamW states
 #                               (autograd engine, thread pools, oneDNN scratch), docs/planner.md
 NCCL_OVERHEAD_GIB = 0.4  # NCCL communicator buffers with several GPUs
 MARGIN = 0.10  # keep 10 % of the GPU free for the caching allocator's fragmentation
-# steps between the (b, d, n) states a scan backend keeps for its backward (lmlab.models.scan_*)
-SCAN_CHUNK = {"triton": 16, "chunked": 32, "cpu": 64, "mamba_ssm": 1024}
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj",  # attention (Llama, Mistral, INL, ...)
                         "in_proj", "out_proj",  # Mamba mixers
                         "c_attn", "query_key_value", "qkv_proj", "Wqkv", "W_pack")  # fused-QKV families
@@ -446,6 +444,8 @@ def _mamba_swelu_ledger(cfg, scan: str) -> tuple[list[Saved], list[Saved]]:
     if scan == "ref":
         layer += [Saved("scan states dA_t, h_t (ref)", 2 * d * n, "f32"), Saved("delta_t*u_t (ref)", d, "f32")]
     else:
+        from ..models.scan import SCAN_CHUNK  # steps between the states a backend keeps for its backward
+
         layer += [Saved("scan chunk states", d * n / SCAN_CHUNK[scan], "f32")]
     dims = [D] + [cfg.dense_hidden] * (cfg.n_dense - 1) + [D]
     tail = [Saved("input_ids", 1, "ids"), Saved("norm_f.input", D, "resid"), Saved("norm_f.mean/rstd", 2, "f32")]
@@ -459,13 +459,11 @@ def _mamba_swelu_ledger(cfg, scan: str) -> tuple[list[Saved], list[Saved]]:
 def _resolve_scan(arch: Arch, scan: str, device: str) -> str:
     """The backend the trainer would use: the model config's choice, else the device's default
     (CPU: the fused C++ kernel; GPU: the Triton kernel, since mamba_ssm is an optional extra)."""
-    if scan not in SCANS:
-        raise ConfigError(f"--scan: unknown scan {scan!r}; allowed: {', '.join(SCANS)}")
+    from ..models import scan as scan_lib  # the trainer's resolver, deciding from the device type alone
+
     if scan == "auto":
         scan = getattr(arch.config, "scan_backend", "auto")
-    if scan == "auto":
-        scan = "cpu" if device == "cpu" else "triton"
-    return scan
+    return scan_lib.resolve_backend(scan, device, probe=False)
 
 
 def _ledger(arch: Arch, seq_len: int, scan: str, device: str):
@@ -566,8 +564,7 @@ def activation_bytes(arch: Arch, seq_len: int, micro_batch: int, regime: Regime,
     """(without checkpointing, with per-layer checkpointing, items, description), bytes per micro batch."""
     b, s = micro_batch, seq_len
     tokens = b * s
-    p_logits = 4 if regime.dtype == "fp32" else 2
-    logits = tokens * arch.vocab * (p_logits + 12)
+    logits = tokens * arch.vocab * 12  # the loss's fp32 tensors; the logits are not held (lmlab.train.step)
     resid = 2 if regime.dtype == "half" else 4
     led = _ledger(arch, s, scan, device)
     items: dict[str, int] = {}
@@ -817,19 +814,21 @@ def _suggestions(est: Estimate, arch: Arch, opts: dict[str, Any], methods: bool 
         return e if e.fits else None
 
     if not est.checkpointing and (e := fits(checkpointing=True)):
-        out.append(f"activation checkpointing (--checkpointing): {gib(e.memory['total']):.1f} GiB")
+        out.append(f"train.activation_checkpointing=true: {gib(e.memory['total']):.1f} GiB")
     b, acc = est.micro_batch, est.grad_accum
     while b > 1 and b % 2 == 0:
         b, acc = b // 2, acc * 2
         if e := fits(micro_batch=b, grad_accum=acc):
-            out.append(f"--batch {b} --grad-accum {acc} (same tokens per step): {gib(e.memory['total']):.1f} GiB")
+            out.append(f"train.batch_size={b} train.grad_accum={acc} (same tokens per step): "
+                       f"{gib(e.memory['total']):.1f} GiB")
             break
     if not est.checkpointing and est.micro_batch > 1:
         b, acc = est.micro_batch, est.grad_accum
         while b > 1 and b % 2 == 0:
             b, acc = b // 2, acc * 2
             if e := fits(micro_batch=b, grad_accum=acc, checkpointing=True):
-                out.append(f"--checkpointing --batch {b} --grad-accum {acc}: {gib(e.memory['total']):.1f} GiB")
+                out.append(f"train.activation_checkpointing=true train.batch_size={b} train.grad_accum={acc}: "
+                           f"{gib(e.memory['total']):.1f} GiB")
                 break
     for method in ("lora", "qlora") if methods else ():
         if est.method in ("full", "lora") and method != est.method:
@@ -838,11 +837,11 @@ def _suggestions(est: Estimate, arch: Arch, opts: dict[str, Any], methods: bool 
             except ConfigError:  # no LoRA targets in this model
                 e = None
             if e:
-                out.append(f"--method {method} (rank {e.lora_rank}): {gib(e.memory['total']):.1f} GiB")
+                out.append(f"finetune.method={method} (rank {e.lora_rank}): {gib(e.memory['total']):.1f} GiB")
                 break
     for hw in sorted(HARDWARE.values(), key=lambda h: h.memory_gib):
         if hw.memory_gib > gib(est.gpu_memory) and (e := fits(hardware=hw)):
-            out.append(f"--hardware {hw.name} ({hw.memory_gib:g} GiB): {gib(e.memory['total']):.1f} GiB")
+            out.append(f"a {hw.name} ({hw.memory_gib:g} GiB, --hardware {hw.name}): {gib(e.memory['total']):.1f} GiB")
             break
     if not out:  # no single change is enough: the leanest combinations
         acc = est.micro_batch * est.grad_accum
@@ -854,8 +853,9 @@ def _suggestions(est: Estimate, arch: Arch, opts: dict[str, Any], methods: bool 
             except ConfigError:
                 e = None
             if e:
-                flag = "" if method == est.method else f"--method {method} "
-                out.append(f"{flag}--checkpointing --batch 1 --grad-accum {acc}: {gib(e.memory['total']):.1f} GiB")
+                key = "" if method == est.method else f"finetune.method={method} "
+                out.append(f"{key}train.activation_checkpointing=true train.batch_size=1 train.grad_accum={acc}: "
+                           f"{gib(e.memory['total']):.1f} GiB")
                 break
     return out
 
@@ -924,6 +924,15 @@ def estimate_for_run(cfg, rt, model: nn.Module | None = None) -> Estimate:
                  trust_remote_code=cfg.model.trust_remote_code, checkpointing=t.activation_checkpointing,
                  suggest_methods=False)
     return e
+
+
+def memory_line(cfg, rt, model: nn.Module | None = None) -> str:
+    """The trainer's memory line for this device: what fits, or a WARNING with config keys that would fit."""
+    try:
+        fits, msg = memory_fits(estimate_for_run(cfg, rt, model))
+    except Exception as e:  # noqa: BLE001 - the plan is advice; it must never stop a run
+        return f"warning: could not estimate memory: {e}"
+    return f"memory    {msg}" if fits else f"WARNING   {msg}"
 
 
 def _named() -> dict:

@@ -68,10 +68,12 @@ def _reset_hwm() -> None:
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
-    import torch.nn.functional as F
 
     from ..models import registry
+    from ..train.objectives import Pretrain
     from ..train.optim import param_groups
+    from ..train.runtime import Runtime
+    from ..train.step import apply_update, compute_gradients
     from .estimate import _meta_model, load_model_config
 
     dev = torch.device(spec["device"])
@@ -98,23 +100,19 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         del meta
     model.train()
     if spec["checkpointing"]:
-        from ..train.loop import enable_activation_checkpointing
+        from ..train.setup import enable_activation_checkpointing
 
         enable_activation_checkpointing(model, spec["model"])  # as the trainer does it
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
     V = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, V, (spec["micro_batch"], spec["seq_len"] + 1), generator=gen).to(dev)
-    x, y = ids[:, :-1], ids[:, 1:]
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
+    rt, objective = Runtime(device=dev, precision=precision), Pretrain(cfg=None)
 
-    def step() -> None:
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            logits = model(x).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, V), y.reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step() -> None:  # the trainer's step
+        compute_gradients(model, objective, [batch], rt, optimizer=opt)
+        apply_update(opt)
 
     step()  # allocates AdamW's states
     gc.collect()

@@ -6,16 +6,20 @@
         rng-rank0.pt …      each rank's RNG states (torch CPU/CUDA, numpy, python)
         MANIFEST.json       step, files with sha256 — written last; a folder without it is incomplete
 
-A checkpoint is written into a hidden temporary folder and renamed into place, so a crash or a
-SIGKILL never leaves a folder that looks complete. Older checkpoints beyond `keep_last` are
-removed, except the best one by validation loss (recorded in checkpoints/best.json).
+A checkpoint is written by rank 0 alone (the other ranks' RNG states are gathered to it) into a hidden
+temporary folder and renamed into place (`lmlab.fsutil.atomic_dir`), so a crash or a SIGKILL never leaves
+a folder that looks complete. Older checkpoints beyond `keep_last` are removed, except the best one by
+validation loss (recorded in checkpoints/best.json) and the one the run resumed from.
+
+Loading runs no code: `.pt` files are read with `torch.load(weights_only=True)` (tensors, numbers,
+strings, lists and dicts only), so a checkpoint folder from elsewhere cannot execute anything.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -25,6 +29,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ..errors import LmlabError
+from ..fsutil import atomic_dir, atomic_write_text
 
 MANIFEST = "MANIFEST.json"
 
@@ -38,7 +43,13 @@ def _sha256(path: Path) -> str:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states in types `torch.load(weights_only=True)` reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -46,8 +57,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -56,32 +69,21 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, trainer_state: dict, *,
-                    rank: int = 0, world_size: int = 1, barrier=lambda: None) -> Path:
-    """Collective: every rank calls it. Rank 0 writes model + trainer state; each rank its RNG."""
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, trainer_state: dict, *, rt) -> Path:
+    """Collective: every rank calls it; rank 0 writes model, trainer state and every rank's RNG state."""
     final = step_dir(root, step)
-    tmp = root / f".tmp-step-{step:08d}"
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    barrier()
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    if rank == 0:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(trainer_state, tmp / "trainer.pt")
-    barrier()
-    if rank == 0:
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {"step": step, "world_size": world_size,
-                    "files": {name: _sha256(tmp / name) for name in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        with open(tmp / MANIFEST) as f:
-            os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    barrier()
+    rngs = rt.all_gather_object(rng_state())
+    if rt.is_main:
+        with atomic_dir(final, overwrite=True) as tmp:
+            for rank, rng in enumerate(rngs):
+                torch.save(rng, tmp / f"rng-rank{rank}.pt")
+            save_model(model, str(tmp / "model.safetensors"))
+            torch.save(trainer_state, tmp / "trainer.pt")
+            files = sorted(p.name for p in tmp.iterdir())
+            manifest = {"step": step, "world_size": rt.world_size,
+                        "files": {name: _sha256(tmp / name) for name in files}}
+            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    rt.barrier()
     return final
 
 
@@ -109,13 +111,21 @@ def verify(path: Path) -> None:
             raise LmlabError(f"checkpoint {path}: {name} is missing or corrupted (sha256 mismatch)")
 
 
+def _load_pt(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, ValueError, EOFError) as e:
+        raise LmlabError(f"checkpoint {path.parent}: {path.name} holds something other than tensors and plain "
+                         f"values ({type(e).__name__}); refusing to load it") from None
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0) -> tuple[dict, dict | None]:
     """Load weights into `model`; return (trainer_state, this rank's RNG state or None)."""
     verify(path)
     load_model(model, str(path / "model.safetensors"), strict=True)
-    trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    trainer_state = _load_pt(path / "trainer.pt")
     rng_file = path / f"rng-rank{rank}.pt"
-    rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
+    rng = _load_pt(rng_file) if rng_file.is_file() else None
     return trainer_state, rng
 
 
@@ -124,20 +134,18 @@ def record_best(root: Path, step: int, val_loss: float) -> bool:
     best_file = root / "best.json"
     best = json.loads(best_file.read_text()) if best_file.is_file() else None
     if best is None or val_loss < best["val_loss"]:
-        tmp = root / ".best.json.tmp"
-        tmp.write_text(json.dumps({"step": step, "val_loss": val_loss}))
-        os.replace(tmp, best_file)
+        atomic_write_text(best_file, json.dumps({"step": step, "val_loss": val_loss}))
         return True
     return False
 
 
-def prune(root: Path, keep_last: int) -> None:
+def prune(root: Path, keep_last: int, protect: tuple[Path, ...] = ()) -> None:
+    """Keep the newest `keep_last` checkpoints, the best one, and those in `protect` (the resume source)."""
     best_file = root / "best.json"
     best_step = json.loads(best_file.read_text())["step"] if best_file.is_file() else None
-    ckpts = list_checkpoints(root)
-    for p in ckpts[:-keep_last] if keep_last > 0 else []:
-        if best_step is not None and p == step_dir(root, best_step):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-    for tmp in root.glob(".tmp-step-*"):  # left by a killed run
-        shutil.rmtree(tmp, ignore_errors=True)
+    keep = {Path(p).resolve() for p in protect}
+    if best_step is not None:
+        keep.add(step_dir(root, best_step).resolve())
+    for p in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        if p.resolve() not in keep:
+            shutil.rmtree(p, ignore_errors=True)

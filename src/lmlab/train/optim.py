@@ -19,6 +19,9 @@ def _no_decay(name: str, param: torch.Tensor, module: nn.Module) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay on matrices only, unless the model's config asks for decay on every parameter (the originals'
+    recipe, `decay_all_parameters`)."""
+    decay_all = bool(getattr(getattr(model, "config", None), "decay_all_parameters", False))
     decay, no_decay, seen = [], [], set()
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
@@ -26,7 +29,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                 continue
             seen.add(id(p))
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            (no_decay if _no_decay(full, p, module) else decay).append(p)
+            (no_decay if not decay_all and _no_decay(full, p, module) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

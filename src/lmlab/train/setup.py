@@ -1,6 +1,9 @@
-"""Everything the loop needs, built from a Config: tokenizer, corpus, model, plan.
+"""Everything the loop needs, built from a Config: tokenizer, data, model, optimizer, plan.
 
-Rank 0 builds shared caches (tokenizer, token shards) first; the other ranks wait and reuse them.
+    parts = build(cfg, rt, objective, saved_tokenizer=None)
+
+Nothing here writes into a run folder: a run that fails to build leaves nothing behind. Rank 0 builds
+shared caches (tokenizer, token shards) first; the other ranks wait and reuse them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import torch
 from ..config import Config
 from ..errors import ConfigError
 from ..models import registry
+from . import strategy
+from .objectives import Objective, ObjectiveData
+from .optim import make_optimizer
 from .runtime import Runtime
 
 DEFAULT_STEPS = 1000
@@ -62,6 +68,55 @@ def make_plan(cfg: Config, params: int, world_size: int) -> Plan:
     return Plan(params=params, tokens_per_step=tps, total_steps=steps, total_tokens=steps * tps, budget=budget)
 
 
+@dataclass
+class Parts:
+    tokenizer: object
+    data: ObjectiveData
+    model: torch.nn.Module  # owns the parameters; checkpoints and exports read it
+    wrapped: torch.nn.Module  # what runs forward/backward (the model under DDP, or the model itself)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    plan: Plan
+    params: int
+
+
+def build(cfg: Config, rt: Runtime, objective: Objective, saved_tokenizer: Path | None = None) -> Parts:
+    tokenizer = build_tokenizer(cfg, rt, saved=saved_tokenizer)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer!r} has no end-of-text token")
+    data = objective.data(cfg, tokenizer, rt)
+    model = build_model(cfg, tokenizer)
+    if hasattr(model, "set_scan_backend"):  # decided once, for this device, before any compute
+        from ..models.scan import resolve_backend
+
+        chosen = model.config.scan_backend  # what the exported config keeps ("auto" moves with the model)
+        model.set_scan_backend(resolve_backend(chosen, rt.device))
+        model.config.scan_backend = chosen
+    if cfg.finetune.method != "full":
+        from .adapters import add_adapters
+
+        model = add_adapters(model, cfg)
+    objective.check_model(model)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model, cfg.model.name)
+    params = registry.count_parameters(model)
+    model.to(rt.device)
+    t = cfg.train
+    optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, rt.device)
+    wrapped = strategy.wrap(model, cfg, rt)
+    return Parts(tokenizer, data, model, wrapped, optimizer, rt.grad_scaler(), make_plan(cfg, params, rt.world_size),
+                 params)
+
+
+def enable_activation_checkpointing(model, name: str) -> None:
+    """One checkpoint per layer (transformers' mechanism; non-reentrant, so dropout replays exactly)."""
+    from .. import _compat
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.activation_checkpointing: {name} ({type(model).__name__}) does not support it")
+    _compat.enable_activation_checkpointing(model)
+
+
 def build_tokenizer(cfg: Config, rt: Runtime, saved: Path | None = None):
     from ..data.tokenizer import load_tokenizer
 
@@ -101,7 +156,12 @@ def build_model(cfg: Config, tokenizer) -> torch.nn.Module:
         return registry.build_model(mcfg)
     from ..models.hf import load_model
 
-    model = load_model(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    name = cfg.model.name
+    if kind == "local":  # fine-tuning: a run folder stands for its trained model (lmlab.train.adapters)
+        from .adapters import resolve_base
+
+        name = resolve_base(name)
+    model = load_model(name, trust_remote_code=cfg.model.trust_remote_code)
     n_emb = model.get_input_embeddings().weight.shape[0]
     if vocab > n_emb:
         raise ConfigError(f"data.tokenizer: {vocab} tokens but {cfg.model.name} has only {n_emb} embeddings; "

@@ -1,7 +1,8 @@
-"""Small helpers for the data package.
+"""Atomic writes, the only way lmlab puts a file or folder into place.
 
-Atomic folder builds: write into a hidden temp folder beside the target, then `os.replace` it into place, so a
-killed or failed build never leaves anything that looks finished."""
+Everything is written into a hidden temporary beside its target, then `os.replace`d into place, so a
+killed or failed write never leaves anything that looks finished (and a reader sees the old or the new
+version, never half of one)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step (flushed to disk before the rename)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def first_line(e: BaseException) -> str:

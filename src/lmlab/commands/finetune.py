@@ -1,0 +1,111 @@
+"""lmlab finetune: instruction-tune a base model (full, LoRA or QLoRA) into a new run folder.
+
+    lmlab finetune --model runs/base --data alpaca.json stdlib-instruct --method lora --steps 500
+    lmlab finetune -c stages.yaml          # a `stages:` list: several stages in one run folder
+
+BASE (--model): a run folder (its final/ model, or its latest checkpoint), a model folder, a hub id or a named
+size. The tokenizer follows the base unless data.tokenizer is set.
+"""
+
+from __future__ import annotations
+
+from ._common import add_budget_args, add_config_args, budget_overrides
+
+HELP = "instruction-tune a model (full, LoRA or QLoRA) on chat data: assistant-only loss, leak-free packing"
+
+
+def add_arguments(p) -> None:
+    add_tuning_args(p, "instruction data (data.source): alpaca/dolly/oasst/sharegpt/messages files, hf:NAME, "
+                       "stdlib-instruct")
+
+
+def add_tuning_args(p, data_help: str) -> None:
+    add_config_args(p)
+    add_budget_args(p)
+    p.add_argument("--model", help="base model (model.name): a run folder, a model folder, a hub id or a named size")
+    p.add_argument("--data", nargs="+", help=data_help)
+    p.add_argument("--method", choices=("full", "lora", "qlora"), help="finetune.method (default full)")
+    p.add_argument("--template", help="chat template (finetune.template): auto, tokenizer, plain, chatml, llama3")
+    p.add_argument("--name", help="run name (run.name)")
+
+
+def tuning_config(args, objective: str):
+    """The run's Config from -c, the flags and KEY=VALUE overrides, with the base and its tokenizer resolved."""
+    import os
+
+    from ..config import load_config
+    from ..train.adapters import is_run_folder, resolve_base
+
+    overrides = [f"train.objective={objective}", *args.overrides, *budget_overrides(args)]
+    if args.data:
+        overrides.append("data.source=[" + ", ".join(_quote(d) for d in args.data) + "]")
+    for flag, key in (("method", "finetune.method"), ("template", "finetune.template"), ("name", "run.name")):
+        if getattr(args, flag):
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.model:
+        overrides.append(f"model.name={_quote(args.model)}")
+    cfg = load_config(args.config, overrides)
+    name = cfg.model.name
+    if os.path.isdir(name):  # resolved once, so the run (and its resumption) names the exact base folder
+        base = resolve_base(name) if is_run_folder(name) else os.path.abspath(name)
+        cfg.model.name = base
+        if not any(o.startswith("data.tokenizer=") for o in overrides) and not _in_file(args.config, "tokenizer"):
+            cfg.data.tokenizer = base
+    elif not _in_file(args.config, "tokenizer") and not any(o.startswith("data.tokenizer=") for o in overrides):
+        from ..models import registry
+
+        if registry.describe_kind(name) == "hub":
+            cfg.data.tokenizer = name
+    return cfg
+
+
+def _quote(value: str) -> str:
+    import json
+
+    return json.dumps(str(value))
+
+
+def _in_file(path, key: str) -> bool:
+    if path is None:
+        return False
+    import yaml
+
+    d = yaml.safe_load(open(path)) or {}
+    return key in (d.get("data") or {})
+
+
+def has_stages(path) -> bool:
+    if path is None:
+        return False
+    import yaml
+
+    try:
+        d = yaml.safe_load(open(path))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(d, dict) and "stages" in d
+
+
+def run(args) -> int:
+    from ..plan.estimate import memory_line
+    from ..train.loop import train
+
+    if has_stages(args.config):
+        from ..train.stages import train_stages
+
+        train_stages(args.config, _cli_overrides(args))
+        return 0
+    cfg = tuning_config(args, "sft")
+    train(cfg, preflight=memory_line)
+    return 0
+
+
+def _cli_overrides(args) -> list[str]:
+    out = list(args.overrides) + budget_overrides(args)
+    for flag, key in (("method", "finetune.method"), ("template", "finetune.template"), ("name", "run.name"),
+                      ("model", "model.name")):
+        if getattr(args, flag):
+            out.append(f"{key}={_quote(getattr(args, flag))}")
+    if args.data:
+        out.append("data.source=[" + ", ".join(_quote(d) for d in args.data) + "]")
+    return out

@@ -1,0 +1,20 @@
+"""lmlab status: where each run stands, once (text, or JSON for scripts)."""
+
+from __future__ import annotations
+
+HELP = "where runs stand: status, step, loss, val loss, ETA, checkpoint, disk (text or --json)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("runs", nargs="*", default=["runs"], metavar="RUN",
+                   help="run folders, or folders holding runs (a study, runs/); default: runs")
+    p.add_argument("--json", action="store_true", help="print a JSON list, one object per run")
+
+
+def run(args) -> int:
+    from ..monitor.runread import resolve_runs
+    from ..monitor.status import json_report, read_states, text_report
+
+    readers = read_states(resolve_runs(args.runs))
+    print(json_report(readers) if args.json else text_report(readers))
+    return 0

@@ -1,0 +1,78 @@
+"""The event sink: the one writer of a run's records besides checkpoints.
+
+    sink.log(kind, step, **fields)    a record in metrics.jsonl (and a TensorBoard scalar per number)
+    sink.text(line)                   a line in train.log
+    sink.event(name, step, text, ...) both: a `kind: "event"` record and its log line
+    sink.say(line)                    the console (rank 0 only), above the progress bar
+    sink.note(line)                   the console only while progress is shown (validation lines)
+    sink.progress(total, start)       the live progress bar (a context); sink.update(step, ...) moves it
+
+Every other rank gets a sink that writes nothing. Records may come from a side thread (system stats):
+writes are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .metrics import MetricsWriter
+
+
+class EventSink:
+    def __init__(self, run_dir: Path, *, enabled: bool = True, echo=print, show_progress: bool = True):
+        self.enabled, self._echo, self.show_progress = enabled, echo, show_progress
+        self._writer = MetricsWriter(run_dir, enabled=enabled)
+        self._lock = threading.Lock()
+        self._progress = None
+
+    def say(self, line: str = "") -> None:
+        """Always printed (rank 0); above the bar when one is live."""
+        if not self.enabled:
+            return
+        if self._progress is not None and self._progress.tty:
+            self._progress.note(line)
+        else:
+            self._echo(line)
+
+    def note(self, line: str) -> None:
+        """Printed with the progress display (step lines, validation lines); silent when progress is off."""
+        if self._progress is not None:
+            self._progress.note(line)
+
+    def log(self, kind: str, step: int, **fields: Any) -> None:
+        with self._lock:
+            self._writer.log(kind, step, **fields)
+
+    def text(self, line: str) -> None:
+        with self._lock:
+            self._writer.text(line)
+
+    def event(self, name: str, step: int, text: str | None = None, **fields: Any) -> None:
+        self.log("event", step, event=name, **fields)
+        if text:
+            self.text(text)
+
+    @contextmanager
+    def progress(self, total: int, start: int):
+        from ..train.progress import Progress
+
+        self._progress = Progress(total, start=start, enabled=self.enabled and self.show_progress, echo=self._echo)
+        try:
+            with self._progress:
+                yield self._progress
+        finally:
+            self._progress = None
+
+    def update(self, step: int, **fields: float) -> None:
+        if self._progress is not None:
+            self._progress.update(step, **fields)
+
+    def eta(self, step: int) -> float | None:
+        return self._progress.eta(step) if self._progress is not None else None
+
+    def close(self) -> None:
+        with self._lock:
+            self._writer.close()

@@ -1,0 +1,167 @@
+"""LoRA and QLoRA adapters through `peft` (finetune.method lora | qlora).
+
+    model = add_adapters(model, cfg)     # a peft PeftModel: only the adapters train
+
+LoRA: rank `finetune.lora_rank`, scale `lora_alpha / lora_rank`, dropout `lora_dropout`, on the modules whose
+names end with `finetune.lora_targets` (default: the family's, `lmlab.models.lora.lora_targets`).
+QLoRA: first every Linear layer but the output head becomes a `bitsandbytes` 4-bit NF4 layer (weights
+quantised in blocks of 64 with double quantisation, computed in fp32 on CPU, in the autocast dtype on GPU),
+frozen; then LoRA on top. The same replacement serves every family: lmlab's own models call their Linear
+modules (never read `.weight`), so a 4-bit layer in their place takes part in forward and backward.
+bitsandbytes runs NF4 forward/backward on x86 CPUs too, so QLoRA trains (slowly) without a GPU.
+
+The adapter initialisation is drawn from `train.seed`, so a run and its resumption build identical models.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+def add_adapters(model: nn.Module, cfg) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    from ..models.lora import lora_targets
+
+    ft = cfg.finetune
+    if ft.method not in ("lora", "qlora"):
+        raise ConfigError(f"finetune.method: {ft.method!r} takes no adapters")
+    targets = list(ft.lora_targets) or lora_targets(model)
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing or not targets:
+        raise ConfigError(f"finetune.lora_targets: {', '.join(missing) or '(none)'} not found in "
+                          f"{type(model).__name__}; its Linear layers end with: "
+                          f"{', '.join(sorted(_linear_suffixes(model)))}")
+    if ft.method == "qlora":
+        quantize_4bit(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lcfg = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    devices = torch.random.fork_rng(devices=[])  # the adapters' init draws from the seed, not the run's stream
+    with devices:
+        torch.manual_seed(cfg.train.seed + 1)
+        return get_peft_model(model, lcfg)
+
+
+def _linear_suffixes(model: nn.Module) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> int:
+    """Replace every nn.Linear but the output head with a frozen bitsandbytes NF4 Linear4bit; returns how many."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError("finetune.method=qlora needs bitsandbytes (pip install bitsandbytes)") from None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    swaps = [(name, mod) for name, mod in model.named_modules()
+             if type(mod) is nn.Linear and mod is not head and not name.endswith("lm_head")]
+    for name, lin in swaps:
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True,
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(lin.weight.data.to(torch.float32).contiguous(), requires_grad=False,
+                                     quant_type="nf4", compress_statistics=True)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        q = q.to(lin.weight.device if lin.weight.device.type != "meta" else "cpu")  # quantises the weight
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    if not swaps:
+        raise ConfigError(f"finetune.method=qlora: {type(model).__name__} has no Linear layer to quantise")
+    return len(swaps)
+
+
+def trainable_summary(model: nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(1, total):.2f}%)"
+
+
+# ------------------------------------------------------------------------------------------- bases and merging
+def is_run_folder(path) -> bool:
+    from pathlib import Path
+
+    p = Path(path)
+    return p.is_dir() and not (p / "config.json").is_file() and ((p / "run.json").is_file()
+                                                                  or (p / "config.yaml").is_file())
+
+
+def resolve_base(spec: str) -> str:
+    """A base model for fine-tuning as model.name: a run folder becomes its final/ model folder (a LoRA run's
+    adapters merged into `<run>/merged/` once); a run without final/ its latest checkpoint, exported once to
+    `<run>/exports/step-N/`. Anything else (a model folder, a hub id, a named size) is returned as is."""
+    from pathlib import Path
+
+    from ..models.export import export
+    from . import checkpoint as ckpt
+
+    if not is_run_folder(spec):
+        return spec
+    run = Path(spec).resolve()
+    if (run / "final" / "config.json").is_file():
+        return str(run / "final")
+    if (run / "final" / "adapter_config.json").is_file():
+        out = run / "merged"
+    else:
+        latest = ckpt.latest_checkpoint(run / "checkpoints")
+        if latest is None:
+            raise ConfigError(f"model.name: run {spec} has neither final/ nor a complete checkpoint")
+        out = run / "exports" / latest.name
+    if not (out / "config.json").is_file():
+        model, tokenizer = load_run_model(run, merge=True)
+        export(model, tokenizer, out)
+    return str(out)
+
+
+def load_run_model(run, merge: bool = False):
+    """(model, tokenizer) of a run folder: final/ (a model, or a base + its LoRA adapters), else the latest
+    checkpoint. With `merge`, adapters are folded into the base (`merge_and_unload`): a plain model whose
+    logits equal base + adapters. A QLoRA run's adapters go onto the unquantised base."""
+    from pathlib import Path
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from ..config import load_config
+    from ..data.tokenizer import load_tokenizer
+    from ..models.hf import load_model
+    from . import checkpoint as ckpt
+    from .setup import build_model
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run}: not an lmlab run folder (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    final = run / "final"
+    if (final / "config.json").is_file():
+        return load_model(str(final)).eval(), load_tokenizer(str(final))
+    if (final / "adapter_config.json").is_file():
+        tokenizer = load_tokenizer(str(final))
+        model = PeftModel.from_pretrained(build_model(cfg, tokenizer), str(final))
+    else:
+        latest = ckpt.latest_checkpoint(run / "checkpoints")
+        if latest is None:
+            raise ConfigError(f"{run}: neither final/ nor a complete checkpoint")
+        tokenizer = load_tokenizer(str(run / "tokenizer"))
+        model = build_model(cfg, tokenizer)
+        if cfg.finetune.method == "full":
+            ckpt.load_checkpoint(latest, model)
+        else:
+            ckpt.verify(latest)
+            cfg.finetune.method = "lora"  # the adapters alone; the base is the unquantised one
+            model = add_adapters(model, cfg)
+            state = {k: v for k, v in load_file(str(latest / "model.safetensors")).items() if "lora_" in k}
+            missing = [k for k in model.state_dict() if "lora_" in k and k not in state]
+            if missing or not state:
+                raise ConfigError(f"{latest}: no LoRA weights matching the run's adapters ({len(missing)} missing)")
+            model.load_state_dict(state, strict=False)
+    model.eval()
+    if merge and isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    return model, tokenizer

@@ -1,0 +1,151 @@
+"""Direct preference optimisation (`train.objective=dpo`): prefer the chosen reply to the rejected one,
+relative to a frozen reference model.
+
+For a pair (x, y_w chosen, y_l rejected), with log π(y|x) summed over the reply tokens and its end-of-turn:
+
+    r_w = β · (log π_θ(y_w|x) − log π_ref(y_w|x))        implicit reward of the chosen reply
+    r_l = β · (log π_θ(y_l|x) − log π_ref(y_l|x))        of the rejected one
+    loss = −log σ(r_w − r_l)                              the sigmoid loss, β = finetune.dpo_beta
+
+Reference (finetune.dpo_reference=auto): for LoRA / QLoRA the same model with its adapters switched off
+(no second copy in memory); for full fine-tuning a frozen copy of the starting weights, taken before the first
+step (and before a checkpoint is restored, so a resumed run keeps the same reference). It runs in eval mode
+(no dropout), without gradients.
+
+Metrics (sums over pairs; the trainer divides by the number of pairs): rewards/chosen, rewards/rejected,
+rewards/margins (r_w − r_l), rewards/accuracies (r_w > r_l); on the held-out pairs as val_rewards/….
+Data: data.source holds preference sources (lmlab.data.preference), split by data.val_fraction.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..data.chat import IGNORE
+from ..errors import ConfigError
+from .objectives import Batch, Objective, ObjectiveData
+from .sft import RowStream, chat_format, source_specs, summary_lines
+
+SIDES = ("chosen", "rejected")
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(b,) summed log-probabilities of the labelled tokens; `labels` (b, l) unshifted, -100 where none."""
+    targets = labels[:, 1:]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (b, l-1, V)
+    mask = targets != IGNORE
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (b, l-1)
+    return (picked * mask).sum(-1)
+
+
+def dpo_terms(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
+              beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(summed loss, summed metrics) of the sigmoid DPO loss from per-pair log-probabilities (b,)."""
+    r_w = beta * (policy_w - ref_w)
+    r_l = beta * (policy_l - ref_l)
+    loss = -F.logsigmoid(r_w - r_l).sum()
+    r_w, r_l = r_w.detach(), r_l.detach()
+    return loss, {"rewards/chosen": r_w.sum(), "rewards/rejected": r_l.sum(), "rewards/margins": (r_w - r_l).sum(),
+                  "rewards/accuracies": (r_w > r_l).float().sum()}
+
+
+def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return F.pad(x, (0, width - x.shape[1]), value=value)
+
+
+def _both(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected rows stacked (2b, l): one forward serves both (right padding leaves a causal
+    model's earlier positions untouched)."""
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    ids = torch.cat([_pad_to(batch[f"{s}_input_ids"], width, 0) for s in SIDES])
+    labels = torch.cat([_pad_to(batch[f"{s}_labels"], width, IGNORE) for s in SIDES])
+    return ids, labels
+
+
+class DPO(Objective):
+    name = "dpo"
+    unit = "pairs"
+
+    def data(self, cfg, tokenizer, rt) -> ObjectiveData:
+        from ..data.preference import collate_pairs, encode_pair, load_preference
+
+        ft, t = cfg.finetune, cfg.train
+        fmt = chat_format(cfg, tokenizer)
+        data = load_preference(source_specs(cfg), val_fraction=cfg.data.val_fraction, seed=t.seed,
+                               on_error=ft.on_error)
+        max_len = min(ft.max_len or cfg.data.seq_len, cfg.data.seq_len)
+
+        def encode(pairs):
+            out = [encode_pair(p, fmt, max_len, ft.overlong) for p in pairs]
+            return [e for e in out if e is not None]
+
+        train, val = encode(data.train), encode(data.val)
+        if not train:
+            raise ConfigError(f"finetune.max_len: no preference pair fits in {max_len} tokens")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        stream = RowStream(len(train), t.batch_size, lambda idx: collate_pairs([train[i] for i in idx], pad),
+                           seed=t.seed, rank=rt.rank, world_size=rt.world_size, what="preference pairs")
+
+        def val_batches() -> Iterator[Batch]:
+            b, w = t.batch_size, rt.world_size
+            for i in range(t.eval_batches):
+                lo = (i * w + rt.rank) * b
+                if lo >= len(val):
+                    break
+                yield collate_pairs(val[lo: lo + b], pad)
+
+        from ..data.tokenizer import tokenizer_fingerprint
+
+        fingerprint = hashlib.sha256("\n".join(p.key() for p in data.train).encode()).hexdigest()[:16]
+        manifest = {"data": {"pairs": data.summary.to_dict(), "template": fmt.name, "beta": ft.dpo_beta},
+                    "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_fingerprint": fingerprint}
+        lines = [f"data      {len(train):,} train / {len(val):,} held-out preference pairs, template {fmt.name}, "
+                 f"β={ft.dpo_beta:g}, reference: {self._reference_kind()}"]
+        lines += summary_lines(data.summary)
+        tokenizer.chat_template = fmt.inference_template()
+        return ObjectiveData(stream, val_batches, manifest, lines)
+
+    def _reference_kind(self) -> str:
+        if self.cfg.finetune.method == "full":
+            return "a frozen copy of the starting weights"
+        return "the base model (adapters off)"
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        return torch.tensor(batch["chosen_input_ids"].shape[0], device=batch["chosen_input_ids"].device)
+
+    def check_model(self, model) -> None:
+        if self.cfg.finetune.dpo_reference != "auto":
+            raise ConfigError(f"finetune.dpo_reference: {self.cfg.finetune.dpo_reference!r}; allowed: auto")
+        self.reference = None
+        if self.cfg.finetune.method == "full":
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        elif not hasattr(model, "disable_adapter"):
+            raise ConfigError(f"finetune.method={self.cfg.finetune.method}: the model carries no adapters")
+
+    def _reference_logps(self, model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        core = getattr(model, "module", model)  # under DDP
+        with torch.no_grad():
+            if self.reference is not None:
+                ref = self.reference
+                if next(ref.parameters()).device != ids.device:
+                    ref.to(ids.device)
+                return sequence_logps(ref(ids).logits, labels)
+            was = core.training
+            core.eval()
+            try:
+                with core.disable_adapter():
+                    return sequence_logps(core(input_ids=ids).logits, labels)
+            finally:
+                core.train(was)
+
+    def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids, labels = _both(batch)
+        b = batch["chosen_input_ids"].shape[0]
+        policy = sequence_logps(model(input_ids=ids).logits, labels)
+        ref = self._reference_logps(model, ids, labels)
+        return dpo_terms(policy[:b], policy[b:], ref[:b], ref[b:], self.cfg.finetune.dpo_beta)

@@ -1,0 +1,122 @@
+"""Opening and closing a run folder: the folder itself, its lock, its manifest and its event sink.
+
+    with open_run(cfg, rt, run_dir, manifest=..., echo=print) as run:
+        run.dir, run.sink, run.resuming
+        ...
+        run.status = "finished"          # whatever it is when the block ends goes into run.json
+
+The folder is created only here, after everything that can be checked without compute was checked and the
+data, tokenizer and model were built, so a refused run leaves nothing behind. The lock (`run.lock`: pid and
+host) refuses a second process writing the same folder; a lock left by a dead process on this host is taken
+over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import runs
+from ..config import Config, save_config
+from ..errors import LmlabError
+from ..monitor.events import EventSink
+from .runtime import Runtime
+
+LOCK = "run.lock"
+
+
+@dataclass
+class Run:
+    dir: Path
+    sink: EventSink
+    resuming: bool
+    status: str = "failed"
+
+
+@contextmanager
+def open_run(cfg: Config, rt: Runtime, run_dir: Path | None, *, tokenizer, manifest: dict,
+             resumed_from: int | None = None, echo=print) -> Iterator[Run]:
+    resuming = run_dir is not None
+    if run_dir is None:
+        name = cfg.run.name or runs.default_name(cfg.model.name)
+        cfg.run.name = name
+        run_dir = Path(cfg.run.out_dir) / name
+        if rt.is_main:
+            runs.create_run_dir(cfg.run.out_dir, name)
+    run_dir = Path(run_dir)
+    rt.barrier()
+    if rt.is_main:
+        acquire_lock(run_dir)
+    run = Run(run_dir, EventSink(run_dir, enabled=rt.is_main, echo=echo, show_progress=cfg.train.progress),
+              resuming)
+    try:
+        if rt.is_main:
+            if not resuming:
+                save_config(cfg, run_dir / "config.yaml")
+                tokenizer.save_pretrained(run_dir / "tokenizer")
+            runs.start_manifest(run_dir, resumed_from=resumed_from)
+            runs.write_manifest(run_dir, name=run_dir.name, model=cfg.model.name, objective=cfg.train.objective,
+                                **manifest)
+        yield run
+    finally:
+        run.sink.close()
+        if rt.is_main:
+            runs.write_manifest(run_dir, status=run.status, ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            release_lock(run_dir)
+
+
+# ------------------------------------------------------------------------------------------- the lock
+def _holder(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(run_dir: Path) -> None:
+    """Take `run.lock` or raise naming its holder. A lock whose process is gone (same host) is taken over."""
+    path = run_dir / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = _holder(path)
+            if held is None:  # torn write by a process killed while taking it
+                path.unlink(missing_ok=True)
+                continue
+            if held.get("host") == me["host"] and not _alive(int(held.get("pid", -1))):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            if held.get("pid") == me["pid"] and held.get("host") == me["host"]:
+                return
+            raise LmlabError(f"{run_dir} is in use by pid {held.get('pid')} on {held.get('host')} "
+                             f"(since {held.get('since')}); stop it first, or remove {path} if that process "
+                             f"is gone") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        return
+    raise LmlabError(f"{path}: cannot take the lock")
+
+
+def release_lock(run_dir: Path) -> None:
+    path = run_dir / LOCK
+    held = _holder(path)
+    if held is not None and held.get("pid") == os.getpid() and held.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)

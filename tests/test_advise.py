@@ -1,0 +1,183 @@
+"""lmlab advise: configs that pass and fail each rule of thumb, the overall score, recipes, run folders, the CLI."""
+
+import argparse
+import json
+
+import pytest
+import torch
+import yaml
+
+from lmlab.config import from_dict, save_config, validate
+from lmlab.errors import ConfigError
+from lmlab.plan.advise import BAD, GOOD, INFO, WARN, advise, advise_spec, judge, pretrain_lr_of
+
+torch.set_num_threads(1)
+M124 = 124_000_000
+
+
+def cfg(train=None, finetune=None, data=None, model="mamba-swelu-tiny"):
+    c = from_dict({"model": {"name": model}, "data": {"seq_len": 64, **(data or {})},
+                   "train": {"objective": "sft", "max_steps": 3000, "warmup_steps": 100, "lr": 7e-6,
+                             "batch_size": 8, "grad_accum": 16, **(train or {})},
+                   "finetune": finetune or {}})
+    validate(c)
+    return c
+
+
+def verdict(adv, name):
+    return next(c for c in adv.criteria if c.name == name).verdict
+
+
+def test_judge_scores_inside_and_outside():
+    assert judge(5, 1, 10) == (GOOD, 10.0)
+    v, s = judge(20, 1, 10, tol=2)
+    assert v == WARN and s == pytest.approx(5.0)
+    v, s = judge(100, 1, 10, tol=2)
+    assert v == BAD and s == 0.0
+    assert judge(0, 1, 10)[0] == BAD
+
+
+@pytest.mark.parametrize("params,method,lr,want", [
+    (M124, "full", 7e-6, GOOD), (M124, "full", 2e-5, WARN), (M124, "full", 1e-4, BAD), (M124, "full", 1e-6, BAD),
+    (3_000_000_000, "full", 2e-6, GOOD), (3_000_000_000, "full", 1e-5, WARN),
+    (13_000_000_000, "full", 7e-7, GOOD), (13_000_000_000, "full", 1e-5, BAD),
+    (M124, "lora", 1e-4, GOOD), (M124, "lora", 1e-5, BAD), (3_000_000_000, "lora", 3e-5, GOOD),
+])
+def test_learning_rate_by_model_size(params, method, lr, want):
+    adv = advise(cfg({"lr": lr}, {"method": method}), params=params)
+    assert verdict(adv, "learning rate") == want
+
+
+def test_dpo_learning_rate_and_beta():
+    good = advise(cfg({"objective": "dpo", "lr": 5e-7}, {"dpo_beta": 0.1}), params=M124)
+    assert verdict(good, "learning rate") == GOOD and verdict(good, "DPO β") == GOOD
+    bad = advise(cfg({"objective": "dpo", "lr": 1e-5}, {"dpo_beta": 2.0}), params=M124)
+    assert verdict(bad, "learning rate") == BAD and verdict(bad, "DPO β") == BAD
+
+
+def test_fine_tune_lr_against_the_pretraining_lr(tmp_path):
+    assert verdict(advise(cfg({"lr": 1e-5}), params=M124, pretrain_lr=4e-4), "LR vs pretraining") == GOOD  # ÷40
+    assert verdict(advise(cfg({"lr": 1e-5}), params=M124, pretrain_lr=3e-3), "LR vs pretraining") == BAD  # ÷300
+    assert verdict(advise(cfg({"lr": 1e-5}), params=M124), "LR vs pretraining") == INFO
+    run = tmp_path / "pre"
+    (run / "final").mkdir(parents=True)
+    save_config(from_dict({"train": {"lr": 6e-4}}), run / "config.yaml")
+    (run / "run.json").write_text("{}")
+    assert pretrain_lr_of(str(run / "final")) == (6e-4, str(run))
+    assert pretrain_lr_of(str(run)) == (6e-4, str(run))
+    assert pretrain_lr_of(str(tmp_path / "elsewhere")) is None
+
+
+@pytest.mark.parametrize("hardware,batch,accum,gpus,want", [
+    ("rtx4090", 8, 24, 1, GOOD), ("rtx4090", 8, 4, 6, GOOD), ("rtx4090", 8, 8, 1, WARN), ("rtx4090", 8, 2, 1, BAD),
+    ("a100-80", 8, 64, 1, GOOD), ("a100-80", 8, 16, 1, WARN), (None, 8, 16, 1, GOOD), (None, 4, 4, 1, BAD),
+])
+def test_effective_batch_by_gpu_memory(hardware, batch, accum, gpus, want):
+    adv = advise(cfg({"batch_size": batch, "grad_accum": accum}), params=M124, hardware=hardware, gpus=gpus)
+    assert adv.effective_batch == batch * accum * gpus
+    assert verdict(adv, "effective batch") == want
+
+
+def test_adapters_train_with_small_batches():
+    adv = advise(cfg({"lr": 1e-4, "batch_size": 8, "grad_accum": 4}, {"method": "lora"}), params=M124)
+    assert verdict(adv, "effective batch") == GOOD
+
+
+def test_memory_fits_or_not():
+    assert verdict(advise(cfg(), hardware="rtx4090"), "memory per GPU") == GOOD
+    huge = cfg({"batch_size": 256, "grad_accum": 1}, data={"seq_len": 1024}, model="mamba-swelu-124m")
+    adv = advise(huge, hardware="rtx3090")
+    assert verdict(adv, "memory per GPU") == BAD
+    assert "does not fit" in next(c.advice for c in adv.criteria if c.name == "memory per GPU")
+
+
+@pytest.mark.parametrize("steps,examples,want", [(1219, 52002, GOOD), (25000, 114000, BAD), (300, 52002, BAD),
+                                                 (600, 52002, WARN)])
+def test_epochs_when_the_data_size_is_known(steps, examples, want):
+    adv = advise(cfg({"max_steps": steps, "warmup_steps": 100}), params=M124, examples=examples)
+    assert verdict(adv, "epochs") == want
+    assert verdict(advise(cfg(), params=M124), "epochs") == INFO  # unknown data size: not scored
+
+
+def test_epochs_advice_gives_the_step_range():
+    adv = advise(cfg({"max_steps": 25000, "warmup_steps": 1000, "batch_size": 8, "grad_accum": 24}), params=M124,
+                 examples=114000)
+    c = next(c for c in adv.criteria if c.name == "epochs")
+    assert c.value.startswith("42.1") and "1,188–2,968 steps" in c.advice
+
+
+@pytest.mark.parametrize("steps,warmup,want", [
+    (3000, 100, GOOD), (3000, 30, WARN), (3000, 1000, BAD), (10000, 300, GOOD), (10000, 50, BAD),
+    (25000, 1000, GOOD), (25000, 100, BAD), (25000, 0, BAD), (3000, 0, WARN),
+])
+def test_warmup_by_total_steps(steps, warmup, want):
+    adv = advise(cfg({"max_steps": steps, "warmup_steps": warmup}), params=M124)
+    assert verdict(adv, "warmup") == want
+
+
+@pytest.mark.parametrize("rank,alpha,want", [(16, 32, GOOD), (64, 128, GOOD), (8, 16, WARN), (256, 32, BAD)])
+def test_lora_rank_and_alpha(rank, alpha, want):
+    adv = advise(cfg({"lr": 1e-4}, {"method": "lora", "lora_rank": rank, "lora_alpha": alpha}), params=M124)
+    assert verdict(adv, "LoRA rank / alpha") == want
+
+
+def test_pretraining_configs_are_refused():
+    c = from_dict({"model": {"name": "mamba-swelu-tiny"}})
+    with pytest.raises(ConfigError, match="fine-tuning"):
+        advise(c)
+
+
+def test_overall_score_is_the_mean_of_scored_criteria():
+    adv = advise(cfg({"lr": 1e-4, "max_steps": 25000, "warmup_steps": 1000}), params=M124, examples=1000)
+    scored = [c.score for c in adv.criteria if c.score is not None]
+    assert adv.score == pytest.approx(sum(scored) / len(scored), abs=0.05)
+    assert adv.score < 8
+    good = advise(cfg({"max_steps": 1219, "warmup_steps": 100, "lr": 7e-6}), params=M124, examples=52002,
+                  pretrain_lr=3e-4)
+    assert good.score == 10.0 and all(c.verdict in (GOOD, INFO) for c in good.criteria)
+
+
+def test_the_production_recipe(tmp_path):
+    adv = advise_spec("production", ["train.grad_accum=4"], hardware="rtx4090", gpus=6)
+    assert adv.effective_batch == 192
+    got = {c.name: c.verdict for c in adv.criteria}
+    assert got["learning rate"] == GOOD and got["warmup"] == GOOD and got["effective batch"] == GOOD
+    assert got["memory per GPU"] == GOOD and got["epochs"] == BAD  # 42 epochs of 114k examples
+
+
+def test_a_run_folder_gives_its_data_size_and_devices(tmp_path):
+    run = tmp_path / "sft-run"
+    run.mkdir()
+    c = cfg({"max_steps": 1000, "batch_size": 4, "grad_accum": 8, "warmup_steps": 100})
+    save_config(c, run / "config.yaml")
+    (run / "run.json").write_text(json.dumps({"tokens_per_step": 4 * 8 * 64 * 2, "data": {"examples": {"train":
+                                                                                                       32000}}}))
+    adv = advise_spec(str(run))
+    assert adv.effective_batch == 64  # two ranks
+    assert next(c for c in adv.criteria if c.name == "epochs").value.startswith("2.0")
+
+
+def test_recipe_file_with_header_and_unknown_subject(tmp_path):
+    from lmlab.recipes import RECIPES_DIR
+
+    f = tmp_path / "mine.yaml"
+    f.write_text((RECIPES_DIR / "alpaca.yaml").read_text())  # the `recipe:` header is not a config section
+    adv = advise_spec(str(f))
+    assert verdict(adv, "epochs") == GOOD  # the header's data size is used
+    with pytest.raises(ConfigError, match="not a config file"):
+        advise_spec("no-such-recipe")
+
+
+def test_command_table_and_json(capsys):
+    from lmlab.commands import advise as cmd
+
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    assert cmd.run(p.parse_args(["alpaca", "train.lr=1e-5", "--hardware", "rtx4090"])) == 0
+    out = capsys.readouterr().out
+    for needle in ("criterion", "learning rate", "effective batch", "warmup", "overall:", "/10"):
+        assert needle in out
+    assert cmd.run(p.parse_args(["dolly", "--json"])) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["subject"] == "recipe dolly" and d["effective_batch"] == 32 and 0 <= d["score"] <= 10
+    assert yaml.safe_dump(d)  # plain data

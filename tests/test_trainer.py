@@ -1,0 +1,353 @@
+"""The trainer's seams, in process on tiny configs: objectives, target-token normalisation, the guard, the
+schedule, decay groups, precision, document masking, determinism at 2 threads, locks, safe loading."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmlab.config import load_config
+from lmlab.errors import ConfigError, LmlabError
+from lmlab.train import checkpoint as ckpt
+from lmlab.train.loop import TrainingDiverged, train
+from lmlab.train.objectives import OBJECTIVES, Pretrain, make_objective, register_objective, token_loss_sum
+from lmlab.train.optim import lr_at, param_groups
+from lmlab.train.run import acquire_lock, release_lock
+from lmlab.train.runtime import Runtime
+from lmlab.train.setup import build
+from lmlab.train.step import compute_gradients
+
+CPU = Runtime(device=torch.device("cpu"), precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from lmlab.data.tokenizer import train_bpe
+
+    out = tmp_path_factory.mktemp("tok")
+    train_bpe("stdlib", 512, out, max_chars=300_000)
+    return out
+
+
+def _cfg(tok, out, name, *extra, steps=12):
+    return load_config(None, [
+        "model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2", "model.dense_hidden=32",
+        "model.swelu_lam_init=5.0",
+        "data.source=stdlib", "data.max_docs=40", f"data.tokenizer={tok}", "data.seq_len=32",
+        "train.batch_size=4", f"train.max_steps={steps}", "train.save_every=4", "train.eval_every=6",
+        "train.eval_batches=2", "train.log_every=1", "train.threads=2", "train.sample_tokens=2",
+        "train.progress=false", "train.warmup_steps=2", "train.lr=3e-3", f"run.out_dir={out}",
+        f"run.name={name}", *extra])
+
+
+def _records(run: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def _quiet(*a, **k):
+    pass
+
+
+# ------------------------------------------------------------------------------------------- objectives
+class LabelSmoothed(Pretrain):
+    """A toy objective: next-token loss with label smoothing 0.1 — one class and one registry line."""
+
+    name = "label_smoothed"
+    calls = 0
+
+    def loss(self, model, batch):
+        LabelSmoothed.calls += torch.is_grad_enabled()
+        logits = model(batch["input_ids"]).logits
+        return token_loss_sum(logits, batch["targets"], label_smoothing=0.1), {}
+
+
+def test_a_new_objective_is_one_class_and_one_registry_line(tok, tmp_path):
+    register_objective(LabelSmoothed)
+    try:
+        cfg = _cfg(tok, tmp_path, "smooth", "train.objective=label_smoothed", steps=3)
+        # the loss the trainer logs at step 1 is the objective's, on the first batch, for the fresh model
+        parts = build(cfg, CPU, make_objective(cfg))
+        batch = parts.data.train.next()
+        with torch.no_grad():
+            total, _ = LabelSmoothed(cfg).loss(parts.model, batch)
+        run = train(cfg, echo=_quiet)
+        first = _records(run, "train")[0]
+        assert first["step"] == 1
+        assert first["loss"] == pytest.approx(float(total) / batch["targets"].numel(), rel=1e-5)
+        assert LabelSmoothed.calls == 3  # one micro-batch per step went through the toy objective
+        assert json.loads((run / "run.json").read_text())["objective"] == "label_smoothed"
+    finally:
+        OBJECTIVES.pop("label_smoothed", None)
+
+
+def test_unknown_objective_is_refused_before_anything():
+    with pytest.raises(ConfigError, match="train.objective: unknown objective 'nope'"):
+        load_config(None, ["train.objective=nope"])
+
+
+# ------------------------------------------------------------------------------------------- the step
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulation_normalises_over_target_tokens_not_micro_batches():
+    from lmlab.models import build_config, build_model
+
+    torch.manual_seed(0)
+    model = build_model(build_config("mamba-swelu-tiny", vocab_size=50, overrides=dict(
+        d_model=16, dense_hidden=16, swelu_lam_init=20.0)))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # peaked predictions: per-token losses differ a lot
+    x = torch.randint(0, 50, (4, 9))
+    y = torch.randint(0, 50, (4, 9))
+    y[2:, 3:] = -100  # the second half has few targets: per-micro-batch means would weigh it wrongly
+    whole = {"input_ids": x, "targets": y}
+    halves = [{"input_ids": x[:2], "targets": y[:2]}, {"input_ids": x[2:], "targets": y[2:]}]
+    obj = Pretrain(None)
+    r1 = compute_gradients(model, obj, [whole], CPU)
+    g1 = _grads(model)
+    model.zero_grad(set_to_none=True)
+    r2 = compute_gradients(model, obj, halves, CPU)
+    g2 = _grads(model)
+    assert int(r1.count) == int(r2.count) == int((y != -100).sum())
+    torch.testing.assert_close(r1.loss, r2.loss, rtol=1e-6, atol=1e-6)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-7, msg=n)
+    # the mean of the two micro-batch means is not the step's loss here
+    with torch.no_grad():
+        means = [float(obj.loss(model, b)[0] / obj.count(b)) for b in halves]
+    assert abs(sum(means) / 2 - float(r2.loss)) > 1e-3
+
+
+def test_lr_schedule_points():
+    kw = dict(lr=1.0, total=110, warmup=10, min_ratio=0.1)
+    assert lr_at(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(10, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(60, schedule="cosine", **kw) == pytest.approx(0.55)  # halfway: (1 + 0.1) / 2
+    assert lr_at(110, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(60, schedule="linear", **kw) == pytest.approx(0.55)
+    assert lr_at(85, schedule="linear", **kw) == pytest.approx(0.325)
+    assert lr_at(100, schedule="constant", **kw) == 1.0
+
+
+def test_decay_groups_and_decay_all_parameters():
+    from lmlab.models import build_config, build_model
+
+    model = build_model(build_config("mamba-swelu-tiny", vocab_size=50, overrides=dict(d_model=16,
+                                                                                       dense_hidden=16)))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(model, 0.1))
+    assert "blocks.0.mixer.in_proj.weight" in decay and "dense.0.fc.weight" in decay
+    for n in ("blocks.0.mixer.A_log", "blocks.0.mixer.D", "blocks.0.act.k_raw", "blocks.0.act.lam",
+              "blocks.0.norm.weight", "dense.0.fc.bias"):
+        assert n in no_decay, n
+    assert not decay & no_decay and len(decay | no_decay) == len(names)
+    model.config.decay_all_parameters = True
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(model, 0.1))
+    assert not no_decay and len(decay) == len(names)
+
+
+# ------------------------------------------------------------------------------------------- whole runs
+def test_training_lowers_the_loss_and_two_runs_at_two_threads_are_bitwise_equal(tok, tmp_path):
+    a = train(_cfg(tok, tmp_path, "a", steps=16), echo=_quiet)
+    b = train(_cfg(tok, tmp_path, "b", steps=16), echo=_quiet)
+    losses = [r["loss"] for r in _records(a, "train")]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3
+    wa, wb = load_file(str(a / "final/model.safetensors")), load_file(str(b / "final/model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert torch.get_num_threads() == 2
+
+
+class NaNAt(Pretrain):
+    """Pretraining whose loss is NaN at chosen optimizer steps (counted by calls with gradients)."""
+
+    name = "nan_at"
+    bad_steps: set = set()
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.calls = 0
+
+    def loss(self, model, batch):
+        total, m = super().loss(model, batch)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls in self.bad_steps:
+                total = total * float("nan")
+        return total, m
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop", "rollback"])
+def test_guard_policies_on_an_injected_nan(tok, tmp_path, policy):
+    NaNAt.bad_steps = {6}
+    register_objective(NaNAt)
+    try:
+        cfg = _cfg(tok, tmp_path, policy, "train.objective=nan_at", f"train.guard={policy}", steps=9)
+        if policy == "stop":
+            with pytest.raises(TrainingDiverged, match="loss is nan at step 6"):
+                train(cfg, echo=_quiet)
+            run = tmp_path / policy
+            assert ckpt.latest_checkpoint(run / "checkpoints").name == "step-00000006"
+            assert json.loads((run / "run.json").read_text())["status"] == "failed"
+            return
+        run = train(cfg, echo=_quiet)
+        events = [r for r in _records(run, "event") if r["event"] in ("guard", "rollback")]
+        assert events[0]["event"] == "guard" and events[0]["step"] == 6 and events[0]["action"] == policy
+        train_losses = [r["loss"] for r in _records(run, "train")]
+        assert all(x == x for x in train_losses)  # the NaN step never reached the weights or the log mean
+        if policy == "rollback":
+            assert events[1]["event"] == "rollback" and events[1]["checkpoint"] == "step-00000004"
+            assert events[1]["lr_scale"] == 0.5
+        else:
+            assert json.loads((run / "run.json").read_text())["summary"]["skipped_steps"] == 1
+    finally:
+        OBJECTIVES.pop("nan_at", None)
+
+
+def test_a_skipped_step_leaves_parameters_and_optimizer_state_bitwise_unchanged():
+    from lmlab.models import build_config, build_model
+    from lmlab.train.guard import Guard
+    from lmlab.train.step import discard_update
+
+    torch.manual_seed(0)
+    model = build_model(build_config("mamba-swelu-tiny", vocab_size=50, overrides=dict(d_model=16,
+                                                                                       dense_hidden=16)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    batch = {"input_ids": torch.randint(0, 50, (2, 9)), "targets": torch.randint(0, 50, (2, 9))}
+    compute_gradients(model, Pretrain(None), [batch], CPU, optimizer=opt)
+    opt.step()
+    opt.zero_grad()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {k: {n: t.clone() for n, t in v.items() if torch.is_tensor(t)} for k, v in opt.state.items()}
+    r = compute_gradients(model, Pretrain(None), [batch], CPU, optimizer=opt)
+    verdict = Guard("skip").check(2, float("nan"), r.grad_norm)
+    assert verdict.action == "skip"
+    discard_update(opt)
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(t, state[k][n]) for k, v in opt.state.items() for n, t in v.items() if torch.is_tensor(t))
+
+
+def test_spike_detection_after_warmup_only():
+    from lmlab.train.guard import Guard
+
+    g = Guard("skip", window=20, warmup=10, sigma=6.0)
+    for i in range(10):
+        assert g.check(i, 3.0 + 0.01 * (i % 3), 1.0).apply
+    assert g.check(11, 3.02, 1.0).apply
+    v = g.check(12, 9.0, 1.0)
+    assert v.action == "skip" and "loss spike" in v.reason
+    assert g.check(13, 3.01, 50.0).action == "skip"  # gradient-norm spike
+    early = Guard("skip", window=20, warmup=10)
+    assert early.check(1, 100.0, 1.0).apply  # nothing to compare with yet
+
+
+def test_document_masking_reaches_the_model_and_bf16_runs_on_cpu(tok, tmp_path):
+    run = train(_cfg(tok, tmp_path, "docmask", "data.document_masking=true", "train.precision=bf16", steps=3),
+                echo=_quiet)
+    assert all(r["loss"] == r["loss"] for r in _records(run, "train"))
+    cfg = _cfg(tok, tmp_path, "x", "data.document_masking=true")
+    parts = build(cfg, CPU, make_objective(cfg))
+    assert "seq_idx" in parts.data.train.next()
+
+
+def test_document_masking_refused_for_a_model_that_cannot_reset(tok, tmp_path):
+    cfg = _cfg(tok, tmp_path, "llama", "data.document_masking=true")
+    cfg.model.name, cfg.model.overrides = "llama-tiny", {}
+    with pytest.raises(ConfigError, match="data.document_masking"):
+        train(cfg, echo=_quiet)
+    assert not (tmp_path / "llama").exists()
+
+
+# ------------------------------------------------------------------------------------------- bad values
+@pytest.mark.parametrize("override,message", [
+    ("model.dropout=1.5", "model.dropout: must be in [0, 1), got 1.5"),
+    ("model.d_model=-8", "model.d_model: must be >= 1, got -8"),
+    ("model.d_model=abc", "model.d_model: expected an integer, got 'abc'"),
+    ("train.lr=inf", "train.lr: must be a finite number, got inf"),
+    ("train.guard=maybe", "train.guard: invalid value 'maybe'"),
+])
+def test_bad_values_stop_the_cli_with_one_line_and_leave_nothing(tmp_path, override, message):
+    out = subprocess.run([sys.executable, "-m", "lmlab.cli", "pretrain", "model.name=mamba-swelu-tiny", override,
+                          f"run.out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------- run folder safety
+def test_the_lock_refuses_a_second_writer_and_takes_over_a_stale_one(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run.lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename,
+                                                       "since": "now"}))
+        with pytest.raises(LmlabError, match=f"in use by pid {holder.pid}"):
+            acquire_lock(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    acquire_lock(tmp_path)  # its process is gone: taken over
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    release_lock(tmp_path)
+    assert not (tmp_path / "run.lock").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_a_damaged_one_is_skipped(tok, tmp_path):
+    run = train(_cfg(tok, tmp_path, "safe", steps=8), echo=_quiet)
+    root = run / "checkpoints"
+    last, previous = ckpt.list_checkpoints(root)[-1], ckpt.list_checkpoints(root)[-2]
+    # a pickle that would run a command, with the manifest rewritten to match
+    evil = _Evil()
+    evil.path = tmp_path / "pwned"
+    with open(last / "trainer.pt", "wb") as f:
+        pickle.dump({"state": evil}, f)
+    manifest = json.loads((last / "MANIFEST.json").read_text())
+    manifest["files"]["trainer.pt"] = ckpt._sha256(last / "trainer.pt")
+    (last / "MANIFEST.json").write_text(json.dumps(manifest))
+    from lmlab.models import build_config, build_model
+
+    model = build_model(build_config("mamba-swelu-tiny", vocab_size=512, overrides=dict(
+        d_model=32, n_layers=2, dense_hidden=32, swelu_lam_init=5.0)))
+    with pytest.raises(LmlabError, match="refusing to load it"):
+        ckpt.load_checkpoint(last, model)
+    assert not evil.path.exists()
+    # one flipped byte in the newest checkpoint: resume names it and falls back to the previous one
+    data = bytearray((last / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (last / "model.safetensors").write_bytes(bytes(data))
+    lines = []
+    from lmlab.train.loop import latest_valid_checkpoint
+
+    assert latest_valid_checkpoint(root, lines.append) == previous
+    assert "model.safetensors" in lines[0] and last.name in lines[0]
+
+
+def test_export_loads_in_a_python_that_never_imported_lmlab(tok, tmp_path):
+    run = train(_cfg(tok, tmp_path, "export", steps=2), echo=_quiet)
+    code = ("import torch\nfrom transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(run / 'final')!r}, trust_remote_code=True)\n"
+            "ids = torch.arange(10)[None]\n"
+            "print(type(m).__name__, float(m(ids).logits.double().sum()))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, total = out.stdout.split()
+    assert name == "MambaSWELUForCausalLM"
+    from lmlab.inference import load_for_inference
+
+    model, _ = load_for_inference(str(run))
+    with torch.no_grad():
+        assert float(model(torch.arange(10)[None]).logits.double().sum()) == pytest.approx(float(total), rel=1e-6)
