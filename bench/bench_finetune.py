@@ -38,8 +38,8 @@ def measure(base: str, method: str, steps: int, threads: int) -> dict:
     import torch
 
     from lmlab.config import load_config
+    from lmlab.runtime import setup_runtime
     from lmlab.train.objectives import make_objective
-    from lmlab.train.runtime import setup_runtime
     from lmlab.train.setup import build
     from lmlab.train.step import apply_update, compute_gradients
 
@@ -97,8 +97,8 @@ def main() -> None:
     from lmlab.config import load_config
     from lmlab.eval.perplexity import validation_loss
     from lmlab.inference import load_for_inference
+    from lmlab.runtime import setup_runtime
     from lmlab.train.loop import train
-    from lmlab.train.runtime import setup_runtime
     from lmlab.train.sft import SFT
 
     torch.set_num_threads(args.threads)

@@ -20,8 +20,8 @@ import torch
 from _common import table
 
 from lmlab.models import build_config, build_model
+from lmlab.runtime import Runtime
 from lmlab.train.objectives import Pretrain
-from lmlab.train.runtime import Runtime
 from lmlab.train.step import apply_update, compute_gradients
 
 

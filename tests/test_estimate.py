@@ -140,7 +140,7 @@ def test_memory_model_matches_measured_cpu_peak(name, seq, batch, ckpt):
 def test_estimate_for_run_uses_the_run_config(tmp_path):
     from lmlab.config import load_config
     from lmlab.plan.estimate import estimate_for_run
-    from lmlab.train.runtime import setup_runtime
+    from lmlab.runtime import setup_runtime
 
     cfg = load_config(None, ["model.name=mamba-swelu-tiny", "data.seq_len=64", "train.batch_size=4",
                              "train.grad_accum=2", "train.max_steps=10"])

@@ -96,8 +96,8 @@ def test_tiny_sft_on_stdlib_instruct_lowers_held_out_loss(tok_dir, tmp_path):
     from lmlab.data.tokenizer import load_tokenizer
     from lmlab.eval.perplexity import validation_loss
     from lmlab.models.hf import load_model
+    from lmlab.runtime import setup_runtime
     from lmlab.train.loop import train
-    from lmlab.train.runtime import setup_runtime
     from lmlab.train.setup import build_model
 
     cfg = load_config(None, _overrides(tok_dir, tmp_path, "sft", steps=30, extra=(

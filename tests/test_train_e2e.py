@@ -33,7 +33,7 @@ def _args(tok, out, name, steps=40, dropout=0.1, batch=4, extra=(), model=MAMBA)
         *model, *([f"model.dropout={dropout}"] if dropout is not None else []), "data.source=stdlib",
         "data.max_docs=60", f"data.tokenizer={tok}",
         "data.seq_len=32", f"train.batch_size={batch}", f"train.max_steps={steps}", "train.save_every=4",
-        "train.eval_every=8", "train.eval_batches=2", "train.log_every=2", "train.threads=1",
+        "train.eval_every=8", "train.eval_batches=2", "train.log_every=2", "train.threads=2",
         "train.sample_tokens=4", "train.progress=false", "train.warmup_steps=4", "train.lr=3e-3",
         f"run.out_dir={out}", f"run.name={name}", *extra,
     ]
@@ -52,8 +52,9 @@ def _events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _kill_after_checkpoint(args: list[str], run: Path, min_step: int) -> None:
-    """Start a pretraining run and SIGKILL it as soon as a complete checkpoint at `min_step` or later exists."""
+def _kill_after_checkpoint(args: list[str], run: Path, min_step: int, sig=signal.SIGKILL) -> None:
+    """Start a pretraining run and send `sig` as soon as a complete checkpoint at `min_step` or later exists.
+    SIGKILL: it dies without a word; SIGTERM: it saves at the end of the step and stops cleanly."""
     proc = subprocess.Popen([sys.executable, "-m", "lmlab.cli", "pretrain", *args],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ckpts = run / "checkpoints"
@@ -64,11 +65,15 @@ def _kill_after_checkpoint(args: list[str], run: Path, min_step: int) -> None:
             break
         time.sleep(0.01)
     assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (run / "final").exists(), "the run finished before it could be killed"
-    assert json.loads((run / "run.json").read_text())["status"] == "running"  # died without a word
+    os.kill(proc.pid, sig)
+    out, err = proc.communicate()
+    assert not (run / "final").exists(), "the run finished before it could be stopped"
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+        assert json.loads((run / "run.json").read_text())["status"] == "running"  # died without a word
+    else:
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert b"stopped at step" in out
 
 
 def _assert_resume_is_exact(straight: Path, killed: Path, total: int) -> None:
@@ -96,6 +101,13 @@ def test_sigkill_and_resume_is_bitwise_identical(tokenizer_dir, tmp_path):
     assert straight.returncode == 0, straight.stderr
     _kill_after_checkpoint(_args(tokenizer_dir, tmp_path, "killed"), tmp_path / "killed", 12)
     _assert_resume_is_exact(tmp_path / "straight", tmp_path / "killed", 40)
+    # SIGTERM: a checkpoint at the end of the current step, status "stopped", exit 0, then the same exact resume
+    _kill_after_checkpoint(_args(tokenizer_dir, tmp_path, "termed"), tmp_path / "termed", 8, sig=signal.SIGTERM)
+    assert json.loads((tmp_path / "termed" / "run.json").read_text())["status"] == "stopped"
+    _assert_resume_is_exact(tmp_path / "straight", tmp_path / "termed", 40)
+    # the same run folder on another global batch is refused, naming what changed
+    refused = _cli("resume", str(tmp_path / "termed"), "train.batch_size=2")
+    assert refused.returncode == 2 and "global batch (tokens per step) (128 → 64)" in refused.stderr
 
 
 @pytest.mark.slow

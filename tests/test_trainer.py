@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 
 from lmlab.config import load_config
 from lmlab.errors import ConfigError, LmlabError
+from lmlab.runtime import Runtime
 from lmlab.train import checkpoint as ckpt
 from lmlab.train.loop import TrainingDiverged, train
 from lmlab.train.objectives import OBJECTIVES, Pretrain, make_objective, register_objective, token_loss_sum
 from lmlab.train.optim import lr_at, param_groups
 from lmlab.train.run import acquire_lock, release_lock
-from lmlab.train.runtime import Runtime
 from lmlab.train.setup import build
 from lmlab.train.step import compute_gradients
 
@@ -86,9 +86,10 @@ def test_a_new_objective_is_one_class_and_one_registry_line(tok, tmp_path):
         OBJECTIVES.pop("label_smoothed", None)
 
 
-def test_unknown_objective_is_refused_before_anything():
-    with pytest.raises(ConfigError, match="train.objective: unknown objective 'nope'"):
-        load_config(None, ["train.objective=nope"])
+def test_unknown_objective_is_refused_before_anything(tok, tmp_path):
+    with pytest.raises(ConfigError, match="train.objective: unknown objective 'nope'; allowed: pretrain, sft, dpo"):
+        train(_cfg(tok, tmp_path, "nope", "train.objective=nope"), echo=_quiet)
+    assert not (tmp_path / "nope").exists()
 
 
 # ------------------------------------------------------------------------------------------- the step

@@ -73,6 +73,7 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["def ", "The "])
     sample_tokens: int = 48
     progress: bool = True
+    system_every: float = 10.0  # seconds between system-stat records (CPU, RAM, GPUs); 0 turns them off
     objective: str = "pretrain"  # what is optimised: pretrain (next token); see lmlab.train.objectives
     guard: str = "skip"  # a non-finite or spiking step: skip | rollback | stop | off (lmlab.train.guard)
     guard_window: int = 128  # steps of loss / gradient-norm history a spike is measured against
@@ -81,6 +82,11 @@ class TrainConfig:
     guard_max_skips: int = 10  # bad steps in a row before a skipping run stops
     guard_max_rollbacks: int = 3
     guard_lr_factor: float = 0.5  # LR multiplier after each rollback
+    strategy: str = "ddp"  # several ranks: ddp | fsdp (FSDP2, sharded) | deepspeed (ZeRO 1-2); lmlab.train.strategy
+    fsdp_reshard: bool = True  # fsdp: free gathered weights after each block's forward (False: ZeRO-2-like)
+    zero_stage: int = 2  # deepspeed: 1 (optimizer state sharded) or 2 (+ gradients)
+    offload_optimizer: bool = False  # deepspeed: optimizer state and step in CPU memory
+    compile: bool = False  # torch.compile each block (the selective scan stays out of the graph)
 
 
 @dataclass
@@ -136,6 +142,8 @@ CHOICES = {
     "finetune.on_error": ("skip", "fail"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
+    "train.strategy": ("ddp", "fsdp", "deepspeed"),
+    "train.zero_stage": (1, 2),
 }
 
 
@@ -318,6 +326,7 @@ def validate(cfg: Config) -> None:
     _check(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
     _check(t.sample_every >= 0, "train.sample_every", f"must be >= 0, got {t.sample_every}")
     _check(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1, got {t.threads}")
+    _check(t.system_every >= 0, "train.system_every", f"must be >= 0 (0 turns it off), got {t.system_every}")
     _check(t.sample_tokens >= 1, "train.sample_tokens", f"must be >= 1, got {t.sample_tokens}")
     _check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
     _check(t.guard_window >= 2 and t.guard_warmup >= 1, "train.guard_window/guard_warmup",
@@ -328,10 +337,11 @@ def validate(cfg: Config) -> None:
     _check(t.guard_max_skips >= 0 and t.guard_max_rollbacks >= 0, "train.guard_max_skips/guard_max_rollbacks",
            "must be >= 0")
     _check(0 < t.guard_lr_factor <= 1, "train.guard_lr_factor", f"must be in (0, 1], got {t.guard_lr_factor}")
-    from .train.objectives import OBJECTIVES
-
-    _check(t.objective in OBJECTIVES, "train.objective",
-           f"unknown objective {t.objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    _check(not t.offload_optimizer or t.strategy == "deepspeed", "train.offload_optimizer",
+           f"needs train.strategy=deepspeed, got {t.strategy}")
+    _check(t.strategy == "ddp" or cfg.finetune.method == "full", "train.strategy",
+           f"{t.strategy} trains full models only; use ddp with finetune.method={cfg.finetune.method}")
+    # train.objective is checked against the registry by lmlab.train.objectives.make_objective, first thing
     budgets = [k for k in ("max_steps", "max_tokens", "token_ratio") if getattr(t, k) is not None]
     _check(len(budgets) <= 1, "train", f"set only one budget of max_steps, max_tokens, token_ratio "
                                        f"(got {', '.join(budgets)})")
@@ -365,7 +375,7 @@ def _validate_model(cfg: Config) -> None:
         backend = getattr(cfg_obj, "scan_backend", None)
         if backend is not None:  # resolved for the run's device, as the trainer will (lmlab.models.scan)
             from .models import scan
-            from .train.runtime import pick_device
+            from .runtime import pick_device
 
             scan.resolve_backend(backend, pick_device(cfg.train.device))
         _build_on_meta(cfg_obj, cfg.model.name)

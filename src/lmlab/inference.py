@@ -16,8 +16,8 @@ from .config import load_config
 from .data.tokenizer import load_tokenizer
 from .errors import LmlabError
 from .models.hf import load_model
+from .runtime import pick_device
 from .train import checkpoint as ckpt
-from .train.runtime import pick_device
 from .train.setup import build_model
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LmlabError
+from .fsutil import atomic_write_text
 
 
 def _git_hash() -> str | None:
@@ -56,9 +57,7 @@ def write_manifest(run_dir: Path, **fields: Any) -> dict:
     path = run_dir / "run.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.update(fields)
-    tmp = run_dir / ".run.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))
     return data
 
 

@@ -55,11 +55,16 @@ def run(args) -> int:
                           f"unexpected {unexpected[:5]})")
     model.tie_weights()
     out = Path(args.out)
-    model.save_pretrained(out)
-    if args.tokenizer:
-        from transformers import AutoTokenizer
+    from ..fsutil import atomic_dir
+    from ..models.export import write_auto_map
 
-        AutoTokenizer.from_pretrained(args.tokenizer).save_pretrained(out)
+    with atomic_dir(out, overwrite=True) as tmp:  # complete or untouched
+        model.save_pretrained(tmp)
+        write_auto_map(model, tmp)
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(args.tokenizer).save_pretrained(tmp)
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     print(f"imported {originals.detect_kind(sd) if args.kind == 'auto' else args.kind} ({n:,} parameters) "
           f"→ {out}")

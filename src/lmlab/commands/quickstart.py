@@ -4,6 +4,10 @@ Trains `mamba-swelu-tiny` on the running interpreter's standard library (a real 
 English docstrings, read at run time) with lmlab's own BPE tokenizer (trained and cached on first
 use), shows progress, checkpoints, exports an HF-format model, reports validation perplexity
 against the unigram baseline of the same data, and prints a generated continuation.
+
+With --finetune, a second act instruction-tunes that model on `stdlib-instruct`, reports the held-out
+loss of base and tuned, and prints both models' answers to two held-out prompts side by side.
+The settings are the recipe files recipes/quickstart.yaml and recipes/quickstart-sft.yaml.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from ._common import add_config_args
 
 HELP = "train mamba-swelu-tiny on the Python standard library in ~3 minutes on a CPU (no network needed)"
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"  # the settings, as a config file
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPE, SFT_RECIPE = RECIPES / "quickstart.yaml", RECIPES / "quickstart-sft.yaml"  # the settings, as config files
 
 
 def add_arguments(p) -> None:
     add_config_args(p)
     p.add_argument("--out", default="runs", help="parent folder of the run (run.out_dir)")
+    p.add_argument("--finetune", action="store_true",
+                   help="second act: instruction-tune the result on stdlib-instruct and compare base vs tuned")
 
 
 def run(args) -> int:
@@ -34,5 +41,40 @@ def run(args) -> int:
     print(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k in ("model", "data")},
                          default_flow_style=None, sort_keys=False).strip())
     run_dir = train(cfg, preflight=memory_line)
-    print(f"\nnext:     lmlab generate {run_dir} -p 'def '\n          lmlab resume {run_dir} train.max_steps=1000")
+    if not args.finetune:
+        print(f"\nnext:     lmlab generate {run_dir} -p 'def '\n          lmlab resume {run_dir} train.max_steps=1000"
+              f"\n          lmlab quickstart --finetune   (adds instruction tuning and a base-vs-tuned comparison)")
+        return 0
+    base = run_dir / "final"
+    print(f"\nlmlab quickstart, second act: instruction tuning {base} on stdlib-instruct")
+    sft = load_config(SFT_RECIPE, [f"model.name={base}", f"data.tokenizer={base}", f"run.out_dir={args.out}",
+                                   f"run.name={run_dir.name}-sft"])
+    tuned = train(sft, preflight=memory_line)
+    second_act_report(base, tuned)
+    print(f"\nnext:     lmlab chat {tuned}\n          lmlab compare {base} {tuned}")
     return 0
+
+
+def second_act_report(base: Path, tuned: Path) -> None:
+    """Held-out instruction loss of base and tuned, and both models' answers to two held-out prompts."""
+    import json
+
+    from ..data.instruct import in_val
+    from ..data.stdlib_instruct import stdlib_instruct_examples
+    from ..generate import SamplingConfig
+    from .compare import compare, render_text
+
+    run = json.loads((tuned / "run.json").read_text())
+    evals = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()
+             if '"kind": "eval"' in line]
+    if evals:
+        print(f"held-out instruction loss: {evals[0]['val_loss']:.3f} after {evals[0]['step']} steps → "
+              f"{evals[-1]['val_loss']:.3f} after {evals[-1]['step']} ({run.get('total_steps')} steps of tuning)")
+    from ..config import load_config
+
+    cfg = load_config(tuned / "config.yaml")  # the tuned run's own split
+    held_out = [e for e in stdlib_instruct_examples() if in_val(e.group, cfg.data.val_fraction, cfg.train.seed)]
+    held_out = sorted(held_out, key=lambda e: len(e.messages[-1]["content"]))[:2]
+    prompts = [{"prompt": e.messages[0]["content"], "reference": e.messages[-1]["content"]} for e in held_out]
+    rows = compare(str(base), str(tuned), prompts, SamplingConfig(max_new_tokens=64, temperature=0.0))
+    print(render_text(rows, ("base", "tuned")))

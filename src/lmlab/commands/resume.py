@@ -9,6 +9,8 @@ HELP = "continue a run from its latest checkpoint (model, optimizer, RNG and dat
 
 def add_arguments(p) -> None:
     p.add_argument("run", help="run folder, e.g. runs/mamba-swelu-tiny-20261122-101500")
+    p.add_argument("--force", action="store_true",
+                   help="continue even if the tokenizer, data, number of ranks or global batch changed")
     p.add_argument("overrides", nargs="*", metavar="train.KEY=VALUE",
                    help="change training settings on resume, e.g. train.lr=1.5e-4 after a loss spike, "
                         "or train.max_steps=2000 to extend the run (the exact-resume guarantee then no "
@@ -35,5 +37,5 @@ def run(args) -> int:
     cfg = load_config(run_dir / "config.yaml", args.overrides)
     if args.overrides:
         save_config(cfg, run_dir / "config.yaml")
-    train(cfg, run_dir, preflight=memory_line)
+    train(cfg, run_dir, preflight=memory_line, force=args.force)
     return 0

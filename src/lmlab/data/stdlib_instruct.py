@@ -20,12 +20,12 @@ import ast
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import sys
 import textwrap
 from pathlib import Path
 
+from ..fsutil import atomic_write_text
 from . import cache_dir
 from .instruct import STDLIB_INSTRUCT, Example
 from .sources import stdlib_files
@@ -49,11 +49,8 @@ def stdlib_instruct_examples(refresh: bool = False) -> list[Example]:
         return [_example(r) for r in rows]
     rows = extract(files, root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)  # atomic: a concurrent identical build just wins or loses the race
+    # atomic: a concurrent identical build just wins or loses the race
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return [_example(r) for r in rows]
 
 

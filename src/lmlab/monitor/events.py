@@ -57,7 +57,7 @@ class EventSink:
 
     @contextmanager
     def progress(self, total: int, start: int):
-        from ..train.progress import Progress
+        from .progress import Progress
 
         self._progress = Progress(total, start=start, enabled=self.enabled and self.show_progress, echo=self._echo)
         try:

@@ -70,9 +70,9 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ..models import registry
+    from ..runtime import Runtime
     from ..train.objectives import Pretrain
     from ..train.optim import param_groups
-    from ..train.runtime import Runtime
     from ..train.step import apply_update, compute_gradients
     from .estimate import _meta_model, load_model_config
 

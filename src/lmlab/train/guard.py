@@ -4,7 +4,8 @@
 
 Non-finite values are never applied and never enter the statistics. A spike is a loss or gradient norm
 above mean + `sigma`·std (std at least 1 % of the mean) of the last `window` applied steps, once `warmup`
-steps are in the window (defaults as OLMo-core: 6σ over 128 steps, active after 64). What a bad step leads to is `train.guard`:
+steps are in the window (defaults as OLMo-core: 6σ over 128 steps, active after 64). What a bad step
+leads to is `train.guard`:
 
     skip      the update is not applied (parameters and optimizer state stay bitwise as they were);
               after `guard_max_skips` bad steps in a row the run stops

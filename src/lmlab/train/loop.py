@@ -13,6 +13,7 @@ Seams (where later capabilities plug in, without touching the loop):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -25,12 +26,12 @@ import torch
 from ..config import Config
 from ..errors import LmlabError
 from ..eval.perplexity import perplexity, validation_loss
+from ..runtime import Runtime, setup_runtime
 from . import checkpoint as ckpt
 from .guard import Guard
 from .objectives import Objective, make_objective
 from .optim import lr_at
 from .run import Run, open_run
-from .runtime import Runtime, setup_runtime
 from .setup import Parts, build
 from .step import apply_update, compute_gradients, discard_update
 
@@ -49,25 +50,30 @@ class TrainState:
     lr_scale: float = 1.0  # lowered by each guard rollback
 
 
-def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=None) -> Path:
+def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=None, force: bool = False) -> Path:
     """Run (or continue, if `run_dir` has a checkpoint) a training run. Returns the run folder.
 
     `preflight(cfg, rt, model) -> str`, when given, adds a line before the first step (the CLI passes the
-    planner's memory check, `lmlab.plan.estimate.memory_line`)."""
+    planner's memory check, `lmlab.plan.estimate.memory_line`). A resume whose tokenizer, data, world size or
+    tokens per step differ from the run's is refused unless `force`."""
     rt = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.threads)
     try:
         objective = make_objective(cfg)
         parts = build(cfg, rt, objective, saved_tokenizer=Path(run_dir) / "tokenizer" if run_dir else None)
         latest = latest_valid_checkpoint(Path(run_dir) / "checkpoints", echo) if run_dir else None
         manifest = {"parameters": parts.params, "total_steps": parts.plan.total_steps,
-                    "tokens_per_step": parts.plan.tokens_per_step, **parts.data.manifest}
+                    "tokens_per_step": parts.plan.tokens_per_step, "world_size": rt.world_size,
+                    "device": str(rt.device), **parts.data.manifest}
+        if run_dir is not None and latest is not None and not force:
+            check_same_run(Path(run_dir), manifest)
         with open_run(cfg, rt, run_dir, tokenizer=parts.tokenizer, manifest=manifest, echo=echo,
                       resumed_from=_step_of(latest) if run_dir else None) as run:
             state = restore(cfg, rt, parts, latest)
             announce(cfg, rt, parts, run, state, latest)
             if preflight is not None and rt.is_main:
                 run.sink.say(preflight(cfg, rt, parts.model))
-            run.status = loop(cfg, rt, parts, objective, run, state, protect=(latest,) if latest else ())
+            with system_stats(cfg, rt, run):
+                run.status = loop(cfg, rt, parts, objective, run, state, protect=(latest,) if latest else ())
             if run.status == "finished" and rt.is_main:
                 finish(cfg, rt, parts, run, state)
         return run.dir
@@ -104,6 +110,7 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
                     s = rollback(cfg, rt, p, run, s)
                     continue
             s.step += 1
+            run.step = s.step
             s.tokens += p.plan.tokens_per_step
             window.add(r, p.plan.tokens_per_step, verdict.apply)
             last = s.step == total
@@ -228,6 +235,23 @@ def rollback(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState) -> Tra
     return back
 
 
+RESUME_KEYS = {"tokenizer_fingerprint": "the tokenizer", "data_fingerprint": "the data",
+               "world_size": "the number of ranks", "tokens_per_step": "the global batch (tokens per step)"}
+
+
+def check_same_run(run_dir: Path, now: dict) -> None:
+    """Refuse to continue a run on other data, tokenizer, rank count or global batch: the data position and
+    the optimizer state would silently mean something else."""
+    from .. import runs
+
+    before = runs.read_manifest(run_dir)
+    changed = [f"{what} ({before[k]} → {now[k]})" for k, what in RESUME_KEYS.items()
+               if k in before and k in now and before[k] != now[k]]
+    if changed:
+        raise LmlabError(f"{run_dir}: cannot resume exactly, changed: {'; '.join(changed)}; "
+                         f"pass --force to continue anyway")
+
+
 def latest_valid_checkpoint(root: Path, echo=print) -> Path | None:
     """The newest complete checkpoint whose files match their sha256; damaged ones are named and skipped."""
     for path in reversed(ckpt.list_checkpoints(root)):
@@ -280,6 +304,22 @@ def finish(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState) -> None:
     run.sink.say(f"exported  {final}  (AutoModelForCausalLM.from_pretrained works on it)")
     for sample in samples[:2]:
         run.sink.say(f"sample    {sample['prompt']!r} → {sample['completion'][:160]!r}")
+
+
+@contextlib.contextmanager
+def system_stats(cfg: Config, rt: Runtime, run: Run):
+    """`kind: "system"` records (CPU, RAM, this run's GPUs from NVML) every `train.system_every` seconds from a
+    side thread on rank 0: what `lmlab watch`/`status`/`doctor` read, and the run's heartbeat."""
+    from ..monitor.gpu import SystemSampler, cuda_uuids
+
+    uuids = rt.all_gather_object(cuda_uuids([rt.device.index or 0])[0] if rt.device.type == "cuda" else None)
+    if not rt.is_main or cfg.train.system_every <= 0:
+        yield
+        return
+    sampler = SystemSampler(lambda stats: run.sink.log("system", run.step, **stats), interval_s=cfg.train.system_every,
+                            gpu_uuids=[u for u in uuids if u] or None, gpus=rt.device.type == "cuda")
+    with sampler:
+        yield
 
 
 def swelu_values(model) -> dict[str, dict[str, float]]:

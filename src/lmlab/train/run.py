@@ -26,7 +26,7 @@ from .. import runs
 from ..config import Config, save_config
 from ..errors import LmlabError
 from ..monitor.events import EventSink
-from .runtime import Runtime
+from ..runtime import Runtime
 
 LOCK = "run.lock"
 
@@ -37,6 +37,7 @@ class Run:
     sink: EventSink
     resuming: bool
     status: str = "failed"
+    step: int = 0  # the loop's current step, for records written from other threads (system stats)
 
 
 @contextmanager

@@ -17,10 +17,10 @@ import torch
 from ..config import Config
 from ..errors import ConfigError
 from ..models import registry
+from ..runtime import Runtime
 from . import strategy
 from .objectives import Objective, ObjectiveData
 from .optim import make_optimizer
-from .runtime import Runtime
 
 DEFAULT_STEPS = 1000
 
@@ -102,8 +102,10 @@ def build(cfg: Config, rt: Runtime, objective: Objective, saved_tokenizer: Path 
     params = registry.count_parameters(model)
     model.to(rt.device)
     t = cfg.train
+    model = strategy.prepare(model, cfg, rt)  # compile; fsdp shards before the optimizer sees the parameters
     optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, rt.device)
-    wrapped = strategy.wrap(model, cfg, rt)
+    strategy.attach(model, optimizer, cfg)
+    wrapped = strategy.wrap(model, cfg, rt, optimizer)
     return Parts(tokenizer, data, model, wrapped, optimizer, rt.grad_scaler(), make_plan(cfg, params, rt.world_size),
                  params)
 

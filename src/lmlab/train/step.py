@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..runtime import Runtime
 from .objectives import Batch, Objective
-from .runtime import Runtime
 
 
 @dataclass
