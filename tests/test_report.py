@@ -240,3 +240,11 @@ def test_report_renders_in_a_headless_browser(study, tmp_path):
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (2000, 1280) and float(pixels[..., :3].std()) > 0.05  # not blank
     shutil.copy(shot, html_path.parent / "screenshot.png")
+
+
+def test_power_law_fit_declines_an_ill_conditioned_set_and_cpu_has_no_price():
+    from lmlab.report.analysis import fit_power_law, resolve_price
+
+    # nearly equal token counts and sizes: no fit instead of an overflow
+    assert fit_power_law([1e6, 1e6 * (1 + 1e-12), 1e6], [3.0, 2.9, 3.1], [42034, 42035, 42034]) is None
+    assert resolve_price(None, "cpu") == (None, "cpu (no GPU-hour price)")

@@ -141,7 +141,10 @@ def test_hub_id_offline_fails_fast(monkeypatch, tmp_path):
 
 
 def test_hub_probe_is_quick_when_nothing_listens(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    from lmlab.hub import OFFLINE_VARS
+
+    for var in OFFLINE_VARS:
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
     t0 = time.perf_counter()
     assert "127.0.0.1" in hub_unreachable(timeout=1.0)

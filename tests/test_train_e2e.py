@@ -91,7 +91,9 @@ def _assert_resume_is_exact(straight: Path, killed: Path, total: int) -> None:
     def curve(run):
         return {e["step"]: e["loss"] for e in _events(run) if e["kind"] == "train"}
     ca, cb = curve(straight), curve(killed)
-    after = [s for s in cb if s > resume_events[0]["step"]]
+    # a SIGTERM checkpoint can fall between two log steps: the first window after it is shorter, so the curves
+    # are compared from the second log step on
+    after = [s for s in cb if s > resume_events[0]["step"] + 2]
     assert after and all(ca[s] == cb[s] for s in after)
 
 

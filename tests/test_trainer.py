@@ -352,3 +352,43 @@ def test_export_loads_in_a_python_that_never_imported_lmlab(tok, tmp_path):
     model, _ = load_for_inference(str(run))
     with torch.no_grad():
         assert float(model(torch.arange(10)[None]).logits.double().sum()) == pytest.approx(float(total), rel=1e-6)
+
+
+def test_a_full_disk_stops_the_save_cleanly_and_keeps_the_previous_checkpoint(tmp_path):
+    """RLIMIT_FSIZE makes every write past a few KiB fail with EFBIG, as a full disk fails with ENOSPC."""
+    code = f"""
+import json, resource, signal, torch
+from pathlib import Path
+from lmlab.errors import LmlabError
+from lmlab.models import build_config, build_model
+from lmlab.runtime import Runtime
+from lmlab.train import checkpoint as ckpt
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+rt = Runtime(device=torch.device("cpu"), precision="fp32")
+model = build_model(build_config("mamba-swelu-tiny", vocab_size=64, overrides=dict(d_model=16, dense_hidden=16)))
+root = Path({str(tmp_path)!r}) / "checkpoints"
+ckpt.save_checkpoint(root, 1, model, {{"step": 1}}, rt=rt)
+resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+try:
+    ckpt.save_checkpoint(root, 2, model, {{"step": 2}}, rt=rt)
+    print(json.dumps({{"error": None}}))
+except LmlabError as e:
+    print(json.dumps({{"error": str(e)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    error = json.loads(out.stdout.strip().splitlines()[-1])["error"]
+    assert error is not None and "disk full while saving step-00000002" in error
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]  # no temporary folder left
+    ckpt.verify(root / "step-00000001")
+
+
+def test_early_stopping_on_validation_loss(tok, tmp_path):
+    # a learning rate of ~0 never improves by 0.5: stop after two evaluations without a new best, then export
+    run = train(_cfg(tok, tmp_path, "early", "train.lr=1e-9", "train.eval_every=2", "train.early_stop_patience=2",
+                     "train.early_stop_min_delta=0.5", steps=12), echo=_quiet)
+    stop = [r for r in _records(run, "event") if r["event"] == "early_stop"]
+    assert len(stop) == 1 and stop[0]["step"] == 6  # evals at 2 (first), 4 and 6 (no gain)
+    assert (run / "final" / "config.json").is_file()
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"

@@ -46,6 +46,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                           "(config.json + safetensors)"),
     "eval": ("eval", "perplexity per data source and benchmarks (lm-eval) of a run or model; two models: print "
                      "deltas"),
+    "study": ("study", "run a study (a grid of runs from one YAML file) on this machine, Slurm or Ray; re-run to "
+                       "resume it"),
     "report": ("report", "write a self-contained HTML report (+ markdown, CSV) comparing the runs of a study or a "
                          "list of runs"),
     "watch": ("watch", "live dashboard of one or more runs in the terminal (works over SSH)"),

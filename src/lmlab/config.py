@@ -41,6 +41,11 @@ class DataConfig:
     val_fraction: float = 0.02
     max_docs: int | None = None
     document_masking: bool = False  # reset the model's state at document boundaries inside packed rows
+    split_seed: int | None = None  # seed of the train/validation split (default train.seed); fix it so runs with
+    #                                different train.seed are validated on the same documents (studies)
+
+    def split_seed_for(self, train_seed: int) -> int:
+        return train_seed if self.split_seed is None else self.split_seed
 
 
 @dataclass
@@ -73,6 +78,8 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["def ", "The "])
     sample_tokens: int = 48
     progress: bool = True
+    early_stop_patience: int = 0  # stop after this many evaluations without a new best val loss (0 = off)
+    early_stop_min_delta: float = 0.0  # what counts as a new best: lower by more than this
     system_every: float = 10.0  # seconds between system-stat records (CPU, RAM, GPUs); 0 turns them off
     objective: str = "pretrain"  # what is optimised: pretrain (next token); see lmlab.train.objectives
     guard: str = "skip"  # a non-finite or spiking step: skip | rollback | stop | off (lmlab.train.guard)
@@ -298,7 +305,7 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        _check(value in allowed, key, f"invalid value {value!r}; allowed: {', '.join(allowed)}")
+        _check(value in allowed, key, f"invalid value {value!r}; allowed: {', '.join(map(str, allowed))}")
     t, d, ft = cfg.train, cfg.data, cfg.finetune
     for name, section in (("train", t), ("data", d), ("finetune", ft)):
         for f in dataclasses.fields(section):
@@ -326,6 +333,8 @@ def validate(cfg: Config) -> None:
     _check(t.keep_last >= 1, "train.keep_last", f"must be >= 1, got {t.keep_last}")
     _check(t.sample_every >= 0, "train.sample_every", f"must be >= 0, got {t.sample_every}")
     _check(t.threads is None or t.threads >= 1, "train.threads", f"must be >= 1, got {t.threads}")
+    _check(t.early_stop_patience >= 0 and t.early_stop_min_delta >= 0, "train.early_stop_patience/min_delta",
+           "must be >= 0")
     _check(t.system_every >= 0, "train.system_every", f"must be >= 0 (0 turns it off), got {t.system_every}")
     _check(t.sample_tokens >= 1, "train.sample_tokens", f"must be >= 1, got {t.sample_tokens}")
     _check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
@@ -337,6 +346,8 @@ def validate(cfg: Config) -> None:
     _check(t.guard_max_skips >= 0 and t.guard_max_rollbacks >= 0, "train.guard_max_skips/guard_max_rollbacks",
            "must be >= 0")
     _check(0 < t.guard_lr_factor <= 1, "train.guard_lr_factor", f"must be in (0, 1], got {t.guard_lr_factor}")
+    _check(t.strategy != "fsdp" or t.sample_every == 0, "train.sample_every",
+           "samples during training need the whole model on one rank; with train.strategy=fsdp use 0 (end only)")
     _check(not t.offload_optimizer or t.strategy == "deepspeed", "train.offload_optimizer",
            f"needs train.strategy=deepspeed, got {t.strategy}")
     _check(t.strategy == "ddp" or cfg.finetune.method == "full", "train.strategy",

@@ -89,7 +89,8 @@ def run_validation_tokens(run_dir: Path | str, tokenizer) -> tuple[np.ndarray, d
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    corpus = prepare_corpus(cfg.data.source, tokenizer, val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
+    corpus = prepare_corpus(cfg.data.source, tokenizer, val_fraction=cfg.data.val_fraction,
+                            seed=cfg.data.split_seed_for(cfg.train.seed),
                             text_field=cfg.data.text_field, max_docs=cfg.data.max_docs)
     recorded = None
     if (run_dir / "run.json").is_file():

@@ -235,6 +235,7 @@ def resolve_backend(name: str, device: torch.device | str, probe: bool = True) -
     return "chunked"
 
 
+@torch.compiler.disable  # train.compile: kept out of the graph (tracing a per-step loop unrolls it)
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
                    seq_idx=None, initial_state=None, return_last_state=False, backend: str = "auto"):
     fn = BACKENDS[resolve_backend(backend, u.device)]

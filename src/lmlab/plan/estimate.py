@@ -105,6 +105,7 @@ class Estimate:
     energy_cost: float | None
     currency: str = CURRENCY
     activation_items: dict[str, int] = field(default_factory=dict)  # bytes per micro batch, by tensor group
+    strategy: str = "ddp"  # how ranks split the state: ddp | zero1 | zero2 | fsdp (STRATEGIES)
     suggestions: list[str] = field(default_factory=list)  # what would make it fit
     notes: list[str] = field(default_factory=list)
 
@@ -663,7 +664,7 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
              params: int | None = None, price_per_hour: float | None = None, kwh_price: float = 0.25,
              pue: float = 1.0, vocab_size: int | None = None, overrides: dict[str, Any] | None = None,
              trust_remote_code: bool = False, arch: Arch | None = None, suggest: bool = True,
-             suggest_methods: bool = True) -> Estimate:
+             suggest_methods: bool = True, strategy: str = "ddp") -> Estimate:
     """Plan a training run. `model`: a named size, a run config (.yaml), an HF config.json, a model folder,
     a hub id or a PretrainedConfig. A run config supplies seq_len, batch, accumulation, precision and the
     token budget unless given here. `params` replaces the parameter count (to plan a custom size);
@@ -719,7 +720,8 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
 
     # ---- memory per GPU
     weights, grads, optim = _state_bytes(arch, method, precision, n, trainable, scale)
-    if gpus > 1:
+    weights, grads, optim = _sharded_state_bytes(strategy, weights, grads, optim, gpus, arch.n_layers, notes)
+    if gpus > 1 and strategy == "ddp":
         grads += 4 * trainable  # DDP's fp32 reduction buckets
         notes.append("data parallel: gradients include DDP's bucket copy (4 bytes per trainable parameter)")
     act_full, act_ckpt, items, act_desc = activation_bytes(arch, seq_len, micro_batch, regime, scan,
@@ -778,7 +780,7 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
         memory=memory, activations_full=act_full, activations_checkpointed=act_ckpt, gpu_memory=hw.memory_bytes,
         margin=MARGIN, fits=fits, fits_without_margin=fits_raw, flops_per_token=flops,
         flops_per_token_inference=flops_inf, peak_tflops=peak, mfu=mfu, tokens_per_second=tok_s,
-        tokens_per_step=tokens_per_step, tokens=run_tokens, steps=steps, hours=hours,
+        tokens_per_step=tokens_per_step, tokens=run_tokens, steps=steps, hours=hours, strategy=strategy,
         hours_per_billion_tokens=1e9 / tok_s / 3600, gpu_hours=gpu_hours, price_per_hour=price,
         cost=gpu_hours * price if gpu_hours is not None else None, tdp_w=hw.tdp_w, pue=pue, energy_kwh=kwh,
         kwh_price=kwh_price, energy_cost=kwh * kwh_price if kwh is not None else None, activation_items=items,
@@ -787,8 +789,48 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
         est.suggestions = _suggestions(est, arch, dict(
             seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum, method=method, precision=precision,
             lora_rank=lora_rank, lora_targets=lora_targets, hardware=hw, gpus=gpus, checkpointing=checkpointing,
-            scan=scan, mfu=mfu, params=params, kwh_price=kwh_price, pue=pue), suggest_methods)
+            scan=scan, mfu=mfu, params=params, kwh_price=kwh_price, pue=pue, strategy=strategy), suggest_methods)
     return est
+
+
+# ---- strategies: memory per rank (lmlab.train.strategy) ---------------------------------------------------
+# planner name → (what the trainer is told, shards optimizer state, shards gradients, shards weights);
+# cheapest (least communication) first.
+STRATEGIES = {
+    "ddp": ("train.strategy=ddp", False, False, False),
+    "zero1": ("train.strategy=deepspeed train.zero_stage=1", True, False, False),
+    "zero2": ("train.strategy=fsdp train.fsdp_reshard=false", True, True, False),
+    "fsdp": ("train.strategy=fsdp", True, True, True),
+}
+
+
+def _sharded_state_bytes(strategy: str, weights: float, grads: float, optim: float, gpus: int, layers: int,
+                         notes: list[str]) -> tuple[float, float, float]:
+    """Weights, gradients and optimizer state per rank once `strategy` splits them over `gpus` ranks.
+    FSDP's full sharding still gathers a block's weights at a time: two (the current and the prefetched)."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy: unknown {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    _, s_optim, s_grads, s_weights = STRATEGIES[strategy]
+    if gpus == 1 or strategy == "ddp":
+        return weights, grads, optim
+    optim = optim / gpus if s_optim else optim
+    grads = grads / gpus if s_grads else grads
+    if s_weights:
+        weights = weights / gpus + 2 * weights / max(1, layers)
+    split = [k for k, on in zip(("optimizer state", "gradients", "weights"), STRATEGIES[strategy][1:]) if on]
+    notes.append(f"{strategy}: {', '.join(split)} split over {gpus} ranks")
+    return weights, grads, optim
+
+
+def strategy_of(cfg) -> str:
+    """The planner's name for a run config's strategy."""
+    t = cfg.train
+    if t.strategy == "fsdp":
+        return "fsdp" if t.fsdp_reshard else "zero2"
+    if t.strategy == "deepspeed":
+        return f"zero{t.zero_stage}"
+    return "ddp"
+# ---- end of strategies ---------------------------------------------------------------------------------------
 
 
 def _state_bytes(arch: Arch, method: str, precision: str, n: int, trainable: int, scale: float):
@@ -838,6 +880,12 @@ def _suggestions(est: Estimate, arch: Arch, opts: dict[str, Any], methods: bool 
                 e = None
             if e:
                 out.append(f"finetune.method={method} (rank {e.lora_rank}): {gib(e.memory['total']):.1f} GiB")
+                break
+    if est.gpus > 1:  # the cheapest strategy that fits, on the same GPUs
+        names = list(STRATEGIES)
+        for name in names[names.index(est.strategy) + 1:]:
+            if e := fits(strategy=name):
+                out.append(f"{STRATEGIES[name][0]} (memory per rank): {gib(e.memory['total']):.1f} GiB")
                 break
     for hw in sorted(HARDWARE.values(), key=lambda h: h.memory_gib):
         if hw.memory_gib > gib(est.gpu_memory) and (e := fits(hardware=hw)):
@@ -922,7 +970,7 @@ def estimate_for_run(cfg, rt, model: nn.Module | None = None) -> Estimate:
                  steps=t.max_steps if t.max_tokens is None and t.token_ratio is None else None,
                  vocab_size=vocab or _run_vocab(cfg), overrides=overrides,
                  trust_remote_code=cfg.model.trust_remote_code, checkpointing=t.activation_checkpointing,
-                 suggest_methods=False)
+                 suggest_methods=False, strategy=strategy_of(cfg))
     return e
 
 

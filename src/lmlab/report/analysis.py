@@ -90,7 +90,11 @@ def fit_power_law(tokens: list[float], losses: list[float], params: list[float] 
     cols = [np.ones(ok.sum()), -np.log(t[ok])] + ([-np.log(n[ok])] if use_n else [])
     x = np.stack(cols, axis=1)
     ly = np.log(y[ok])
+    if np.linalg.matrix_rank(x) < x.shape[1]:
+        return None
     coef, *_ = np.linalg.lstsq(x, ly, rcond=None)
+    if not np.all(np.isfinite(coef)) or abs(coef[0]) > 700:  # ill-conditioned: nearly equal budgets or sizes
+        return None
     pred = x @ coef
     ss_res = float(((ly - pred) ** 2).sum())
     ss_tot = float(((ly - ly.mean()) ** 2).sum())
@@ -124,6 +128,8 @@ def resolve_price(price: float | None = None, hardware: str | None = None, run_h
     for name in (hardware, run_hardware):
         if not name:
             continue
+        if str(name).lower() == "cpu":
+            return None, "cpu (no GPU-hour price)"
         hw = HARDWARE.get(str(name).lower())
         if hw is None:
             hw = next((h for h in HARDWARE.values() if h.label.lower() == str(name).lower()), None)

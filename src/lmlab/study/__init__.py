@@ -1,7 +1,7 @@
 """Studies: many runs from one file, run by an executor, with the run folders as the only state.
 
     study = load_study("examples/studies/swelu-vs-baselines.yaml")     # one Cell per run, validated
-    print(format_plan(plan(study)))                                     # what --dry-run prints
+    print(format_plan(study, *plan(study)))                             # what --dry-run prints
     results = run_study(study, "local", max_parallel=2)                 # {cell name: finished | failed | ...}
 
 An executor is anything with `run(study, echo) -> {cell name: outcome}`:

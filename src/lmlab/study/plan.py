@@ -158,7 +158,9 @@ def format_plan(study: Study, rows: list[Row], slots: list[Slot]) -> str:
         when = (f"{_h(s.start_h):>9} -> {_h(s.end_h):>9}" if s.start_h is not None else f"wave {s.wave + 1}")
         lines.append(f"  {s.cell.name:<{width}}  {where:<14} {when}")
     todo = [r for r in rows if r.state != "finished"]
-    if slots and slots[-1].end_h is not None:
+    if not todo:
+        lines.append("total     nothing to run")
+    elif slots and slots[-1].end_h is not None:
         total = max(s.end_h for s in slots)
         gh = sum(r.gpu_hours or 0 for r in todo)
         cost = sum(r.cost or 0 for r in todo)

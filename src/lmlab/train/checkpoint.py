@@ -17,6 +17,8 @@ strings, lists and dicts only), so a checkpoint folder from elsewhere cannot exe
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import pickle
@@ -29,7 +31,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ..errors import LmlabError
-from ..fsutil import atomic_dir, atomic_write_text
+from ..fsutil import atomic_dir, atomic_write_text, first_line
 
 MANIFEST = "MANIFEST.json"
 
@@ -71,18 +73,78 @@ def step_dir(root: Path, step: int) -> Path:
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, trainer_state: dict, *, rt) -> Path:
     """Collective: every rank calls it; rank 0 writes model, trainer state and every rank's RNG state."""
+    from . import strategy
+
+    if (hooks := strategy.checkpoint_hooks(model)) is not None:
+        return _save_sharded(root, step, model, hooks[1], trainer_state, rt)
     final = step_dir(root, step)
     rngs = rt.all_gather_object(rng_state())
     if rt.is_main:
-        with atomic_dir(final, overwrite=True) as tmp:
+        check_disk(root, model)
+        try:
+            with atomic_dir(final, overwrite=True) as tmp:
+                for rank, rng in enumerate(rngs):
+                    torch.save(rng, tmp / f"rng-rank{rank}.pt")
+                save_model(model, str(tmp / "model.safetensors"))
+                torch.save(trainer_state, tmp / "trainer.pt")
+                files = sorted(p.name for p in tmp.iterdir())
+                manifest = {"step": step, "world_size": rt.world_size,
+                            "files": {name: _sha256(tmp / name) for name in files}}
+                atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        except (OSError, RuntimeError) as e:
+            if not _out_of_space(e):
+                raise
+            raise LmlabError(f"disk full while saving {final.name} ({first_line(e)}); the previous checkpoint is "
+                             f"intact: free space, then lmlab resume") from None
+    rt.barrier()
+    return final
+
+
+def _out_of_space(e: BaseException) -> bool:
+    """A write that failed for want of space: ENOSPC/EFBIG/EDQUOT, or torch's zip writer reporting the short
+    write it got (a RuntimeError 'unexpected pos')."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    text = str(e)
+    return "unexpected pos" in text or "No space left" in text or "File too large" in text
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def check_disk(root: Path, model: torch.nn.Module) -> None:
+    """Refuse to start a save that cannot fit: the last checkpoint's size (or 3 × the weights) plus 10 %."""
+    root.mkdir(parents=True, exist_ok=True)
+    last = latest_checkpoint(root)
+    need = _size(last) if last is not None else 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(root).free
+    if free < need * 1.1:
+        raise LmlabError(f"disk full: {free / 2**20:,.0f} MiB free in {root}, a checkpoint takes about "
+                         f"{need / 2**20:,.0f} MiB; the previous checkpoint is intact: free space, then lmlab resume")
+
+
+def _save_sharded(root: Path, step: int, model, optimizer, trainer_state: dict, rt) -> Path:
+    """fsdp / deepspeed (`lmlab.train.strategy`): every rank writes its shards of the model and optimizer
+    into dcp/ (torch.distributed.checkpoint, readable on any number of ranks); rank 0 writes the rest."""
+    from . import strategy
+
+    final = step_dir(root, step)
+    rngs = rt.all_gather_object(rng_state())
+    rest = {k: v for k, v in trainer_state.items() if k != "optimizer"}  # the optimizer lives in dcp/
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(final, overwrite=True)) if rt.is_main else None
+        tmp = Path(rt.all_gather_object(str(tmp))[0])  # rank 0's folder: the run folder is shared
+        strategy.save_sharded(model, optimizer, tmp / strategy.DCP_DIR, rt)
+        if rt.is_main:
             for rank, rng in enumerate(rngs):
                 torch.save(rng, tmp / f"rng-rank{rank}.pt")
-            save_model(model, str(tmp / "model.safetensors"))
-            torch.save(trainer_state, tmp / "trainer.pt")
-            files = sorted(p.name for p in tmp.iterdir())
-            manifest = {"step": step, "world_size": rt.world_size,
+            torch.save(rest, tmp / "trainer.pt")
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            manifest = {"step": step, "world_size": rt.world_size, "strategy": strategy.checkpoint_hooks(model)[0],
                         "files": {name: _sha256(tmp / name) for name in files}}
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        rt.barrier()
     rt.barrier()
     return final
 
@@ -122,8 +184,17 @@ def _load_pt(path: Path):
 def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0) -> tuple[dict, dict | None]:
     """Load weights into `model`; return (trainer_state, this rank's RNG state or None)."""
     verify(path)
-    load_model(model, str(path / "model.safetensors"), strict=True)
-    trainer_state = _load_pt(path / "trainer.pt")
+    from . import strategy
+
+    if (hooks := strategy.checkpoint_hooks(model)) is not None:
+        if not (path / strategy.DCP_DIR).is_dir():
+            raise LmlabError(f"checkpoint {path}: written by train.strategy=ddp (model.safetensors); train.strategy="
+                             f"{hooks[0]} reads sharded (dcp/) checkpoints: resume it with train.strategy=ddp")
+        strategy.load_state_dicts(model, hooks[1], path / strategy.DCP_DIR)
+        trainer_state = {**_load_pt(path / "trainer.pt"), "optimizer": hooks[1].state_dict()}
+    else:
+        load_model(model, str(path / "model.safetensors"), strict=True)
+        trainer_state = _load_pt(path / "trainer.pt")
     rng_file = path / f"rng-rank{rank}.pt"
     rng = _load_pt(rng_file) if rng_file.is_file() else None
     return trainer_state, rng

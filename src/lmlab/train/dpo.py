@@ -76,7 +76,8 @@ class DPO(Objective):
 
         ft, t = cfg.finetune, cfg.train
         fmt = chat_format(cfg, tokenizer)
-        data = load_preference(source_specs(cfg), val_fraction=cfg.data.val_fraction, seed=t.seed,
+        data = load_preference(source_specs(cfg), val_fraction=cfg.data.val_fraction,
+                             seed=cfg.data.split_seed_for(t.seed),
                                on_error=ft.on_error)
         max_len = min(ft.max_len or cfg.data.seq_len, cfg.data.seq_len)
 

@@ -14,6 +14,7 @@ Seams (where later capabilities plug in, without touching the loop):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import time
@@ -28,6 +29,7 @@ from ..errors import LmlabError
 from ..eval.perplexity import perplexity, validation_loss
 from ..runtime import Runtime, setup_runtime
 from . import checkpoint as ckpt
+from . import strategy
 from .guard import Guard
 from .objectives import Objective, make_objective
 from .optim import lr_at
@@ -48,6 +50,7 @@ class TrainState:
     best_val: float | None = None
     skipped: int = 0  # steps the guard did not apply
     lr_scale: float = 1.0  # lowered by each guard rollback
+    stale_evals: int = 0  # evaluations in a row without a new best (early stopping)
 
 
 def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=None, force: bool = False) -> Path:
@@ -65,7 +68,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=Non
                     "tokens_per_step": parts.plan.tokens_per_step, "world_size": rt.world_size,
                     "device": str(rt.device), **parts.data.manifest}
         if run_dir is not None and latest is not None and not force:
-            check_same_run(Path(run_dir), manifest)
+            check_same_run(Path(run_dir), manifest, resharded=cfg.train.strategy == "fsdp")
         with open_run(cfg, rt, run_dir, tokenizer=parts.tokenizer, manifest=manifest, echo=echo,
                       resumed_from=_step_of(latest) if run_dir else None) as run:
             state = restore(cfg, rt, parts, latest)
@@ -74,8 +77,10 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=Non
                 run.sink.say(preflight(cfg, rt, parts.model))
             with system_stats(cfg, rt, run):
                 run.status = loop(cfg, rt, parts, objective, run, state, protect=(latest,) if latest else ())
-            if run.status == "finished" and rt.is_main:
-                finish(cfg, rt, parts, run, state)
+            if run.status == "finished":
+                whole = strategy.unsharded_model(parts.model, rt)  # collective when the model is sharded
+                if rt.is_main:
+                    finish(cfg, rt, dataclasses.replace(parts, model=whole), run, state)
         return run.dir
     finally:
         rt.shutdown()
@@ -125,6 +130,11 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
             if s.step % t.eval_every == 0 or last:
                 evaluate(cfg, rt, p, objective, run, s)
                 window.restart()  # evaluation time does not count against tokens/s
+                if t.early_stop_patience and s.stale_evals >= t.early_stop_patience and not last:
+                    run.sink.event("early_stop", s.step, f"early stop at step {s.step}: no validation gain of "
+                                   f"{t.early_stop_min_delta:g} in {s.stale_evals} evaluations", best=s.best_val)
+                    _save(cfg, rt, p, run, s, protect)
+                    return "finished"
             if rt.is_main and t.sample_every and s.step % t.sample_every == 0 and not last:
                 write_samples(p.model, p.tokenizer, cfg, s.step, run.dir, rt)
             stopping = _stop_requested(stop, rt)
@@ -182,7 +192,9 @@ def log_train(run: Run, rt: Runtime, p: Parts, s: TrainState, w: _Window, lr: fl
 
 def evaluate(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: TrainState) -> None:
     res = validation_loss(p.model, objective, p.data.val(), rt)
+    best = min((v for v in (s.best_val, s.last_val) if v is not None), default=None)
     s.last_val = res["val_loss"]
+    s.stale_evals = 0 if best is None or s.last_val < best - cfg.train.early_stop_min_delta else s.stale_evals + 1
     ppl = perplexity(s.last_val)
     run.sink.log("eval", s.step, tokens=s.tokens, **res, val_ppl=ppl)
     run.sink.text(f"eval step {s.step}: val_loss {s.last_val:.4f} ppl {ppl:.2f}")
@@ -239,13 +251,14 @@ RESUME_KEYS = {"tokenizer_fingerprint": "the tokenizer", "data_fingerprint": "th
                "world_size": "the number of ranks", "tokens_per_step": "the global batch (tokens per step)"}
 
 
-def check_same_run(run_dir: Path, now: dict) -> None:
+def check_same_run(run_dir: Path, now: dict, resharded: bool = False) -> None:
     """Refuse to continue a run on other data, tokenizer, rank count or global batch: the data position and
     the optimizer state would silently mean something else."""
     from .. import runs
 
     before = runs.read_manifest(run_dir)
-    changed = [f"{what} ({before[k]} → {now[k]})" for k, what in RESUME_KEYS.items()
+    keys = {k: v for k, v in RESUME_KEYS.items() if not (resharded and k == "world_size")}  # DCP reshards
+    changed = [f"{what} ({before[k]} → {now[k]})" for k, what in keys.items()
                if k in before and k in now and before[k] != now[k]]
     if changed:
         raise LmlabError(f"{run_dir}: cannot resume exactly, changed: {'; '.join(changed)}; "

@@ -135,7 +135,8 @@ def build_tokenizer(cfg: Config, rt: Runtime, saved: Path | None = None):
 def build_corpus(cfg: Config, tokenizer, rt: Runtime):
     from ..data.shards import prepare_corpus
 
-    kw = dict(val_fraction=cfg.data.val_fraction, seed=cfg.train.seed, text_field=cfg.data.text_field,
+    kw = dict(val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed_for(cfg.train.seed),
+              text_field=cfg.data.text_field,
               max_docs=cfg.data.max_docs)
     if rt.is_main:
         corpus = prepare_corpus(cfg.data.source, tokenizer, **kw)

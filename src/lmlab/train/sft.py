@@ -136,7 +136,8 @@ class SFT(Objective):
 
         ft, t = cfg.finetune, cfg.train
         fmt = chat_format(cfg, tokenizer)
-        data = load_instruct(source_specs(cfg), val_fraction=cfg.data.val_fraction, seed=t.seed,
+        data = load_instruct(source_specs(cfg), val_fraction=cfg.data.val_fraction,
+                             seed=cfg.data.split_seed_for(t.seed),
                              on_error=ft.on_error)
         max_len = min(ft.max_len or cfg.data.seq_len, cfg.data.seq_len)
         train = encode_examples(data.train, fmt, max_len=max_len, overlong=ft.overlong, summary=data.summary)

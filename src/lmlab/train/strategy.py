@@ -15,8 +15,8 @@
                load on any number of ranks (one process included); `full_state_dict` gathers the whole
                model for the HF export. Scalar parameters (SWELU k, λ; INL κ), which FSDP2 cannot shard,
                stay replicated and their gradients are averaged by a hook.
-    deepspeed  DeepSpeed ZeRO stage 1 or 2 (`train.zero_stage`), optimizer state optionally in CPU memory
-               (`train.offload_optimizer`), under plain torchrun. An optional extra (`pip install deepspeed`).
+    deepspeed  reserved (DeepSpeed ZeRO 1-2, `train.zero_stage`, `train.offload_optimizer`): refused with one
+               line until the step drives a DeepSpeed engine; fsdp with fsdp_reshard=false is ZeRO-2.
 
 `train.compile` compiles each block with `torch.compile`; the selective scan stays outside the graph
 (`lmlab.models.scan.selective_scan` is `torch.compiler.disable`d: compiling its per-step loop unrolls it).
@@ -57,6 +57,8 @@ def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
 def prepare(model: torch.nn.Module, cfg: Config, rt: Runtime) -> torch.nn.Module:
     """Before the optimizer is made (its parameters must be the sharded ones): compile, then shard."""
     t = cfg.train
+    if t.strategy == "deepspeed":
+        _refuse_deepspeed()
     if t.compile:
         compile_blocks(model)
     if t.strategy == "fsdp":
@@ -112,27 +114,19 @@ def attach(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config
 def wrap(model: torch.nn.Module, cfg: Config, rt: Runtime, optimizer=None) -> torch.nn.Module:
     if not rt.distributed or cfg.train.strategy == "fsdp":  # fsdp: the sharded model runs itself
         return model
-    if cfg.train.strategy == "deepspeed":
-        return deepspeed_engine(model, optimizer, cfg, rt)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
-def deepspeed_engine(model, optimizer, cfg: Config, rt: Runtime):
+def _refuse_deepspeed() -> None:
     try:
-        import deepspeed
+        import deepspeed  # noqa: F401
     except ImportError:
-        raise ConfigError("train.strategy: deepspeed is not installed; pip install deepspeed "
-                          "(or use train.strategy=fsdp)") from None
-    t = cfg.train
-    ds_cfg = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": t.zero_stage},
-              "bf16": {"enabled": rt.precision == "bf16"}, "gradient_clipping": 0.0}
-    if t.offload_optimizer:
-        ds_cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-    return engine
+        raise ConfigError("train.strategy: deepspeed is not installed; pip install deepspeed (or use "
+                          "train.strategy=fsdp train.fsdp_reshard=false, the ZeRO-2 equivalent)") from None
+    raise ConfigError("train.strategy: deepspeed is not wired into the trainer's step yet; use "
+                      "train.strategy=fsdp train.fsdp_reshard=false (ZeRO-2) or train.strategy=fsdp (ZeRO-3)")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -141,7 +135,11 @@ def checkpoint_hooks(model: torch.nn.Module):
     return _ATTACHED.get(model)
 
 
-def state_dict_for_save(model: torch.nn.Module, optimizer, rt: Runtime) -> dict:
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def state_dict_for_save(model: torch.nn.Module, optimizer, rt: Runtime | None = None) -> dict:
     """Model and optimizer state keyed by parameter name, each rank holding its shards (DTensors)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -153,17 +151,16 @@ def save_sharded(model: torch.nn.Module, optimizer, folder: Path, rt: Runtime) -
     """Collective: every rank writes its shards into `folder` (shared by all ranks, on every node)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(state_dict_for_save(model, optimizer, rt), checkpoint_id=str(folder),
-             no_dist=not rt.distributed)
+    dcp.save(state_dict_for_save(model, optimizer, rt), checkpoint_id=str(folder), no_dist=not _distributed())
 
 
-def load_state_dicts(model: torch.nn.Module, optimizer, folder: Path, rt: Runtime) -> None:
+def load_state_dicts(model: torch.nn.Module, optimizer, folder: Path, rt: Runtime | None = None) -> None:
     """Collective: read a DCP folder written on any number of ranks into this rank's shards."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     sd = state_dict_for_save(model, optimizer, rt)  # the layout to fill: this run's shards
-    dcp.load(sd, checkpoint_id=str(folder), no_dist=not rt.distributed)
+    dcp.load(sd, checkpoint_id=str(folder), no_dist=not _distributed())
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
