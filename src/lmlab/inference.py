@@ -44,6 +44,9 @@ def load_for_inference(spec: str, device: str = "auto"):
             latest = ckpt.latest_checkpoint(path / "checkpoints")
             if latest is None:
                 raise LmlabError(f"{spec}: run has neither final/ nor a complete checkpoint yet")
+            if (latest / "dcp").is_dir():
+                raise LmlabError(f"{spec}: its latest checkpoint is sharded (train.strategy=fsdp) and the run has no "
+                                 f"final/ yet; let it finish, or resume it to export")
             cfg = load_config(path / "config.yaml")
             tok = load_tokenizer(str(path / "tokenizer"))
             model = build_model(cfg, tok)

@@ -15,18 +15,19 @@ def validation_loss(model, objective, batches: Iterable[dict], rt) -> dict[str, 
     """{"val_loss": …, "val_<metric>": …} averaged per target unit over every rank's batches."""
     was = model.training
     model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    count = torch.zeros((), device=rt.device, dtype=torch.float64)
+    # sums on the CPU in float64 (MPS has no float64); "loss" always present, so every rank reduces the same shape
+    sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), dtype=torch.float64)}
+    count = torch.zeros((), dtype=torch.float64)
     for batch in batches:
         batch = {k: v.to(rt.device) for k, v in batch.items()}
         with rt.autocast():
             loss, metrics = objective.loss(model, batch)
         for k, v in {"loss": loss, **metrics}.items():
-            sums[k] = sums.get(k, 0) + v.double()
-        count += objective.count(batch).double()
+            sums[k] = sums.get(k, 0) + v.detach().float().cpu().double()
+        count += objective.count(batch).cpu().double()
     model.train(was)
     names = list(sums)
-    total = rt.all_reduce_sum(torch.stack([count, *(sums[k] for k in names)]))
+    total = rt.all_reduce_sum(torch.stack([count, *(sums[k] for k in names)]).to(rt.device)).cpu()
     return {f"val_{k}": float(total[i + 1] / total[0].clamp(min=1)) for i, k in enumerate(names)}
 
 

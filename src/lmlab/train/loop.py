@@ -30,12 +30,14 @@ from ..eval.perplexity import perplexity, validation_loss
 from ..runtime import Runtime, setup_runtime
 from . import checkpoint as ckpt
 from . import strategy
-from .guard import Guard
+from .guard import Guard, Verdict
 from .objectives import Objective, make_objective
 from .optim import lr_at
 from .run import Run, open_run
 from .setup import Parts, build
 from .step import apply_update, compute_gradients, discard_update
+
+APPLY_NOTHING = Verdict("apply", "fp16 loss-scale overflow")  # the scaler skipped the update itself
 
 
 class TrainingDiverged(LmlabError):
@@ -102,8 +104,14 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
             batches = [p.data.train.next() for _ in range(t.grad_accum)]
             r = compute_gradients(p.model, objective, batches, rt, optimizer=p.optimizer, scaler=p.scaler,
                                   grad_clip=t.grad_clip, wrapped=p.wrapped)
-            verdict = guard.check(s.step + 1, r.loss, r.grad_norm)
-            if verdict.apply:
+            if p.scaler is not None and bool(torch.isfinite(r.loss)) and not bool(torch.isfinite(r.grad_norm)):
+                discard_update(p.optimizer, p.scaler)  # fp16 loss-scale overflow: the scaler lowers its scale
+                verdict = APPLY_NOTHING
+            else:
+                verdict = guard.check(s.step + 1, r.loss, r.grad_norm)
+            if verdict is APPLY_NOTHING:
+                pass
+            elif verdict.apply:
                 apply_update(p.optimizer, p.scaler)
             else:
                 discard_update(p.optimizer, p.scaler)
@@ -117,7 +125,7 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
             s.step += 1
             run.step = s.step
             s.tokens += p.plan.tokens_per_step
-            window.add(r, p.plan.tokens_per_step, verdict.apply)
+            window.add(r, p.plan.tokens_per_step, verdict.apply and verdict is not APPLY_NOTHING)
             last = s.step == total
             if verdict.action == "stop":
                 _save(cfg, rt, p, run, s, protect)
@@ -192,9 +200,10 @@ def log_train(run: Run, rt: Runtime, p: Parts, s: TrainState, w: _Window, lr: fl
 
 def evaluate(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: TrainState) -> None:
     res = validation_loss(p.model, objective, p.data.val(), rt)
-    best = min((v for v in (s.best_val, s.last_val) if v is not None), default=None)
-    s.last_val = res["val_loss"]
+    best = s.best_val
+    s.last_val = res["val_loss"]  # the same on every rank (all-reduced), so every rank decides the same
     s.stale_evals = 0 if best is None or s.last_val < best - cfg.train.early_stop_min_delta else s.stale_evals + 1
+    s.best_val = s.last_val if best is None else min(best, s.last_val)
     ppl = perplexity(s.last_val)
     run.sink.log("eval", s.step, tokens=s.tokens, **res, val_ppl=ppl)
     run.sink.text(f"eval step {s.step}: val_loss {s.last_val:.4f} ppl {ppl:.2f}")
@@ -208,8 +217,8 @@ def _save(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState, protect: 
              "loader": p.data.train.state_dict()}
     ckpt.save_checkpoint(root, s.step, p.model, state, rt=rt)
     if rt.is_main:
-        if s.last_val is not None and ckpt.record_best(root, s.step, s.last_val):
-            s.best_val = s.last_val
+        if s.last_val is not None:
+            ckpt.record_best(root, s.step, s.last_val)
         ckpt.prune(root, cfg.train.keep_last, protect=protect)
     run.sink.event("checkpoint", s.step, path=f"checkpoints/step-{s.step:08d}")
 

@@ -45,7 +45,7 @@ def open_run(cfg: Config, rt: Runtime, run_dir: Path | None, *, tokenizer, manif
              resumed_from: int | None = None, echo=print) -> Iterator[Run]:
     resuming = run_dir is not None
     if run_dir is None:
-        name = cfg.run.name or runs.default_name(cfg.model.name)
+        name = rt.all_gather_object(cfg.run.name or runs.default_name(cfg.model.name))[0]  # rank 0's, everywhere
         cfg.run.name = name
         run_dir = Path(cfg.run.out_dir) / name
         if rt.is_main:
