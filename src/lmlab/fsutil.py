@@ -51,11 +51,12 @@ def _remove_dead_builds(final: Path) -> None:
     """Delete temp folders of builds of `final` that were killed (same host, process gone)."""
     for tmp in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
         host, pid, _ = tmp.name.rsplit("-", 2)
-        if host.endswith(f".tmp-{socket.gethostname()}") and pid.isdigit() and not _alive(int(pid)):
+        if host.endswith(f".tmp-{socket.gethostname()}") and pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (for locks and temporary folders of killed writers)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

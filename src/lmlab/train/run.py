@@ -25,6 +25,7 @@ from pathlib import Path
 from .. import runs
 from ..config import Config, save_config
 from ..errors import LmlabError
+from ..fsutil import pid_alive
 from ..monitor.events import EventSink
 from ..runtime import Runtime
 
@@ -80,16 +81,6 @@ def _holder(path: Path) -> dict | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def acquire_lock(run_dir: Path) -> None:
     """Take `run.lock` or raise naming its holder. A lock whose process is gone (same host) is taken over."""
     path = run_dir / LOCK
@@ -102,7 +93,7 @@ def acquire_lock(run_dir: Path) -> None:
             if held is None:  # torn write by a process killed while taking it
                 path.unlink(missing_ok=True)
                 continue
-            if held.get("host") == me["host"] and not _alive(int(held.get("pid", -1))):
+            if held.get("host") == me["host"] and not pid_alive(int(held.get("pid", -1))):
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             if held.get("pid") == me["pid"] and held.get("host") == me["host"]:
