@@ -370,14 +370,9 @@ def _iter_json(p: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _iter_parquet(p: Path) -> Iterator[tuple[str, dict]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{p}: reading parquet needs pyarrow; pip install 'lmlab[data]'") from None
-    try:
-        pf = pq.ParquetFile(p)
-    except Exception as e:  # pyarrow raises ArrowInvalid/OSError with long messages
-        raise DataError(f"{p}: not a readable parquet file ({first_line(e)})") from None
+    from .sources import open_parquet
+
+    pf = open_parquet(p)
     row = 0
     for batch in pf.iter_batches():
         for obj in batch.to_pylist():
@@ -459,7 +454,8 @@ def _oasst_role(r: dict) -> str:
     return role
 
 
-def _read_oasst(spec: SourceSpec, rows: Iterator, summary: DataSummary, on_error: str) -> list[Example]:
+def oasst_valid_trees(spec: SourceSpec, rows: Iterator, summary: DataSummary, on_error: str) -> dict:
+    """oasst message rows → {tree id: tree}; bad rows reported (file:line) and skipped or fatal per `on_error`."""
     good = []
     for where, r in rows:
         reason = _oasst_row_problem(r)
@@ -469,6 +465,11 @@ def _read_oasst(spec: SourceSpec, rows: Iterator, summary: DataSummary, on_error
             good.append((where, r))
     trees = oasst_trees(good, spec.lang)
     summary.stats(spec.path).read = len(trees)
+    return trees
+
+
+def _read_oasst(spec: SourceSpec, rows: Iterator, summary: DataSummary, on_error: str) -> list[Example]:
+    trees = oasst_valid_trees(spec, rows, summary, on_error)
     out = []
     for tid, tree in trees.items():
         try:

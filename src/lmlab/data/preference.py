@@ -33,13 +33,12 @@ from .instruct import (
     SourceSpec,
     _bad,
     _oasst_role,
-    _oasst_row_problem,
     _peek,
     _Unparsable,
     _why,
     in_val,
     iter_rows,
-    oasst_trees,
+    oasst_valid_trees,
     validate,
 )
 
@@ -241,15 +240,7 @@ def _trim(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
 
 
 def _oasst_pairs(spec: SourceSpec, rows, summary: DataSummary, on_error: str) -> list[PreferencePair]:
-    good = []
-    for where, r in rows:
-        reason = _oasst_row_problem(r)
-        if reason:
-            _bad(spec.path, where, reason, summary, on_error)
-        else:
-            good.append((where, r))
-    trees = oasst_trees(good, spec.lang)
-    summary.stats(spec.path).read = len(trees)
+    trees = oasst_valid_trees(spec, rows, summary, on_error)
     out = []
     for tid, tree in trees.items():
         stack = [(tree["root"], [])]

@@ -212,15 +212,20 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
             yield text
 
 
-def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
+def open_parquet(path: Path):
+    """A pyarrow ParquetFile, or one DataError line (pyarrow missing, or not a parquet file)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow; pip install 'lmlab[data]'") from None
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError with long messages
         raise DataError(f"{path}: not a readable parquet file ({first_line(e)})") from None
+
+
+def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
+    pf = open_parquet(path)
     names = pf.schema_arrow.names
     if text_field not in names:
         raise DataError(

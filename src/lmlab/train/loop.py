@@ -163,6 +163,7 @@ class _Window:
     def __init__(self):
         self.loss = torch.zeros(())
         self.metrics: dict[str, torch.Tensor] = {}
+        self.grad_norm = torch.tensor(float("nan"))  # the last applied step's
         self.steps, self.tokens, self.t0 = 0, 0, time.perf_counter()
 
     def add(self, r, tokens: int, applied: bool) -> None:
@@ -184,7 +185,7 @@ def log_train(run: Run, rt: Runtime, p: Parts, s: TrainState, w: _Window, lr: fl
     loss = float(w.loss) / n if w.steps else float("nan")
     dt = time.perf_counter() - w.t0
     tok_s = w.tokens / dt if dt > 0 else 0.0
-    grad_norm = float(getattr(w, "grad_norm", float("nan")))
+    grad_norm = float(w.grad_norm)
     extra = {k: float(v) / n for k, v in w.metrics.items()}
     run.sink.log("train", s.step, tokens=s.tokens, loss=loss, lr=lr, grad_norm=grad_norm, tok_s=tok_s,
                  skipped=s.skipped, **extra)
