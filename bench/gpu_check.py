@@ -1,4 +1,4 @@
-"""The GPU numbers of issue 13 in one pass (H100/H200 class): `bash bench/gpu_check.sh` runs this file and the
+"""The GPU numbers of docs/benchmarks.md in one pass (H100/H200 class): `bash bench/gpu_check.sh` runs this file and the
 GPU sections of the other benchmarks. Prints markdown tables for docs/benchmarks.md; asserts nothing timed.
 
     scan      Triton scan vs the reference on CUDA: fp32 and bf16, forward and backward, lengths 1000 and 1537

@@ -122,6 +122,18 @@ class FinetuneConfig:
 class RunConfig:
     name: str | None = None  # default: <model>-<yyyymmdd-hhmmss>
     out_dir: str = "runs"
+    if_exists: str = "refuse"  # the folder out_dir/name exists: refuse | resume (continue it: restarts under torchrun)
+
+
+@dataclass
+class LogConfig:
+    """Optional copies of the run's records in Weights & Biases and trackio (lmlab.monitor.trackers)."""
+
+    wandb: bool = False  # needs `pip install 'lmlab[wandb]'`
+    wandb_project: str = "lmlab"
+    wandb_mode: str = "offline"  # offline: files in the run folder, nothing sent (wandb sync later) | online | disabled
+    trackio: bool = False  # needs `pip install 'lmlab[trackio]'`; local SQLite storage (TRACKIO_DIR)
+    trackio_project: str = "lmlab"
 
 
 @dataclass
@@ -131,6 +143,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -151,6 +164,8 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.strategy": ("ddp", "fsdp", "deepspeed"),
     "train.zero_stage": (1, 2),
+    "run.if_exists": ("refuse", "resume"),
+    "log.wandb_mode": ("offline", "online", "disabled"),
 }
 
 
@@ -319,6 +334,9 @@ def validate(cfg: Config) -> None:
     _check(ft.dpo_beta > 0, "finetune.dpo_beta", f"must be > 0, got {ft.dpo_beta}")
     _check(all(w > 0 for w in ft.weights), "finetune.weights", f"must all be > 0, got {ft.weights}")
     _check(all(m >= 1 for m in ft.max_examples), "finetune.max_examples", f"must all be >= 1, got {ft.max_examples}")
+    _check(cfg.run.if_exists == "refuse" or bool(cfg.run.name), "run.if_exists",
+           "resume needs a fixed run.name (the default name carries the start time, so a restart would not "
+           "find its folder)")
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
@@ -364,7 +382,22 @@ def validate(cfg: Config) -> None:
     _check(d.max_docs is None or d.max_docs >= 1, "data.max_docs", f"must be >= 1, got {d.max_docs}")
     _check(isinstance(d.source, (str, list)) and bool(d.source), "data.source",
            "must be a source string or a non-empty list of them")
+    _validate_log(cfg)
     _validate_model(cfg)
+
+
+def _validate_log(cfg: Config) -> None:
+    from .monitor.trackers import missing_package
+
+    lg = cfg.log
+    for key in ("wandb_project", "trackio_project"):
+        v = getattr(lg, key)
+        _check(bool(v) and len(v) <= 128 and not any(c in v for c in "/\\#?%:"), f"log.{key}",
+               f"must be 1-128 characters without / \\ # ? % :, got {v!r}")
+    for service in ("wandb", "trackio"):
+        if getattr(lg, service) and not (service == "wandb" and lg.wandb_mode == "disabled"):
+            _check(not missing_package(service), f"log.{service}",
+                   f"the {service} package is not installed; install it with: pip install 'lmlab[{service}]'")
 
 
 def _validate_model(cfg: Config) -> None:

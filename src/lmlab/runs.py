@@ -47,7 +47,7 @@ def create_run_dir(out_dir: str, name: str) -> Path:
     path = Path(out_dir) / name
     if path.exists() and any(path.iterdir()):
         raise LmlabError(f"run folder {str(path)!r} already exists; use `lmlab resume {path}` to continue it "
-                         f"or pick another run.name")
+                         f"(run.if_exists=resume does that from the same command) or pick another run.name")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from .errors import ConfigError, LmlabError
+from .fsutil import first_line
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    _flags_group: object = field(default=None, repr=False, compare=False)  # gloo group for host-side flags
 
     @property
     def is_main(self) -> bool:
@@ -57,6 +59,20 @@ class Runtime:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (a stop asked for by a signal). Over gloo with a CPU tensor,
+        also when the run's collectives are NCCL: asking costs no GPU synchronisation."""
+        if not self.distributed:
+            return flag
+        group = None
+        if dist.get_backend() != "gloo":
+            if self._flags_group is None:  # collective: every rank asks at the same step
+                self._flags_group = dist.new_group(backend="gloo")
+            group = self._flags_group
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return bool(t.item() > 0)
+
     def all_gather_object(self, obj):
         """Every rank's `obj`, in rank order (small picklable values only: RNG states, flags)."""
         if not self.distributed:
@@ -69,8 +85,38 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
-    def shutdown(self) -> None:
+    def main_first(self, fn, *, others: bool = True):
+        """Run `fn` on rank 0, then (with `others`) on every other rank: rank 0 makes what the others then
+        read (a cache, the run folder). A failure on rank 0 reaches every rank, as the same one line, at
+        this point instead of leaving them waiting at the next collective. Returns `fn`'s result (None on
+        the other ranks without `others`)."""
+        result, failure = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - shared with the other ranks, then raised again here
+                failure = e
+        if self.distributed:
+            said = None
+            if failure is not None:
+                said = str(failure) if isinstance(failure, LmlabError) else f"{type(failure).__name__}: " \
+                    f"{first_line(failure)}"
+            said = self.all_gather_object(said)[0]  # also the barrier the other ranks wait at
+            if failure is None and said is not None:
+                raise LmlabError(f"rank {self.rank} stops: rank 0 failed: {said}")
+        if failure is not None:
+            raise failure
+        if not self.is_main and others:
+            result = fn()
+        return result
+
+    def shutdown(self, clean: bool = False) -> None:
+        """End the process group. `clean` (every rank got here without an error): a barrier first, so no
+        collective is still being retired by gloo's worker threads when the group is torn down (a DDP wrapper
+        freed later would otherwise join those threads while holding the GIL they wait for: a hang at exit)."""
         if self.distributed and dist.is_initialized():
+            if clean:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -111,9 +157,27 @@ def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | 
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        _init_process_group("nccl" if dev.type == "cuda" else "gloo", rank, world)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Runtime(device=dev, precision=pick_precision(precision, dev), rank=rank,
                    local_rank=local_rank, world_size=world)
+
+
+def _init_process_group(backend: str, rank: int, world: int) -> None:
+    """The default process group, as `env://` would make it, except under torchrun's restarts
+    (`--max-restarts`): there each attempt's keys get a prefix of their own. torchrun keeps its key-value
+    store across attempts, and a restarted rank that reads a peer's address left by an earlier attempt fails
+    with "Gloo connectFullMesh failed ... Connection refused" (every second restart, torch 2.13)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend=backend)
+        return
+    from torch.distributed.constants import default_pg_timeout
+
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_hosts_it and rank == 0, timeout=default_pg_timeout)
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"lmlab/attempt-{attempt}", store),
+                            rank=rank, world_size=world)

@@ -14,7 +14,7 @@ def add_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="train.KEY=VALUE",
                    help="change training settings on resume, e.g. train.lr=1.5e-4 after a loss spike, "
                         "or train.max_steps=2000 to extend the run (the exact-resume guarantee then no "
-                        "longer holds)")
+                        "longer holds); log.* (e.g. log.wandb=true) too")
 
 
 def run(args) -> int:
@@ -32,8 +32,8 @@ def run(args) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise LmlabError(f"{run_dir}: not an lmlab run folder (no config.yaml)")
     for o in args.overrides:
-        if not o.startswith("train."):
-            raise ConfigError(f"override {o!r}: only train.* settings can change on resume")
+        if not o.startswith(("train.", "log.")):
+            raise ConfigError(f"override {o!r}: only train.* and log.* settings can change on resume")
     cfg = load_config(run_dir / "config.yaml", args.overrides)
     if args.overrides:
         save_config(cfg, run_dir / "config.yaml")

@@ -8,7 +8,8 @@
     sink.progress(total, start)       the live progress bar (a context); sink.update(step, ...) moves it
 
 Every other rank gets a sink that writes nothing. Records may come from a side thread (system stats):
-writes are serialised by a lock.
+writes are serialised by a lock. `sink.attach(trackers)` also forwards every record to W&B / trackio
+(lmlab.monitor.trackers); `sink.close(status)` finishes them with the run's final status.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class EventSink:
         self._writer = MetricsWriter(run_dir, enabled=enabled)
         self._lock = threading.Lock()
         self._progress = None
+        self._trackers = None
+
+    def attach(self, trackers) -> None:
+        """Forward every `log` record to `trackers` (lmlab.monitor.trackers.Trackers; None: nothing)."""
+        self._trackers = trackers
 
     def say(self, line: str = "") -> None:
         """Always printed (rank 0); above the bar when one is live."""
@@ -45,6 +51,8 @@ class EventSink:
     def log(self, kind: str, step: int, **fields: Any) -> None:
         with self._lock:
             self._writer.log(kind, step, **fields)
+            if self._trackers is not None:  # a queue hand-off: never waits on the service
+                self._trackers.log(kind, step, fields)
 
     def text(self, line: str) -> None:
         with self._lock:
@@ -73,6 +81,9 @@ class EventSink:
     def eta(self, step: int) -> float | None:
         return self._progress.eta(step) if self._progress is not None else None
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
+        trackers, self._trackers = self._trackers, None
+        if trackers is not None:  # outside the lock: their side thread may still write a warning line
+            trackers.close(status)
         with self._lock:
             self._writer.close()

@@ -79,7 +79,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, trainer_state
         return _save_sharded(root, step, model, hooks[1], trainer_state, rt)
     final = step_dir(root, step)
     rngs = rt.all_gather_object(rng_state())
-    if rt.is_main:
+
+    def write() -> None:  # rank 0; a failure (disk full) stops every rank with the same line
         check_disk(root, model)
         try:
             with atomic_dir(final, overwrite=True) as tmp:
@@ -96,7 +97,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, trainer_state
                 raise
             raise LmlabError(f"disk full while saving {final.name} ({first_line(e)}); the previous checkpoint is "
                              f"intact: free space, then lmlab resume") from None
-    rt.barrier()
+
+    rt.main_first(write, others=False)
     return final
 
 
@@ -132,10 +134,11 @@ def _save_sharded(root: Path, step: int, model, optimizer, trainer_state: dict, 
     final = step_dir(root, step)
     rngs = rt.all_gather_object(rng_state())
     rest = {k: v for k, v in trainer_state.items() if k != "optimizer"}  # the optimizer lives in dcp/
+    rt.main_first(lambda: check_disk(root, model), others=False)
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(final, overwrite=True)) if rt.is_main else None
         tmp = Path(rt.all_gather_object(str(tmp))[0])  # rank 0's folder: the run folder is shared
-        strategy.save_sharded(model, optimizer, tmp / strategy.DCP_DIR, rt)
+        strategy.save_sharded(model, optimizer, tmp / strategy.shard_dir(model), rt)  # dcp/ or zero/
         if rt.is_main:
             for rank, rng in enumerate(rngs):
                 torch.save(rng, tmp / f"rng-rank{rank}.pt")
@@ -186,18 +189,28 @@ def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0) -> tuple[
     verify(path)
     from . import strategy
 
+    written_by = json.loads((path / MANIFEST).read_text()).get("strategy", "ddp")
     if (hooks := strategy.checkpoint_hooks(model)) is not None:
-        if not (path / strategy.DCP_DIR).is_dir():
-            raise LmlabError(f"checkpoint {path}: written by train.strategy=ddp (model.safetensors); train.strategy="
-                             f"{hooks[0]} reads sharded (dcp/) checkpoints: resume it with train.strategy=ddp")
-        strategy.load_state_dicts(model, hooks[1], path / strategy.DCP_DIR)
+        shards = path / strategy.shard_dir(model)
+        if not shards.is_dir():
+            raise LmlabError(f"checkpoint {path}: written by train.strategy={written_by}; train.strategy={hooks[0]} "
+                             f"reads {shards.name}/ checkpoints: resume it with train.strategy={written_by}")
+        strategy.load_state_dicts(model, hooks[1], shards)
         trainer_state = {**_load_pt(path / "trainer.pt"), "optimizer": hooks[1].state_dict()}
     else:
+        if written_by == "deepspeed":  # the optimizer state lives in zero/, one file per rank
+            raise LmlabError(f"checkpoint {path}: written by train.strategy=deepspeed on {manifest_world(path)} "
+                             f"rank(s): resume it with train.strategy=deepspeed on as many ranks (its "
+                             f"model.safetensors holds the whole model)")
         load_model(model, str(path / "model.safetensors"), strict=True)
         trainer_state = _load_pt(path / "trainer.pt")
     rng_file = path / f"rng-rank{rank}.pt"
     rng = _load_pt(rng_file) if rng_file.is_file() else None
     return trainer_state, rng
+
+
+def manifest_world(path: Path) -> int | None:
+    return json.loads((path / MANIFEST).read_text()).get("world_size")
 
 
 def record_best(root: Path, step: int, val_loss: float) -> bool:

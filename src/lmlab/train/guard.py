@@ -14,7 +14,12 @@ leads to is `train.guard`:
     stop      checkpoint the last good state and exit with the resume command
     off       apply everything (no checks, no host sync per step)
 
-Each check reads two scalars on the host: one synchronisation per step while the guard is on.
+`Guard.check` reads two scalars on the host: one synchronisation per step. With `skip` and an optimizer that
+can skip on the device (fused AdamW: the trainer's optimizer on CUDA), `DeviceGuard` applies the same rule
+without a host synchronisation: the window lives in device tensors, the verdict is a device flag the fused
+optimizer step obeys (`found_inf`: parameters, moments and step count untouched), and what happened is read
+back once per log step (`DeviceGuard.read`), where the events are written and the run stopped after too
+many bad steps in a row. `tests/test_guard.py` holds the two to the same verdicts and the same weights.
 """
 
 from __future__ import annotations
@@ -95,3 +100,82 @@ class Guard:
                 return f"{name} spike: {value:.4g} > {limit:.4g} (mean {mean:.4g} + {self.sigma:g}σ of the last " \
                        f"{len(history)} steps)"
         return None
+
+
+class DeviceGuard:
+    """`Guard` with policy `skip`, decided on the device (no host synchronisation per step).
+
+        bad = guard.check(step, loss, grad_norm)     a 0-d float tensor, 1.0 = do not apply
+        apply_update(optimizer, skip=bad)            the fused optimizer step skips itself where bad is 1
+        events, verdict = guard.read()               at log steps: (step, reason, loss, grad_norm) of each
+                                                     skipped step since the last read; stop after too many
+    """
+
+    def __init__(self, guard: Guard, device: torch.device):
+        if guard.policy != "skip":
+            raise ValueError(f"DeviceGuard decides skip only, not {guard.policy}")
+        self.host = guard  # its settings and its count of bad steps in a row
+        n = guard.losses.maxlen
+        self.losses = torch.zeros(n, dtype=torch.float64, device=device)
+        self.norms = torch.zeros(n, dtype=torch.float64, device=device)
+        self.applied = torch.zeros((), dtype=torch.long, device=device)  # steps that entered the window
+        self.slots = torch.arange(n, device=device)
+        self.pending: list[tuple[int, torch.Tensor]] = []
+
+    def _limit(self, history: torch.Tensor, filled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = self.slots < filled
+        count = filled.clamp(min=1).to(torch.float64)
+        mean = torch.where(mask, history, 0).sum() / count
+        std = (torch.where(mask, history - mean, 0) ** 2).sum().div(count).sqrt()
+        return mean, mean + self.host.sigma * torch.maximum(std, 0.01 * mean.abs())
+
+    def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        g, size = self.host, self.losses.numel()
+        loss, norm = loss.detach().to(torch.float64), grad_norm.detach().to(torch.float64)
+        filled = self.applied.clamp(max=size)
+        mean_l, lim_l = self._limit(self.losses, filled)
+        mean_n, lim_n = self._limit(self.norms, filled)
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        spike = (filled >= g.warmup) & ((loss > lim_l) | (norm > lim_n))
+        good = finite & ~spike
+        slot = (self.applied % size).view(1)  # the oldest value, once the window is full
+        for buf, value in ((self.losses, loss), (self.norms, norm)):
+            buf.index_copy_(0, slot, torch.where(good, value, buf.index_select(0, slot)[0]).view(1))
+        self.applied += good.long()
+        bad = (~good).to(torch.float32)
+        self.pending.append((step, torch.stack([bad.double(), loss, norm, mean_l, lim_l, mean_n, lim_n,
+                                                filled.double()])))
+        return bad
+
+    def read(self) -> tuple[list[tuple[int, str, float, float]], Verdict]:
+        """The skipped steps since the last read, in order, with the reason `Guard` gives; and `stop` once
+        more than `max_skips` steps in a row were bad (else apply). One host synchronisation."""
+        if not self.pending:
+            return [], APPLY
+        steps = [s for s, _ in self.pending]
+        rows = torch.stack([r for _, r in self.pending]).cpu().tolist()
+        self.pending.clear()
+        g, events, verdict = self.host, [], APPLY
+        for step, (bad, loss, norm, mean_l, lim_l, mean_n, lim_n, filled) in zip(steps, rows, strict=True):
+            if not bad:
+                g.bad_in_a_row = 0
+                continue
+            g.bad_in_a_row += 1
+            if not math.isfinite(loss):
+                reason = f"loss is {loss}"
+            elif not math.isfinite(norm):
+                reason = f"gradient norm is {norm}"
+            else:
+                name, value, mean, limit = (("loss", loss, mean_l, lim_l) if loss > lim_l else
+                                            ("gradient norm", norm, mean_n, lim_n))
+                reason = f"{name} spike: {value:.4g} > {limit:.4g} (mean {mean:.4g} + {g.sigma:g}σ of the last " \
+                         f"{int(filled)} steps)"
+            events.append((step, reason, loss, norm))
+            if g.bad_in_a_row > g.max_skips and verdict is APPLY:
+                verdict = Verdict("stop", f"{reason}, {g.bad_in_a_row} bad steps in a row")
+        return events, verdict
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether `optimizer.step` obeys a device flag to skip itself (`found_inf`: fused Adam/AdamW)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))

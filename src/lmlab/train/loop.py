@@ -30,7 +30,7 @@ from ..eval.perplexity import perplexity, validation_loss
 from ..runtime import Runtime, setup_runtime
 from . import checkpoint as ckpt
 from . import strategy
-from .guard import Guard, Verdict
+from .guard import DeviceGuard, Guard, Verdict, skips_on_device
 from .objectives import Objective, make_objective
 from .optim import lr_at
 from .run import Run, open_run
@@ -38,6 +38,7 @@ from .setup import Parts, build
 from .step import apply_update, compute_gradients, discard_update
 
 APPLY_NOTHING = Verdict("apply", "fp16 loss-scale overflow")  # the scaler skipped the update itself
+ON_DEVICE = Verdict("apply", "decided on the device")  # DeviceGuard: read back at the next log step
 
 
 class TrainingDiverged(LmlabError):
@@ -62,7 +63,10 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=Non
     planner's memory check, `lmlab.plan.estimate.memory_line`). A resume whose tokenizer, data, world size or
     tokens per step differ from the run's is refused unless `force`."""
     rt = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.threads)
+    clean = False
     try:
+        if run_dir is None and cfg.run.if_exists == "resume":
+            run_dir = existing_run(cfg, rt)
         objective = make_objective(cfg)
         parts = build(cfg, rt, objective, saved_tokenizer=Path(run_dir) / "tokenizer" if run_dir else None)
         latest = latest_valid_checkpoint(Path(run_dir) / "checkpoints", echo) if run_dir else None
@@ -83,9 +87,10 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=Non
                 whole = strategy.unsharded_model(parts.model, rt)  # collective when the model is sharded
                 if rt.is_main:
                     finish(cfg, rt, dataclasses.replace(parts, model=whole), run, state)
+        clean = True
         return run.dir
     finally:
-        rt.shutdown()
+        rt.shutdown(clean)
 
 
 def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: TrainState,
@@ -93,6 +98,10 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
     """Train until the budget is spent ("finished") or a stop is asked for ("stopped")."""
     t, total = cfg.train, p.plan.total_steps
     guard = Guard.from_config(t)
+    # skip on the device where the optimizer can (fused AdamW on CUDA): no host synchronisation per step;
+    # DeepSpeed's engine steps for itself
+    fast = DeviceGuard(guard, rt.device) if guard.policy == "skip" and p.scaler is None and skips_on_device(
+        p.optimizer) and t.strategy != "deepspeed" else None
     window = _Window()
     p.model.train()
     with _StopFlag() as stop, run.sink.progress(total, s.step):
@@ -104,12 +113,17 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
             batches = [p.data.train.next() for _ in range(t.grad_accum)]
             r = compute_gradients(p.model, objective, batches, rt, optimizer=p.optimizer, scaler=p.scaler,
                                   grad_clip=t.grad_clip, wrapped=p.wrapped)
-            if p.scaler is not None and bool(torch.isfinite(r.loss)) and not bool(torch.isfinite(r.grad_norm)):
+            applied = None
+            if fast is not None:
+                bad = fast.check(s.step + 1, r.loss, r.grad_norm)
+                apply_update(p.optimizer, skip=bad)
+                verdict, applied = ON_DEVICE, bad == 0
+            elif p.scaler is not None and bool(torch.isfinite(r.loss)) and not bool(torch.isfinite(r.grad_norm)):
                 discard_update(p.optimizer, p.scaler)  # fp16 loss-scale overflow: the scaler lowers its scale
                 verdict = APPLY_NOTHING
             else:
                 verdict = guard.check(s.step + 1, r.loss, r.grad_norm)
-            if verdict is APPLY_NOTHING:
+            if verdict is APPLY_NOTHING or verdict is ON_DEVICE:
                 pass
             elif verdict.apply:
                 apply_update(p.optimizer, p.scaler)
@@ -125,8 +139,12 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
             s.step += 1
             run.step = s.step
             s.tokens += p.plan.tokens_per_step
-            window.add(r, p.plan.tokens_per_step, verdict.apply and verdict is not APPLY_NOTHING)
+            window.add(r, p.plan.tokens_per_step,
+                       applied if applied is not None else verdict.apply and verdict is not APPLY_NOTHING)
             last = s.step == total
+            if fast is not None and (last or any(s.step % every == 0 for every in (t.log_every, t.eval_every,
+                                                                                   t.save_every))):
+                verdict = _settle(fast, run, s)
             if verdict.action == "stop":
                 _save(cfg, rt, p, run, s, protect)
                 raise TrainingDiverged(f"{verdict.reason} at step {s.step}; the last good weights are saved: "
@@ -147,6 +165,8 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
                 write_samples(p.model, p.tokenizer, cfg, s.step, run.dir, rt)
             stopping = _stop_requested(stop, rt)
             if s.step % t.save_every == 0 or last or stopping:
+                if fast is not None:
+                    _settle(fast, run, s)  # stopping: this step's news, before the state is saved
                 _save(cfg, rt, p, run, s, protect)
                 window.restart()
             if stopping and not last:
@@ -157,6 +177,16 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
 
 
 # ------------------------------------------------------------------------------------------- the loop's calls
+def _settle(fast: DeviceGuard, run: Run, s: TrainState) -> Verdict:
+    """What the device guard skipped since the last look: counted, one event each; `stop` after too many."""
+    events, verdict = fast.read()
+    for step, reason, loss, grad_norm in events:
+        s.skipped += 1
+        run.sink.event("guard", step, f"guard skip at step {step}: {reason}", action="skip", reason=reason,
+                       loss=loss, grad_norm=grad_norm)
+    return verdict
+
+
 class _Window:
     """Sums between two log lines: loss and metrics per applied step, tokens, wall time."""
 
@@ -166,8 +196,16 @@ class _Window:
         self.grad_norm = torch.tensor(float("nan"))  # the last applied step's
         self.steps, self.tokens, self.t0 = 0, 0, time.perf_counter()
 
-    def add(self, r, tokens: int, applied: bool) -> None:
+    def add(self, r, tokens: int, applied: bool | torch.Tensor) -> None:
+        """`applied`: a bool, or a 0-d bool tensor on the device (the device guard's verdict, not read here)."""
         self.tokens += tokens
+        if isinstance(applied, torch.Tensor):
+            self.loss = self.loss.to(r.loss.device) + torch.where(applied, r.loss, 0)
+            for k, v in r.metrics.items():
+                self.metrics[k] = self.metrics.get(k, 0) + torch.where(applied, v, 0)
+            self.steps = applied.long() + self.steps
+            self.grad_norm = torch.where(applied, r.grad_norm, self.grad_norm.to(r.grad_norm.device))
+            return
         if not applied:
             return
         self.loss = self.loss.to(r.loss.device) + r.loss
@@ -181,8 +219,9 @@ class _Window:
 
 
 def log_train(run: Run, rt: Runtime, p: Parts, s: TrainState, w: _Window, lr: float) -> None:
-    n = max(1, w.steps)
-    loss = float(w.loss) / n if w.steps else float("nan")
+    steps = int(w.steps)
+    n = max(1, steps)
+    loss = float(w.loss) / n if steps else float("nan")
     dt = time.perf_counter() - w.t0
     tok_s = w.tokens / dt if dt > 0 else 0.0
     grad_norm = float(w.grad_norm)
@@ -273,6 +312,29 @@ def check_same_run(run_dir: Path, now: dict, resharded: bool = False) -> None:
     if changed:
         raise LmlabError(f"{run_dir}: cannot resume exactly, changed: {'; '.join(changed)}; "
                          f"pass --force to continue anyway")
+
+
+def existing_run(cfg: Config, rt: Runtime) -> Path | None:
+    """`run.if_exists=resume`: the folder out_dir/name when it holds a run (then it is continued as by `lmlab
+    resume`), else None (a new run). Rank 0 looks, before any rank can create it; a config that differs from the
+    run's own (run.* and log.* aside) is refused, naming the keys."""
+    from ..config import load_config
+
+    folder = Path(cfg.run.out_dir) / cfg.run.name
+    found = rt.all_gather_object((folder / "config.yaml").is_file())[0]
+    if not found:
+        return None
+    saved = load_config(folder / "config.yaml").to_dict()
+    now = cfg.to_dict()
+    changed = [f"{section}.{k} ({saved[section].get(k)!r} → {now[section].get(k)!r})"
+               for section in now if section not in ("run", "log")
+               for k in sorted(set(now[section]) | set(saved.get(section, {})))
+               if now[section].get(k) != saved.get(section, {}).get(k)]
+    if changed:
+        raise LmlabError(f"{folder}: run.if_exists=resume, but the config differs from the run's config.yaml: "
+                         f"{'; '.join(changed)}; continue it with lmlab resume {folder} train.KEY=VALUE, or pick "
+                         f"another run.name")
+    return folder
 
 
 def latest_valid_checkpoint(root: Path, echo=print) -> Path | None:
@@ -398,8 +460,5 @@ class _StopFlag:
 
 
 def _stop_requested(stop: _StopFlag, rt: Runtime) -> bool:
-    if not rt.distributed:
-        return stop.requested
-    flag = rt.all_reduce_sum(torch.tensor(float(stop.requested), device=rt.device))
-    return bool(flag.item() > 0)
+    return rt.any_rank(stop.requested)  # every rank stops at the same step; no GPU synchronisation
 

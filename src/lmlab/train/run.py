@@ -27,6 +27,7 @@ from ..config import Config, save_config
 from ..errors import LmlabError
 from ..fsutil import pid_alive
 from ..monitor.events import EventSink
+from ..monitor.trackers import start_trackers
 from ..runtime import Runtime
 
 LOCK = "run.lock"
@@ -49,25 +50,32 @@ def open_run(cfg: Config, rt: Runtime, run_dir: Path | None, *, tokenizer, manif
         name = rt.all_gather_object(cfg.run.name or runs.default_name(cfg.model.name))[0]  # rank 0's, everywhere
         cfg.run.name = name
         run_dir = Path(cfg.run.out_dir) / name
-        if rt.is_main:
-            runs.create_run_dir(cfg.run.out_dir, name)
     run_dir = Path(run_dir)
-    rt.barrier()
-    if rt.is_main:
+
+    def take() -> None:  # rank 0; what fails here (an existing folder, a held lock) stops every rank
+        if not resuming:
+            runs.create_run_dir(cfg.run.out_dir, run_dir.name)
         acquire_lock(run_dir)
+
+    rt.main_first(take, others=False)
     run = Run(run_dir, EventSink(run_dir, enabled=rt.is_main, echo=echo, show_progress=cfg.train.progress),
               resuming)
+
+    def describe() -> None:
+        if not resuming:
+            save_config(cfg, run_dir / "config.yaml")
+            tokenizer.save_pretrained(run_dir / "tokenizer")
+        runs.start_manifest(run_dir, resumed_from=resumed_from)
+        runs.write_manifest(run_dir, name=run_dir.name, model=cfg.model.name, objective=cfg.train.objective,
+                            **manifest)
+
     try:
-        if rt.is_main:
-            if not resuming:
-                save_config(cfg, run_dir / "config.yaml")
-                tokenizer.save_pretrained(run_dir / "tokenizer")
-            runs.start_manifest(run_dir, resumed_from=resumed_from)
-            runs.write_manifest(run_dir, name=run_dir.name, model=cfg.model.name, objective=cfg.train.objective,
-                                **manifest)
+        rt.main_first(describe, others=False)
+        if rt.is_main:  # W&B / trackio when log.wandb / log.trackio ask for them
+            run.sink.attach(start_trackers(cfg, run_dir, say=run.sink.say, text=run.sink.text))
         yield run
     finally:
-        run.sink.close()
+        run.sink.close(run.status)
         if rt.is_main:
             runs.write_manifest(run_dir, status=run.status, ended=time.strftime("%Y-%m-%dT%H:%M:%S"))
             release_lock(run_dir)

@@ -124,12 +124,7 @@ def build_tokenizer(cfg: Config, rt: Runtime, saved: Path | None = None):
 
     if saved is not None and saved.is_dir():
         return load_tokenizer(str(saved))
-    if rt.is_main:
-        tok = load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size)
-    rt.barrier()
-    if not rt.is_main:
-        tok = load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size)
-    return tok
+    return rt.main_first(lambda: load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size))  # rank 0 trains/caches
 
 
 def build_corpus(cfg: Config, tokenizer, rt: Runtime):
@@ -138,12 +133,7 @@ def build_corpus(cfg: Config, tokenizer, rt: Runtime):
     kw = dict(val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed_for(cfg.train.seed),
               text_field=cfg.data.text_field,
               max_docs=cfg.data.max_docs)
-    if rt.is_main:
-        corpus = prepare_corpus(cfg.data.source, tokenizer, **kw)
-    rt.barrier()
-    if not rt.is_main:
-        corpus = prepare_corpus(cfg.data.source, tokenizer, **kw)
-    return corpus
+    return rt.main_first(lambda: prepare_corpus(cfg.data.source, tokenizer, **kw))  # rank 0 builds the cache
 
 
 def build_model(cfg: Config, tokenizer) -> torch.nn.Module:

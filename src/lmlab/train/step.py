@@ -10,12 +10,12 @@ trainer, `lmlab estimate --measure` and the benchmarks all step through here.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from ..runtime import Runtime
+from . import strategy
 from .objectives import Batch, Objective
 
 
@@ -32,8 +32,9 @@ def compute_gradients(model, objective: Objective, batches: list[Batch], rt: Run
                       wrapped=None) -> StepResult:
     """Forward and backward over `batches` (this rank's micro-batches), then unscale and clip.
 
-    `wrapped` is the model as a parallel strategy wraps it (DDP): it runs forward/backward, while `model`
-    owns the parameters. Gradients are left in `.grad` for the update.
+    `wrapped` is the model as a parallel strategy wraps it (DDP, a DeepSpeed engine): it runs forward/backward,
+    while `model` owns the parameters. Gradients are left in `.grad` (DeepSpeed: in its ZeRO buffers) for the
+    update; `lmlab.train.strategy`'s step hooks do what differs between strategies.
     """
     wrapped = wrapped if wrapped is not None else model
     batches = [{k: v.to(rt.device, non_blocking=True) for k, v in b.items()} for b in batches]
@@ -44,29 +45,36 @@ def compute_gradients(model, objective: Objective, batches: list[Batch], rt: Run
     metric_sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        sync = wrapped.no_sync() if rt.distributed and not last and hasattr(wrapped, "no_sync") else (
-            contextlib.nullcontext())
-        with sync:
+        with strategy.no_sync(wrapped, rt, last):
             with rt.autocast():
                 loss, metrics = objective.loss(wrapped, batch)
             scaled = loss * scale
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            strategy.backward(wrapped, scaler.scale(scaled) if scaler is not None else scaled, last)
         loss_sum += loss.detach().float()
         for k, v in metrics.items():
             metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
     if scaler is not None:
         scaler.unscale_(optimizer)  # fp16: clip the true gradients
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = strategy.clip_grad_norm(model, wrapped, grad_clip)  # deepspeed: its norm; it clips in its step
     total = rt.all_reduce_sum(torch.stack([loss_sum, *metric_sums.values()])) / count.clamp(min=1)
     return StepResult(loss=total[0], count=count, grad_norm=grad_norm.detach(),
                       metrics=dict(zip(metric_sums, total[1:], strict=True)))
 
 
-def apply_update(optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+def apply_update(optimizer, scaler: torch.amp.GradScaler | None = None, skip: torch.Tensor | None = None) -> None:
+    """The update. `skip`, a device flag from `guard.DeviceGuard` (1.0: do not apply), is obeyed by the fused
+    optimizer step itself (`found_inf`), so deciding needs no host synchronisation."""
+    if strategy.optimizer_step(optimizer):  # deepspeed: the engine steps (and clips) its partitions
+        return
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
+    elif skip is not None:
+        optimizer.found_inf, optimizer.grad_scale = skip, None  # read by torch's fused Adam/AdamW step
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -74,6 +82,8 @@ def apply_update(optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
 
 def discard_update(optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
     """Skip this step: parameters and optimizer state stay exactly as they were."""
+    if strategy.discard_gradients(optimizer):  # deepspeed: the gradients in its buffers are dropped too
+        return
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.update()  # an fp16 overflow still lowers the scale, as scaler.step would have
