@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,35 @@ def _workers(agent: int) -> list[int]:
             or b"test_faults" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
+def _end(agent: subprocess.Popen) -> None:
+    """SIGKILL a torchrun agent and its workers (each in a session of its own), if still there."""
+    if agent.poll() is None:
+        for pid in _workers(agent.pid):
+            os.kill(pid, signal.SIGKILL)
+        agent.kill()
+        agent.wait()
+
+
+def _torchrun_ok(cmd: list[str]) -> None:
+    agent = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out = agent.communicate(timeout=600)[0].decode()
+    finally:
+        _end(agent)
+    assert agent.returncode == 0, out[-3000:]
+
+
+def _deaths(run: Path) -> list[tuple[int, int]]:
+    """(the last step trained before each restart, the step that restart resumed from)."""
+    out, last = [], 0
+    for e in _events(run):
+        if e.get("kind") == "train":
+            last = e["step"]
+        elif e.get("event") == "resume":
+            out.append((last, e["step"]))
+    return out
+
+
 def _chaos(cmd: list[str], run: Path, kill_at: list[int], rng: random.Random) -> list[str]:
     """Start `cmd` (a torchrun with restarts); SIGKILL one of its workers at each step of `kill_at`."""
     agent = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -132,8 +162,7 @@ def _chaos(cmd: list[str], run: Path, kill_at: list[int], rng: random.Random) ->
             os.kill(rng.choice(workers), signal.SIGKILL)
         out = agent.communicate(timeout=600)[0].decode()
     finally:
-        if agent.poll() is None:
-            agent.kill()
+        _end(agent)
     assert agent.returncode == 0, out[-4000:]
     return out.splitlines()
 
@@ -153,18 +182,19 @@ def test_two_kills_at_random_steps_with_automatic_restart_end_bitwise_equal(toke
     rng = random.Random()
     kill_at = [rng.randint(SAVE_EVERY + 1, 11), rng.randint(14, STEPS - 3)]
     print(f"killing one of {nproc} workers at steps {kill_at}")
-    straight = subprocess.run(_torchrun(nproc, _args(tokenizer_dir, tmp_path, "straight")), env=ENV,
-                              capture_output=True, text=True, timeout=600)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    _torchrun_ok(_torchrun(nproc, _args(tokenizer_dir, tmp_path, "straight")))
 
     chaos = tmp_path / "chaos"
     _chaos(_torchrun(nproc, _args(tokenizer_dir, tmp_path, "chaos", "run.if_exists=resume"), restarts=2), chaos,
            kill_at, rng)
-    starts = [e for e in _events(chaos) if e.get("event") in ("start", "resume")]
-    assert [e["event"] for e in starts] == ["start", "resume", "resume"]
-    # each restart went back to a checkpoint before the step it was killed at, and trained on from there
-    assert starts[1]["step"] <= kill_at[0] and starts[1]["step"] % SAVE_EVERY == 0
-    assert kill_at[0] < starts[2]["step"] + SAVE_EVERY and starts[2]["step"] <= kill_at[1]
+    starts = [e["event"] for e in _events(chaos) if e.get("event") in ("start", "resume")]
+    assert starts == ["start", "resume", "resume"]
+    # each died at or after its kill step and went back to the last complete checkpoint (a save may have
+    # been cut short), then trained on from there
+    deaths = _deaths(chaos)
+    for (died, resumed), target in zip(deaths, kill_at, strict=True):
+        assert died >= target and resumed % SAVE_EVERY == 0 and died - SAVE_EVERY <= resumed <= died
+    assert deaths[0][0] < deaths[1][0]
     assert json.loads((chaos / "run.json").read_text())["status"] == "finished"
     assert _same(_weights(tmp_path / "straight"), _weights(chaos)), "restarted run differs from the straight one"
 
@@ -213,7 +243,8 @@ def _main_first_worker(rank: int, port: int, case: str, out: str) -> None:
     from lmlab.errors import LmlabError
     from lmlab.runtime import Runtime
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # a rank left waiting fails the test, not hangs it
     rt = Runtime(torch.device("cpu"), "fp32", rank=rank, world_size=2)
 
     def fn():
@@ -237,7 +268,14 @@ def _main_first_worker(rank: int, port: int, case: str, out: str) -> None:
 def test_a_failure_on_rank_0_alone_reaches_every_rank(tmp_path, case):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_main_first_worker, args=(_free_port(), case, str(tmp_path)), nprocs=2, start_method="spawn")
+    ctx = mp.start_processes(_main_first_worker, args=(_free_port(), case, str(tmp_path)), nprocs=2,
+                             start_method="spawn", join=False)
+    deadline = time.time() + 180
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank is still waiting: the failure did not reach it")
     got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
     if case == "ok":
         assert got == [["ok", "made by rank 0"], ["ok", "made by rank 1"]]
@@ -261,6 +299,49 @@ def test_an_existing_run_folder_stops_both_ranks_with_one_line(tokenizer_dir, tm
     assert "lmlab pretrain: error: run folder" in res.stderr and "already exists" in res.stderr
     assert "lmlab/" not in res.stderr  # no traceback from lmlab's code (torchrun prints its own summary)
     assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["notes.txt"]  # nothing written into it
+
+
+def test_a_lock_left_by_an_earlier_attempt_of_the_same_torchrun_job_is_taken_over(tmp_path, monkeypatch):
+    from lmlab.errors import LmlabError
+    from lmlab.train.run import LOCK, acquire_lock, release_lock
+
+    def held_by(job, attempt):
+        (tmp_path / LOCK).write_text(json.dumps({"pid": 4242, "host": "node-7", "since": "then", "job": job,
+                                                 "attempt": attempt}))
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    held_by("job-1", 0)  # rank 0 of the attempt before, on another node: torchrun ended it before restarting
+    acquire_lock(tmp_path)
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    release_lock(tmp_path)
+    for job, attempt in (("job-2", 0), ("job-1", 1)):  # another job, or this very attempt: somebody else's
+        held_by(job, attempt)
+        with pytest.raises(LmlabError, match="in use by pid 4242 on node-7"):
+            acquire_lock(tmp_path)
+
+
+def test_a_start_killed_before_its_config_was_written_is_cleared_for_the_restart(tmp_path):
+    from lmlab.train.run import LOCK, clear_unstarted
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = tmp_path / "r"
+    (run / "tokenizer").mkdir(parents=True)
+    (run / "tokenizer" / "tokenizer.json").write_text("{")
+    for name in ("run.json", "metrics.jsonl"):
+        (run / name).write_text("")
+    (run / LOCK).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
+    clear_unstarted(run)
+    assert list(run.iterdir()) == []
+    (run / "config.yaml").write_text("model: {}")  # a run: left alone
+    (run / "metrics.jsonl").write_text("")
+    clear_unstarted(run)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    (run / "config.yaml").unlink()
+    (run / "notes.txt").write_text("mine")  # something lmlab did not write: left alone
+    clear_unstarted(run)
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "notes.txt"]
 
 
 if __name__ == "__main__":

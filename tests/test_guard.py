@@ -42,20 +42,27 @@ def _sequence(seed: int, n: int = 400) -> list[tuple[float, float]]:
 def test_device_guard_gives_the_host_guards_verdicts_and_reasons(seed):
     kw = dict(window=32, warmup=16, sigma=6.0, max_skips=10)
     host, dev = Guard("skip", **kw), DeviceGuard(Guard("skip", **kw), torch.device("cpu"))
-    expected, flags, stop_at = [], [], None
+    expected, flags, events, stop_at = [], [], [], None
     for step, (loss, norm) in enumerate(_sequence(seed), start=1):
-        v = host.check(step, loss, norm)
-        if v.action == "stop" and stop_at is None:
-            stop_at = (step, v.reason)
-        if v.action != "apply":
-            expected.append((step, v.reason.split(", ")[0]))
         flags.append(float(dev.check(step, torch.tensor(loss), torch.tensor(norm))))
-    events, verdict = dev.read()
-    assert [(s, r) for s, r, _, _ in events] == expected
-    assert [s for s, f in enumerate(flags, start=1) if f] == [s for s, _ in expected]
-    assert any("loss spike" in r for _, r in expected) and any("gradient norm spike" in r for _, r in expected)
-    assert any(r == "loss is nan" for _, r in expected) and any(r == "gradient norm is inf" for _, r in expected)
-    assert stop_at is not None and verdict.action == "stop" and verdict.reason == stop_at[1]
+        if step % 7 == 0:  # read back now and then, as the loop does at log steps
+            events += dev.read()[0]
+        if stop_at is None:  # the host guard ends the run at its stop; the device guard halts there
+            v = host.check(step, loss, norm)
+            if v.action != "apply":
+                expected.append((step, v.action, v.reason))
+            if v.action == "stop":
+                stop_at = step
+    more, verdict = dev.read()
+    events += more
+    assert [(s, a, r) for s, a, r, _, _ in events] == expected
+    assert stop_at is not None and verdict.action == "stop" and verdict.step == stop_at
+    assert verdict.reason == expected[-1][2] and "bad steps in a row" in verdict.reason
+    assert all(flags[stop_at - 1:]), "after the stop nothing is applied"
+    assert [s for s, f in enumerate(flags[:stop_at], start=1) if f] == [s for s, _, _ in expected]
+    reasons = [r for _, _, r in expected]
+    assert any("loss spike" in r for r in reasons) and any("gradient norm spike" in r for r in reasons)
+    assert "loss is nan" in reasons and "gradient norm is inf" in reasons
 
 
 def test_a_device_skip_leaves_weights_and_adam_state_bitwise_unchanged_without_reading_the_flag():
@@ -183,3 +190,32 @@ def test_an_injected_spike(tok, tmp_path, faulty, policy):
         assert events[1]["event"] == "rollback" and events[1]["checkpoint"] == "step-00000008"
         assert events[1]["lr_scale"] == 0.5
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_the_device_guard_stops_with_the_host_guards_last_good_state(tok, tmp_path, monkeypatch, faulty):
+    """NaN at steps 9-11, at most 2 skips in a row: the host guard stops at step 11; the device guard learns it
+    at the next log step (12), applies nothing in between and saves the same weights and optimizer state."""
+    from lmlab.train import checkpoint as ckpt
+    from lmlab.train import optim
+    from lmlab.train.loop import TrainingDiverged
+
+    monkeypatch.setattr(train_setup, "make_optimizer", lambda model, lr, wd, betas, eps, device: torch.optim.AdamW(
+        optim.param_groups(model, wd), lr=lr, betas=betas, eps=eps, fused=True))
+    saved = {}
+    for mode in ("device", "host"):
+        faulty.at = {9: "nan", 10: "nan", 11: "nan"}  # step 12 is fine: it must not be applied either
+        if mode == "host":
+            monkeypatch.setattr(train_loop, "skips_on_device", lambda opt: False)
+        with pytest.raises(TrainingDiverged, match="loss is nan, 3 bad steps in a row at step 11") as e:
+            train(_cfg(tok, tmp_path, mode, "train.guard_max_skips=2"), echo=_quiet)
+        run = tmp_path / mode
+        events = [(r["step"], r["action"], r["reason"]) for r in _records(run, "event") if r["event"] == "guard"]
+        assert events == [(9, "skip", "loss is nan"), (10, "skip", "loss is nan"),
+                          (11, "stop", "loss is nan, 3 bad steps in a row")]
+        saved[mode] = ckpt.latest_checkpoint(run / "checkpoints")
+        assert ("read back at step 12" in str(e.value)) == (mode == "device")
+    assert (saved["host"].name, saved["device"].name) == ("step-00000011", "step-00000012")
+    a, b = (load_file(str(saved[m] / "model.safetensors")) for m in ("host", "device"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    oa, ob = (torch.load(saved[m] / "trainer.pt", weights_only=True)["optimizer"]["state"] for m in ("host", "device"))
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])

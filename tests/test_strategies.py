@@ -99,6 +99,7 @@ def _train(spec: dict, rt) -> None:
         r = compute_gradients(model, objective, micro_batches(_global_batch(step)), rt, optimizer=opt,
                               grad_clip=clip, wrapped=wrapped)
         apply_update(opt)
+        assert type(r.grad_norm) is torch.Tensor, type(r.grad_norm)  # plain (not a DTensor): the device guard's input
         losses.append(float(r.loss))
         norms.append(float(r.grad_norm))
         if (engine := strategy.engine_of(wrapped)) is not None:  # DeepSpeed's own norm of the step it took

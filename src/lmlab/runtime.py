@@ -25,6 +25,7 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     _flags_group: object = field(default=None, repr=False, compare=False)  # gloo group for host-side flags
+    owns_group: bool = False  # a one-rank group made for a single process (deepspeed): ended by shutdown
 
     @property
     def is_main(self) -> bool:
@@ -59,6 +60,12 @@ class Runtime:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def flags_group(self):
+        """A gloo group beside the run's NCCL one (collective the first time: every rank asks together)."""
+        if self._flags_group is None:
+            self._flags_group = dist.new_group(backend="gloo")
+        return self._flags_group
+
     def any_rank(self, flag: bool) -> bool:
         """Whether `flag` is true on any rank (a stop asked for by a signal). Over gloo with a CPU tensor,
         also when the run's collectives are NCCL: asking costs no GPU synchronisation."""
@@ -66,9 +73,7 @@ class Runtime:
             return flag
         group = None
         if dist.get_backend() != "gloo":
-            if self._flags_group is None:  # collective: every rank asks at the same step
-                self._flags_group = dist.new_group(backend="gloo")
-            group = self._flags_group
+            group = self.flags_group()
         t = torch.tensor([float(flag)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         return bool(t.item() > 0)
@@ -90,8 +95,16 @@ class Runtime:
         read (a cache, the run folder). A failure on rank 0 reaches every rank, as the same one line, at
         this point instead of leaving them waiting at the next collective. Returns `fn`'s result (None on
         the other ranks without `others`)."""
+        result = self.together(fn, ranks=(0,))
+        if not self.is_main and others:
+            result = fn()
+        return result
+
+    def together(self, fn, *, ranks: tuple[int, ...] | None = None):
+        """Run `fn` on `ranks` (all by default), then learn, on every rank, whether it failed anywhere: a
+        failure raises there as itself and on every other rank as one LmlabError line naming it."""
         result, failure = None, None
-        if self.is_main:
+        if ranks is None or self.rank in ranks:
             try:
                 result = fn()
             except Exception as e:  # noqa: BLE001 - shared with the other ranks, then raised again here
@@ -101,22 +114,20 @@ class Runtime:
             if failure is not None:
                 said = str(failure) if isinstance(failure, LmlabError) else f"{type(failure).__name__}: " \
                     f"{first_line(failure)}"
-            said = self.all_gather_object(said)[0]  # also the barrier the other ranks wait at
-            if failure is None and said is not None:
-                raise LmlabError(f"rank {self.rank} stops: rank 0 failed: {said}")
+            failed = [(r, m) for r, m in enumerate(self.all_gather_object(said)) if m is not None]
+            if failure is None and failed:
+                raise LmlabError(f"rank {self.rank} stops: rank {failed[0][0]} failed: {failed[0][1]}")
         if failure is not None:
             raise failure
-        if not self.is_main and others:
-            result = fn()
         return result
 
     def shutdown(self, clean: bool = False) -> None:
         """End the process group. `clean` (every rank got here without an error): a barrier first, so no
         collective is still being retired by gloo's worker threads when the group is torn down (a DDP wrapper
         freed later would otherwise join those threads while holding the GIL they wait for: a hang at exit)."""
-        if self.distributed and dist.is_initialized():
-            if clean:
-                dist.barrier()
+        if (self.distributed or self.owns_group) and dist.is_initialized():
+            if clean and self.distributed:  # gloo's timeout (30 min), also beside NCCL: rank 0 may be exporting
+                dist.barrier(group=self.flags_group() if dist.get_backend() != "gloo" else None)
             dist.destroy_process_group()
 
 

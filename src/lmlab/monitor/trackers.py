@@ -105,8 +105,12 @@ class WandbTracker:
         return f"run {self.run_id}: {self.run.url}"
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        if step < self.last_step:  # W&B refuses steps below its current one (a resume repeats a few)
-            return
+        if step < self.last_step:  # W&B refuses steps below its current one
+            if not any(k.startswith("event/") for k in values):
+                return  # a resume repeats a few steps: already there
+            # an event about an earlier step (the device guard reports skips at the next log step): at the
+            # current step, naming its own
+            values, step = {**values, "event/step": float(step)}, self.last_step
         self.last_step = step
         self.run.log(values, step=step)
 

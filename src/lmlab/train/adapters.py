@@ -70,6 +70,10 @@ def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype = torch.float32) 
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
         q = q.to(lin.weight.device if lin.weight.device.type != "meta" else "cpu")  # quantises the weight
+        # bitsandbytes repacks a CPU layer's 4-bit weight in place for its AVX512-BF16 kernel on the first eval
+        # forward, and unpacks it on the next training one: every validation would pay both, and layers
+        # narrower than a block fail to repack ("shape '[128, 0]' is invalid"). Training keeps one layout.
+        q.support_avx512bf16_for_cpu = False
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     if not swaps:

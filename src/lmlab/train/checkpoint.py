@@ -82,24 +82,30 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, trainer_state
 
     def write() -> None:  # rank 0; a failure (disk full) stops every rank with the same line
         check_disk(root, model)
-        try:
-            with atomic_dir(final, overwrite=True) as tmp:
-                for rank, rng in enumerate(rngs):
-                    torch.save(rng, tmp / f"rng-rank{rank}.pt")
-                save_model(model, str(tmp / "model.safetensors"))
-                torch.save(trainer_state, tmp / "trainer.pt")
-                files = sorted(p.name for p in tmp.iterdir())
-                manifest = {"step": step, "world_size": rt.world_size,
-                            "files": {name: _sha256(tmp / name) for name in files}}
-                atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        except (OSError, RuntimeError) as e:
-            if not _out_of_space(e):
-                raise
-            raise LmlabError(f"disk full while saving {final.name} ({first_line(e)}); the previous checkpoint is "
-                             f"intact: free space, then lmlab resume") from None
+        with _space_errors(final), atomic_dir(final, overwrite=True) as tmp:
+            for rank, rng in enumerate(rngs):
+                torch.save(rng, tmp / f"rng-rank{rank}.pt")
+            save_model(model, str(tmp / "model.safetensors"))
+            torch.save(trainer_state, tmp / "trainer.pt")
+            files = sorted(p.name for p in tmp.iterdir())
+            manifest = {"step": step, "world_size": rt.world_size,
+                        "files": {name: _sha256(tmp / name) for name in files}}
+            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
 
     rt.main_first(write, others=False)
     return final
+
+
+@contextlib.contextmanager
+def _space_errors(final: Path):
+    """A write that fails for want of space becomes one line; the previous checkpoint is untouched."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if not _out_of_space(e):
+            raise
+        raise LmlabError(f"disk full while saving {final.name} ({first_line(e)}); the previous checkpoint is "
+                         f"intact: free space, then lmlab resume") from None
 
 
 def _out_of_space(e: BaseException) -> bool:
@@ -135,11 +141,13 @@ def _save_sharded(root: Path, step: int, model, optimizer, trainer_state: dict, 
     rngs = rt.all_gather_object(rng_state())
     rest = {k: v for k, v in trainer_state.items() if k != "optimizer"}  # the optimizer lives in dcp/
     rt.main_first(lambda: check_disk(root, model), others=False)
-    with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_dir(final, overwrite=True)) if rt.is_main else None
-        tmp = Path(rt.all_gather_object(str(tmp))[0])  # rank 0's folder: the run folder is shared
-        strategy.save_sharded(model, optimizer, tmp / strategy.shard_dir(model), rt)  # dcp/ or zero/
-        if rt.is_main:
+    with contextlib.ExitStack() as stack:  # rank 0 holds the temporary folder; any rank's failure ends it
+        stack.enter_context(_space_errors(final))
+        tmp = rt.main_first(lambda: str(stack.enter_context(atomic_dir(final, overwrite=True))), others=False)
+        tmp = Path(rt.all_gather_object(tmp)[0])  # rank 0's folder: the run folder is shared
+        strategy.save_sharded(model, optimizer, tmp / strategy.shard_dir(model), rt)  # dcp/ or zero/ (collective)
+
+        def write_rest() -> None:
             for rank, rng in enumerate(rngs):
                 torch.save(rng, tmp / f"rng-rank{rank}.pt")
             torch.save(rest, tmp / "trainer.pt")
@@ -147,8 +155,9 @@ def _save_sharded(root: Path, step: int, model, optimizer, trainer_state: dict, 
             manifest = {"step": step, "world_size": rt.world_size, "strategy": strategy.checkpoint_hooks(model)[0],
                         "files": {name: _sha256(tmp / name) for name in files}}
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        rt.barrier()
-    rt.barrier()
+
+        rt.main_first(write_rest, others=False)
+    rt.barrier()  # rank 0 has renamed it into place
     return final
 
 

@@ -37,6 +37,7 @@ POLICIES = ("skip", "rollback", "stop", "off")
 class Verdict:
     action: str  # apply | skip | rollback | stop
     reason: str = ""
+    step: int | None = None  # DeviceGuard's stop: the step it happened at (read back a few steps later)
 
     @property
     def apply(self) -> bool:
@@ -107,8 +108,14 @@ class DeviceGuard:
 
         bad = guard.check(step, loss, grad_norm)     a 0-d float tensor, 1.0 = do not apply
         apply_update(optimizer, skip=bad)            the fused optimizer step skips itself where bad is 1
-        events, verdict = guard.read()               at log steps: (step, reason, loss, grad_norm) of each
-                                                     skipped step since the last read; stop after too many
+        events, verdict = guard.read()               at log steps: (step, action, reason, loss, grad_norm)
+                                                     of each bad step since the last read, and `stop`
+
+    The verdicts are `Guard`'s (its sums are taken in another order: a value within the last bit of the limit
+    may fall the other way). One difference of timing: more than `max_skips` bad steps in a row stop the run
+    when they are read back, a few steps after the host guard would have stopped; from that step on nothing
+    is applied, so the weights and optimizer state saved are the same last good ones, and the stop names the
+    step it happened at.
     """
 
     def __init__(self, guard: Guard, device: torch.device):
@@ -120,6 +127,8 @@ class DeviceGuard:
         self.norms = torch.zeros(n, dtype=torch.float64, device=device)
         self.applied = torch.zeros((), dtype=torch.long, device=device)  # steps that entered the window
         self.slots = torch.arange(n, device=device)
+        self.streak = torch.zeros((), dtype=torch.long, device=device)  # bad steps in a row
+        self.halted = torch.zeros((), dtype=torch.bool, device=device)  # past max_skips: nothing applies now
         self.pending: list[tuple[int, torch.Tensor]] = []
 
     def _limit(self, history: torch.Tensor, filled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,26 +146,32 @@ class DeviceGuard:
         mean_n, lim_n = self._limit(self.norms, filled)
         finite = torch.isfinite(loss) & torch.isfinite(norm)
         spike = (filled >= g.warmup) & ((loss > lim_l) | (norm > lim_n))
-        good = finite & ~spike
+        was_halted = self.halted.clone()
+        good = finite & ~spike & ~was_halted
         slot = (self.applied % size).view(1)  # the oldest value, once the window is full
         for buf, value in ((self.losses, loss), (self.norms, norm)):
             buf.index_copy_(0, slot, torch.where(good, value, buf.index_select(0, slot)[0]).view(1))
         self.applied += good.long()
+        self.streak = torch.where(good, 0, self.streak + 1)
+        self.halted |= self.streak > g.max_skips
         bad = (~good).to(torch.float32)
         self.pending.append((step, torch.stack([bad.double(), loss, norm, mean_l, lim_l, mean_n, lim_n,
-                                                filled.double()])))
+                                                filled.double(), was_halted.double()])))
         return bad
 
-    def read(self) -> tuple[list[tuple[int, str, float, float]], Verdict]:
-        """The skipped steps since the last read, in order, with the reason `Guard` gives; and `stop` once
-        more than `max_skips` steps in a row were bad (else apply). One host synchronisation."""
+    def read(self) -> tuple[list[tuple[int, str, str, float, float]], Verdict]:
+        """The bad steps since the last read, in order, with the action and reason `Guard` gives; and `stop`
+        (naming its step) once more than `max_skips` steps in a row were bad, else apply. One host
+        synchronisation."""
         if not self.pending:
             return [], APPLY
         steps = [s for s, _ in self.pending]
         rows = torch.stack([r for _, r in self.pending]).cpu().tolist()
         self.pending.clear()
         g, events, verdict = self.host, [], APPLY
-        for step, (bad, loss, norm, mean_l, lim_l, mean_n, lim_n, filled) in zip(steps, rows, strict=True):
+        for step, (bad, loss, norm, mean_l, lim_l, mean_n, lim_n, filled, halted) in zip(steps, rows, strict=True):
+            if halted:  # after the stop: not applied, and not judged (the host guard never ran these steps)
+                continue
             if not bad:
                 g.bad_in_a_row = 0
                 continue
@@ -170,9 +185,10 @@ class DeviceGuard:
                                             ("gradient norm", norm, mean_n, lim_n))
                 reason = f"{name} spike: {value:.4g} > {limit:.4g} (mean {mean:.4g} + {g.sigma:g}σ of the last " \
                          f"{int(filled)} steps)"
-            events.append((step, reason, loss, norm))
-            if g.bad_in_a_row > g.max_skips and verdict is APPLY:
-                verdict = Verdict("stop", f"{reason}, {g.bad_in_a_row} bad steps in a row")
+            if g.bad_in_a_row > g.max_skips:
+                reason = f"{reason}, {g.bad_in_a_row} bad steps in a row"
+                verdict = Verdict("stop", reason, step=step)
+            events.append((step, verdict.action if verdict.step == step else "skip", reason, loss, norm))
         return events, verdict
 
 

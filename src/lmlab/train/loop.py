@@ -82,12 +82,16 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=Non
             if preflight is not None and rt.is_main:
                 run.sink.say(preflight(cfg, rt, parts.model))
             with system_stats(cfg, rt, run):
-                run.status = loop(cfg, rt, parts, objective, run, state, protect=(latest,) if latest else ())
+                try:
+                    run.status = loop(cfg, rt, parts, objective, run, state, protect=(latest,) if latest else ())
+                except TrainingDiverged:
+                    clean = True  # every rank stops at the same step (the guard judges all-reduced values)
+                    raise
             if run.status == "finished":
                 whole = strategy.unsharded_model(parts.model, rt)  # collective when the model is sharded
                 if rt.is_main:
                     finish(cfg, rt, dataclasses.replace(parts, model=whole), run, state)
-        clean = True
+        clean = True  # finished or stopped (a signal, seen by every rank at the same step)
         return run.dir
     finally:
         rt.shutdown(clean)
@@ -146,9 +150,7 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
                                                                                    t.save_every))):
                 verdict = _settle(fast, run, s)
             if verdict.action == "stop":
-                _save(cfg, rt, p, run, s, protect)
-                raise TrainingDiverged(f"{verdict.reason} at step {s.step}; the last good weights are saved: "
-                                       f"lmlab resume {run.dir} train.lr={t.lr / 2:g}")
+                _diverged(cfg, rt, p, run, s, protect, verdict)
             if s.step % t.log_every == 0 or last:
                 log_train(run, rt, p, s, window, lr)
             else:
@@ -165,8 +167,8 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
                 write_samples(p.model, p.tokenizer, cfg, s.step, run.dir, rt)
             stopping = _stop_requested(stop, rt)
             if s.step % t.save_every == 0 or last or stopping:
-                if fast is not None:
-                    _settle(fast, run, s)  # stopping: this step's news, before the state is saved
+                if fast is not None and (verdict := _settle(fast, run, s)).action == "stop":  # stopping: news
+                    _diverged(cfg, rt, p, run, s, protect, verdict)
                 _save(cfg, rt, p, run, s, protect)
                 window.restart()
             if stopping and not last:
@@ -178,13 +180,24 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
 
 # ------------------------------------------------------------------------------------------- the loop's calls
 def _settle(fast: DeviceGuard, run: Run, s: TrainState) -> Verdict:
-    """What the device guard skipped since the last look: counted, one event each; `stop` after too many."""
+    """What the device guard did since the last look: each bad step counted, one event each; `stop` after
+    too many in a row."""
     events, verdict = fast.read()
-    for step, reason, loss, grad_norm in events:
+    for step, action, reason, loss, grad_norm in events:
         s.skipped += 1
-        run.sink.event("guard", step, f"guard skip at step {step}: {reason}", action="skip", reason=reason,
+        run.sink.event("guard", step, f"guard {action} at step {step}: {reason}", action=action, reason=reason,
                        loss=loss, grad_norm=grad_norm)
     return verdict
+
+
+def _diverged(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState, protect: tuple[Path, ...],
+              verdict: Verdict) -> None:
+    """The guard's stop: save the last good state and raise with the resume command."""
+    _save(cfg, rt, p, run, s, protect)
+    when = f"at step {s.step}" if verdict.step in (None, s.step) else \
+        f"at step {verdict.step} (read back at step {s.step}; nothing was applied in between)"
+    raise TrainingDiverged(f"{verdict.reason} {when}; the last good weights are saved: lmlab resume {run.dir} "
+                           f"train.lr={cfg.train.lr / 2:g}")
 
 
 class _Window:

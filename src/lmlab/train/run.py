@@ -7,14 +7,16 @@
 
 The folder is created only here, after everything that can be checked without compute was checked and the
 data, tokenizer and model were built, so a refused run leaves nothing behind. The lock (`run.lock`: pid and
-host) refuses a second process writing the same folder; a lock left by a dead process on this host is taken
-over.
+host) refuses a second process writing the same folder; a lock left by a dead process on this host, or by an
+earlier attempt of the same torchrun job (restarted with --max-restarts, rank 0 maybe on another node), is
+taken over.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -54,6 +56,8 @@ def open_run(cfg: Config, rt: Runtime, run_dir: Path | None, *, tokenizer, manif
 
     def take() -> None:  # rank 0; what fails here (an existing folder, a held lock) stops every rank
         if not resuming:
+            if cfg.run.if_exists == "resume":
+                clear_unstarted(run_dir)
             runs.create_run_dir(cfg.run.out_dir, run_dir.name)
         acquire_lock(run_dir)
 
@@ -62,9 +66,9 @@ def open_run(cfg: Config, rt: Runtime, run_dir: Path | None, *, tokenizer, manif
               resuming)
 
     def describe() -> None:
-        if not resuming:
-            save_config(cfg, run_dir / "config.yaml")
+        if not resuming:  # config.yaml last: with it in place, the folder holds a run (run.if_exists=resume)
             tokenizer.save_pretrained(run_dir / "tokenizer")
+            save_config(cfg, run_dir / "config.yaml")
         runs.start_manifest(run_dir, resumed_from=resumed_from)
         runs.write_manifest(run_dir, name=run_dir.name, model=cfg.model.name, objective=cfg.train.objective,
                             **manifest)
@@ -81,6 +85,23 @@ def open_run(cfg: Config, rt: Runtime, run_dir: Path | None, *, tokenizer, manif
             release_lock(run_dir)
 
 
+# what a start leaves before config.yaml, its last file, is written: a folder of only these never held a run
+_START_LEFTOVERS = {LOCK, "run.json", "tokenizer", "metrics.jsonl", "train.log", "tb", "trackers.json"}
+
+
+def clear_unstarted(run_dir: Path) -> None:
+    """Empty a folder left by a start that was killed before it wrote config.yaml (run.if_exists=resume),
+    so the restart can begin; a live holder of its lock is refused as usual."""
+    if not run_dir.is_dir() or (run_dir / "config.yaml").exists() or \
+            not {p.name for p in run_dir.iterdir()} <= _START_LEFTOVERS:
+        return
+    acquire_lock(run_dir)
+    for p in run_dir.iterdir():
+        if p.name != LOCK:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    release_lock(run_dir)
+
+
 # ------------------------------------------------------------------------------------------- the lock
 def _holder(path: Path) -> dict | None:
     try:
@@ -93,6 +114,8 @@ def acquire_lock(run_dir: Path) -> None:
     """Take `run.lock` or raise naming its holder. A lock whose process is gone (same host) is taken over."""
     path = run_dir / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: which job, which (re)start of it
+        me.update(job=os.environ["TORCHELASTIC_RUN_ID"], attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -104,6 +127,9 @@ def acquire_lock(run_dir: Path) -> None:
             if held.get("host") == me["host"] and not pid_alive(int(held.get("pid", -1))):
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
+            if me.get("job") is not None and held.get("job") == me["job"] and held.get("attempt", 0) < me["attempt"]:
+                path.unlink(missing_ok=True)  # an earlier attempt of this torchrun job (on any node): torchrun
+                continue                      # ended all its workers before restarting them
             if held.get("pid") == me["pid"] and held.get("host") == me["host"]:
                 return
             raise LmlabError(f"{run_dir} is in use by pid {held.get('pid')} on {held.get('host')} "

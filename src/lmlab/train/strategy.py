@@ -163,6 +163,7 @@ def check_deepspeed(cfg: Config, rt: Runtime):
             torch.cuda.set_device(rt.device)
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
+        rt.owns_group = True  # rt.shutdown ends it
     return ds
 
 
@@ -282,8 +283,9 @@ def clip_grad_norm(model, wrapped, grad_clip: float) -> torch.Tensor:
     its own norm, and its step clips with `grad_clip` (the same formula as torch: × clip / (norm + 1e-6))."""
     engine = engine_of(wrapped)
     if engine is None:
-        return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               grad_clip if grad_clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                              grad_clip if grad_clip > 0 else float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # fsdp: a DTensor, made plain
     zo = engine.optimizer
     zo.clip_grad = float(grad_clip)
     if hasattr(zo, "_wait_for_offload_copies"):
@@ -332,16 +334,20 @@ def _save_zero(engine, model: torch.nn.Module, folder: Path, rt: Runtime | None)
     zo = engine.optimizer
     full = _deepspeed_fp32_state(model)  # collective when the engine's weights are bf16
     rank = dist.get_rank()
-    if rank == 0:
+
+    def write_model() -> None:
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
         save_file(full, str(folder.parent / "model.safetensors"), metadata={"format": "pt"})
-    dist.barrier()
-    torch.save({"world_size": dist.get_world_size(), "zero_stage": int(engine.zero_optimization_stage()),
-                "fp32": [p.detach().cpu() for p in zo.single_partition_of_fp32_groups],
-                "optimizer": zo.optimizer.state_dict()}, folder / f"rank{rank}.pt")
-    dist.barrier()  # every rank's file is in place before rank 0 hashes the folder
+
+    def write_partition() -> None:
+        torch.save({"world_size": dist.get_world_size(), "zero_stage": int(engine.zero_optimization_stage()),
+                    "fp32": [p.detach().cpu() for p in zo.single_partition_of_fp32_groups],
+                    "optimizer": zo.optimizer.state_dict()}, folder / f"rank{rank}.pt")
+
+    rt.main_first(write_model, others=False)  # a failure on any rank stops every rank here, in one line
+    rt.together(write_partition)  # every rank's file is in place before rank 0 hashes the folder
 
 
 def _load_zero(engine, model: torch.nn.Module, folder: Path) -> None:
