@@ -1,5 +1,6 @@
 """The step guard: the device-side decision (no host sync per step) against the host reference, verdict for
-verdict and weight for weight; spikes injected into real training for `skip` and `rollback`."""
+verdict and weight for weight; a NaN injected into real training for each policy, a spike for `skip` and
+`rollback`."""
 
 import json
 import math
@@ -11,10 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from lmlab.config import load_config
+from lmlab.train import checkpoint as ckpt
 from lmlab.train import loop as train_loop
 from lmlab.train import setup as train_setup
 from lmlab.train.guard import DeviceGuard, Guard, skips_on_device
-from lmlab.train.loop import train
+from lmlab.train.loop import TrainingDiverged, train
 from lmlab.train.objectives import OBJECTIVES, Pretrain, register_objective
 
 
@@ -177,6 +179,28 @@ def test_the_device_guard_trains_like_the_host_guard(tok, tmp_path, monkeypatch,
     assert summary["skipped_steps"] == 2 and all(math.isfinite(r["loss"]) for r in _records(dev, "train"))
 
 
+@pytest.mark.parametrize("policy", ["skip", "stop", "rollback"])
+def test_an_injected_nan(tok, tmp_path, faulty, policy):
+    faulty.at = {6: "nan"}
+    cfg = _cfg(tok, tmp_path, policy, f"train.guard={policy}", steps=9)
+    if policy == "stop":
+        with pytest.raises(TrainingDiverged, match="loss is nan at step 6"):
+            train(cfg, echo=_quiet)
+        run = tmp_path / policy
+        assert ckpt.latest_checkpoint(run / "checkpoints").name == "step-00000006"
+        assert json.loads((run / "run.json").read_text())["status"] == "failed"
+        return
+    run = train(cfg, echo=_quiet)
+    events = [r for r in _records(run, "event") if r["event"] in ("guard", "rollback")]
+    assert events[0]["event"] == "guard" and events[0]["step"] == 6 and events[0]["action"] == policy
+    assert all(math.isfinite(r["loss"]) for r in _records(run, "train"))  # never in the weights or the log mean
+    if policy == "rollback":
+        assert events[1]["event"] == "rollback" and events[1]["checkpoint"] == "step-00000004"
+        assert events[1]["lr_scale"] == 0.5
+    else:
+        assert json.loads((run / "run.json").read_text())["summary"]["skipped_steps"] == 1
+
+
 @pytest.mark.parametrize("policy", ["skip", "rollback"])
 def test_an_injected_spike(tok, tmp_path, faulty, policy):
     faulty.at = {10: "spike"}
@@ -195,9 +219,7 @@ def test_an_injected_spike(tok, tmp_path, faulty, policy):
 def test_the_device_guard_stops_with_the_host_guards_last_good_state(tok, tmp_path, monkeypatch, faulty):
     """NaN at steps 9-11, at most 2 skips in a row: the host guard stops at step 11; the device guard learns it
     at the next log step (12), applies nothing in between and saves the same weights and optimizer state."""
-    from lmlab.train import checkpoint as ckpt
     from lmlab.train import optim
-    from lmlab.train.loop import TrainingDiverged
 
     monkeypatch.setattr(train_setup, "make_optimizer", lambda model, lr, wd, betas, eps, device: torch.optim.AdamW(
         optim.param_groups(model, wd), lr=lr, betas=betas, eps=eps, fused=True))
