@@ -344,5 +344,23 @@ def test_a_start_killed_before_its_config_was_written_is_cleared_for_the_restart
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "notes.txt"]
 
 
+def test_the_same_command_again_after_the_run_finished_does_nothing(tokenizer_dir, tmp_path):
+    from lmlab.config import load_config
+    from lmlab.train.loop import train
+
+    args = _args(tokenizer_dir, tmp_path, "once", "run.if_exists=resume", "train.max_steps=4", "model.dropout=0.0")
+    cfg = lambda: load_config(None, args[1:])  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        run = train(cfg(), echo=lambda *a: None)
+        before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+        said = []
+        assert train(cfg(), echo=said.append) == run
+    finally:
+        torch.set_num_threads(threads)
+    assert said and "finished already; nothing to do" in said[0]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # nothing rewritten
+
+
 if __name__ == "__main__":
     sys.exit(_cli_with_fault(sys.argv[1:]))

@@ -141,6 +141,24 @@ def test_status_text_and_json(tmp_path, capsys):
     assert data["healthy"]["step"] == 1000 and data["healthy"]["last_checkpoint"] == "step-00001000"
     with pytest.raises(LmlabError):
         cmd.run(_args(cmd, [str(tmp_path / "missing")]))
+    assert "history" not in text and data["healthy"]["restarts"] == 0 and data["healthy"]["skipped"] == 0
+
+
+def test_status_counts_restarts_and_guard_skips(tmp_path, capsys):
+    from lmlab.commands import status as cmd
+
+    run = make_run(tmp_path, "healthy", name="r")
+    manifest = json.loads((run / "run.json").read_text())
+    first = manifest["sessions"][0]
+    manifest["sessions"] += [{**first, "resumed_from_step": 200}, {**first, "resumed_from_step": 800}]
+    (run / "run.json").write_text(json.dumps(manifest))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "train", "step": 1010, "time": time.time(), "loss": 2.5, "skipped": 3}) + "\n")
+    assert cmd.run(_args(cmd, [str(run)])) == 0
+    assert "history     2 restarts (from step 200, 800)   3 steps skipped by the guard" in capsys.readouterr().out
+    assert cmd.run(_args(cmd, [str(run), "--json"])) == 0
+    (data,) = json.loads(capsys.readouterr().out)
+    assert (data["restarts"], data["resumed_from"], data["skipped"]) == (2, [200, 800], 3)
 
 
 def test_formatters():

@@ -258,6 +258,9 @@ class RunState:
     disk_free: int | None = None
     disk_total: int | None = None
     last_event: str | None = None
+    restarts: int = 0                # sessions after the first (resumes by hand or by torchrun's restarts)
+    resumed_from: list[int] = field(default_factory=list)  # the step each of them continued from
+    skipped: int = 0                 # steps the guard did not apply
     problems: list[str] = field(default_factory=list)  # things a reader could not parse
 
     @property
@@ -437,6 +440,12 @@ class RunReader:
             s.val_loss, s.val_ppl = num(r.get("val_loss")), num(r.get("val_ppl"))
         if self.events:
             s.last_event = self.events[-1].get("event")
+        later = (m.get("sessions") or [])[1:]
+        s.restarts = len(later)
+        s.resumed_from = [int(x["resumed_from_step"] or 0) for x in later if isinstance(x, dict)
+                          and "resumed_from_step" in x]
+        if self.train:
+            s.skipped = int(num(self.train[-1].get("skipped")) or 0)
         times = [num(x[-1].get("time")) for x in (self.train, self.evals, self.events, self.system, self.other) if x]
         times = [t for t in times if t is not None]
         s.last_record = max(times) if times else None

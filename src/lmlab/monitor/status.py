@@ -136,6 +136,10 @@ def text_report(readers: Sequence[RunReader]) -> str:
         out.append(f"  lr          {cols['lr']}   grad norm {cols['grad norm']}   tok/s {cols['tok/s']}")
         last = "-" if s.last_record is None else f"{fmt_duration(time.time() - s.last_record)} ago"
         out.append(f"  checkpoint  {cols['checkpoint']}   last record {last}   disk free {cols['disk free']}")
+        if s.restarts or s.skipped:
+            starts = f" (from step {', '.join(f'{x:,}' for x in s.resumed_from)})" if s.resumed_from else ""
+            out.append(f"  history     {s.restarts} restart{'s' * (s.restarts != 1)}{starts}   "
+                       f"{s.skipped} step{'s' * (s.skipped != 1)} skipped by the guard")
         for p in s.problems:
             out.append(f"  note        {p}")
     return "\n".join(out)

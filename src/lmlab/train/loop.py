@@ -67,6 +67,12 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=Non
     try:
         if run_dir is None and cfg.run.if_exists == "resume":
             run_dir = existing_run(cfg, rt)
+            if run_dir is not None and _finished(run_dir, rt):  # a launcher that runs the command again
+                if rt.is_main:
+                    echo(f"run       {run_dir} finished already; nothing to do (lmlab resume {run_dir} "
+                         f"train.max_steps=N trains on)")
+                clean = True
+                return run_dir
         objective = make_objective(cfg)
         parts = build(cfg, rt, objective, saved_tokenizer=Path(run_dir) / "tokenizer" if run_dir else None)
         latest = latest_valid_checkpoint(Path(run_dir) / "checkpoints", echo) if run_dir else None
@@ -348,6 +354,15 @@ def existing_run(cfg: Config, rt: Runtime) -> Path | None:
                          f"{'; '.join(changed)}; continue it with lmlab resume {folder} train.KEY=VALUE, or pick "
                          f"another run.name")
     return folder
+
+
+def _finished(run_dir: Path, rt: Runtime) -> bool:
+    """Rank 0's reading, on every rank: run.json says finished and the export is there."""
+    from .. import runs
+
+    done = rt.is_main and (run_dir / "run.json").is_file() and (run_dir / "final").is_dir() and \
+        runs.read_manifest(run_dir).get("status") == "finished"
+    return bool(rt.all_gather_object(done)[0])
 
 
 def latest_valid_checkpoint(root: Path, echo=print) -> Path | None:
