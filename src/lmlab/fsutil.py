@@ -85,3 +85,9 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (libraries raise long, multi-line ones)."""
     lines = str(e).strip().splitlines()
     return lines[0][:200] if lines else type(e).__name__
+
+
+def error_line(e: BaseException) -> str:
+    """An exception of another library as one line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import ConfigError, LmlabError
-from .fsutil import first_line
+from .fsutil import error_line
 
 
 @dataclass
@@ -112,8 +112,7 @@ class Runtime:
         if self.distributed:
             said = None
             if failure is not None:
-                said = str(failure) if isinstance(failure, LmlabError) else f"{type(failure).__name__}: " \
-                    f"{first_line(failure)}"
+                said = str(failure) if isinstance(failure, LmlabError) else error_line(failure)
             failed = [(r, m) for r, m in enumerate(self.all_gather_object(said)) if m is not None]
             if failure is None and failed:
                 raise LmlabError(f"rank {self.rank} stops: rank {failed[0][0]} failed: {failed[0][1]}")

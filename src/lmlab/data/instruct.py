@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..fsutil import first_line
+from ..fsutil import error_line
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("alpaca", "dolly", "oasst", "sharegpt", "messages", "prompt_completion")
@@ -400,7 +400,7 @@ def _iter_hf_rows(part: str) -> Iterator[tuple[str, dict]]:
     except DataError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, HTTP errors)
-        raise DataError(f"{part}: cannot stream the dataset ({type(e).__name__}: {first_line(e)})") from None
+        raise DataError(f"{part}: cannot stream the dataset ({error_line(e)})") from None
 
 
 class _Unparsable:

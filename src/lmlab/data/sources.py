@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import DataError
-from ..fsutil import first_line
+from ..fsutil import error_line, first_line
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
@@ -282,4 +282,4 @@ def _iter_hf(part: str, text_field: str) -> Iterator[str]:
     except DataError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, HTTP errors)
-        raise DataError(f"{part}: cannot stream the dataset ({type(e).__name__}: {first_line(e)})") from None
+        raise DataError(f"{part}: cannot stream the dataset ({error_line(e)})") from None

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..fsutil import atomic_write_text, error_line
+
 STATE = "trackers.json"
 QUEUE_SIZE = 10_000  # records waiting for the side thread; beyond that new ones are dropped (with one warning)
 CLOSE_WAIT_S = 60.0  # how long close() waits for queued records to be handed over before finishing anyway
@@ -187,7 +189,7 @@ class Trackers:
                     s.log(step, values)
                 except Exception as e:  # noqa: BLE001 - a tracker must never stop training
                     self.services.remove(s)
-                    self._warn(f"{s.name}: stopped logging at step {step} ({_first_line(e)}); training continues "
+                    self._warn(f"{s.name}: stopped logging at step {step} ({error_line(e)}); training continues "
                                f"without it")
 
     def close(self, status: str) -> None:
@@ -202,13 +204,8 @@ class Trackers:
             try:
                 s.finish(status)
             except Exception as e:  # noqa: BLE001
-                self._warn(f"{s.name}: could not finish the run ({_first_line(e)})")
+                self._warn(f"{s.name}: could not finish the run ({error_line(e)})")
         self.services = []
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def read_state(run_dir: Path) -> dict:
@@ -233,7 +230,7 @@ def start_trackers(cfg, run_dir: Path, *, say: Callable[[str], None], text: Call
         try:
             s = SERVICES[name](cfg, Path(run_dir), state.get(name) or {})
         except Exception as e:  # noqa: BLE001 - a missing login, a network error: the run goes on without it
-            line = f"{name}: not started ({_first_line(e)}); training continues without it"
+            line = f"{name}: not started ({error_line(e)}); training continues without it"
             say(line)
             text(line)
             continue
@@ -244,7 +241,7 @@ def start_trackers(cfg, run_dir: Path, *, say: Callable[[str], None], text: Call
     if not started:
         return None
     try:
-        (Path(run_dir) / STATE).write_text(json.dumps(state, indent=1) + "\n")
+        atomic_write_text(Path(run_dir) / STATE, json.dumps(state, indent=1) + "\n")
     except OSError as e:
         text(f"trackers: could not write {STATE} ({e}); a resume will start new tracker runs")
     return Trackers(started, warn=text)

@@ -176,13 +176,14 @@ def latest_checkpoint(root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def verify(path: Path) -> None:
-    """Raise LmlabError if a file is missing or its sha256 differs from the manifest."""
+def verify(path: Path) -> dict:
+    """The checkpoint's manifest; LmlabError if a file is missing or its sha256 differs from it."""
     manifest = json.loads((path / MANIFEST).read_text())
     for name, digest in manifest["files"].items():
         f = path / name
         if not f.is_file() or _sha256(f) != digest:
             raise LmlabError(f"checkpoint {path}: {name} is missing or corrupted (sha256 mismatch)")
+    return manifest
 
 
 def _load_pt(path: Path):
@@ -195,10 +196,10 @@ def _load_pt(path: Path):
 
 def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0) -> tuple[dict, dict | None]:
     """Load weights into `model`; return (trainer_state, this rank's RNG state or None)."""
-    verify(path)
+    manifest = verify(path)
     from . import strategy
 
-    written_by = json.loads((path / MANIFEST).read_text()).get("strategy", "ddp")
+    written_by = manifest.get("strategy", "ddp")
     if (hooks := strategy.checkpoint_hooks(model)) is not None:
         shards = path / strategy.shard_dir(model)
         if not shards.is_dir():
@@ -208,7 +209,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0) -> tuple[
         trainer_state = {**_load_pt(path / "trainer.pt"), "optimizer": hooks[1].state_dict()}
     else:
         if written_by == "deepspeed":  # the optimizer state lives in zero/, one file per rank
-            raise LmlabError(f"checkpoint {path}: written by train.strategy=deepspeed on {manifest_world(path)} "
+            raise LmlabError(f"checkpoint {path}: written by train.strategy=deepspeed on {manifest.get('world_size')} "
                              f"rank(s): resume it with train.strategy=deepspeed on as many ranks (its "
                              f"model.safetensors holds the whole model)")
         load_model(model, str(path / "model.safetensors"), strict=True)
@@ -216,10 +217,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0) -> tuple[
     rng_file = path / f"rng-rank{rank}.pt"
     rng = _load_pt(rng_file) if rng_file.is_file() else None
     return trainer_state, rng
-
-
-def manifest_world(path: Path) -> int | None:
-    return json.loads((path / MANIFEST).read_text()).get("world_size")
 
 
 def record_best(root: Path, step: int, val_loss: float) -> bool:

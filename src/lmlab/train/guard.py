@@ -87,20 +87,31 @@ class Guard:
         return Verdict("skip", reason)
 
     def _problem(self, loss: float, grad_norm: float) -> str | None:
-        if not math.isfinite(loss):
-            return f"loss is {loss}"
-        if not math.isfinite(grad_norm):
-            return f"gradient norm is {grad_norm}"
-        if len(self.losses) < self.warmup:
-            return None
-        for name, value, history in (("loss", loss, self.losses), ("gradient norm", grad_norm, self.norms)):
-            mean = sum(history) / len(history)
-            std = math.sqrt(sum((h - mean) ** 2 for h in history) / len(history))
-            limit = mean + self.sigma * max(std, 0.01 * abs(mean))  # a floor: a flat history is no hair trigger
-            if value > limit:
-                return f"{name} spike: {value:.4g} > {limit:.4g} (mean {mean:.4g} + {self.sigma:g}σ of the last " \
-                       f"{len(history)} steps)"
-        return None
+        limits = []
+        if len(self.losses) >= self.warmup:
+            for name, value, history in (("loss", loss, self.losses), ("gradient norm", grad_norm, self.norms)):
+                mean = sum(history) / len(history)
+                std = math.sqrt(sum((h - mean) ** 2 for h in history) / len(history))
+                limit = mean + self.sigma * max(std, 0.01 * abs(mean))  # a floor: a flat history is no hair trigger
+                limits.append((name, value, mean, limit))
+        return why_bad(loss, grad_norm, limits, self.sigma, len(self.losses))
+
+
+def why_bad(loss: float, grad_norm: float, limits, sigma: float, count: int) -> str | None:
+    """The guard's words for a bad step, or None: a non-finite value, else the first of `limits` ((name, value,
+    mean, limit), …) exceeded. `Guard` and `DeviceGuard` both say it this way."""
+    if not math.isfinite(loss):
+        return f"loss is {loss}"
+    if not math.isfinite(grad_norm):
+        return f"gradient norm is {grad_norm}"
+    for name, value, mean, limit in limits:
+        if value > limit:
+            return _spike(name, value, mean, limit, sigma, count)
+    return None
+
+
+def _spike(name: str, value: float, mean: float, limit: float, sigma: float, count: int) -> str:
+    return f"{name} spike: {value:.4g} > {limit:.4g} (mean {mean:.4g} + {sigma:g}σ of the last {count} steps)"
 
 
 class DeviceGuard:
@@ -176,15 +187,9 @@ class DeviceGuard:
                 g.bad_in_a_row = 0
                 continue
             g.bad_in_a_row += 1
-            if not math.isfinite(loss):
-                reason = f"loss is {loss}"
-            elif not math.isfinite(norm):
-                reason = f"gradient norm is {norm}"
-            else:
-                name, value, mean, limit = (("loss", loss, mean_l, lim_l) if loss > lim_l else
-                                            ("gradient norm", norm, mean_n, lim_n))
-                reason = f"{name} spike: {value:.4g} > {limit:.4g} (mean {mean:.4g} + {g.sigma:g}σ of the last " \
-                         f"{int(filled)} steps)"
+            reason = why_bad(loss, norm, [("loss", loss, mean_l, lim_l), ("gradient norm", norm, mean_n, lim_n)],
+                             g.sigma, int(filled)) \
+                or _spike("gradient norm", norm, mean_n, lim_n, g.sigma, int(filled))  # at the limit's last bit
             if g.bad_in_a_row > g.max_skips:
                 reason = f"{reason}, {g.bad_in_a_row} bad steps in a row"
                 verdict = Verdict("stop", reason, step=step)

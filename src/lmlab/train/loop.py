@@ -30,15 +30,12 @@ from ..eval.perplexity import perplexity, validation_loss
 from ..runtime import Runtime, setup_runtime
 from . import checkpoint as ckpt
 from . import strategy
-from .guard import DeviceGuard, Guard, Verdict, skips_on_device
+from .guard import APPLY, DeviceGuard, Guard, Verdict, skips_on_device
 from .objectives import Objective, make_objective
 from .optim import lr_at
 from .run import Run, open_run
 from .setup import Parts, build
 from .step import apply_update, compute_gradients, discard_update
-
-APPLY_NOTHING = Verdict("apply", "fp16 loss-scale overflow")  # the scaler skipped the update itself
-ON_DEVICE = Verdict("apply", "decided on the device")  # DeviceGuard: read back at the next log step
 
 
 class TrainingDiverged(LmlabError):
@@ -123,34 +120,31 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
             batches = [p.data.train.next() for _ in range(t.grad_accum)]
             r = compute_gradients(p.model, objective, batches, rt, optimizer=p.optimizer, scaler=p.scaler,
                                   grad_clip=t.grad_clip, wrapped=p.wrapped)
-            applied = None
-            if fast is not None:
+            if fast is not None:  # decided on the device; what it did is read back at the next log step
                 bad = fast.check(s.step + 1, r.loss, r.grad_norm)
                 apply_update(p.optimizer, skip=bad)
-                verdict, applied = ON_DEVICE, bad == 0
+                verdict, applied = APPLY, bad == 0
             elif p.scaler is not None and bool(torch.isfinite(r.loss)) and not bool(torch.isfinite(r.grad_norm)):
                 discard_update(p.optimizer, p.scaler)  # fp16 loss-scale overflow: the scaler lowers its scale
-                verdict = APPLY_NOTHING
+                verdict, applied = APPLY, False
             else:
                 verdict = guard.check(s.step + 1, r.loss, r.grad_norm)
-            if verdict is APPLY_NOTHING or verdict is ON_DEVICE:
-                pass
-            elif verdict.apply:
-                apply_update(p.optimizer, p.scaler)
-            else:
-                discard_update(p.optimizer, p.scaler)
-                s.skipped += 1
-                run.sink.event("guard", s.step + 1, f"guard {verdict.action} at step {s.step + 1}: {verdict.reason}",
-                               action=verdict.action, reason=verdict.reason, loss=float(r.loss),
-                               grad_norm=float(r.grad_norm))
-                if verdict.action == "rollback":
-                    s = rollback(cfg, rt, p, run, s)
-                    continue
+                applied = verdict.apply
+                if applied:
+                    apply_update(p.optimizer, p.scaler)
+                else:
+                    discard_update(p.optimizer, p.scaler)
+                    s.skipped += 1
+                    run.sink.event("guard", s.step + 1, f"guard {verdict.action} at step {s.step + 1}: "
+                                   f"{verdict.reason}", action=verdict.action, reason=verdict.reason,
+                                   loss=float(r.loss), grad_norm=float(r.grad_norm))
+                    if verdict.action == "rollback":
+                        s = rollback(cfg, rt, p, run, s)
+                        continue
             s.step += 1
             run.step = s.step
             s.tokens += p.plan.tokens_per_step
-            window.add(r, p.plan.tokens_per_step,
-                       applied if applied is not None else verdict.apply and verdict is not APPLY_NOTHING)
+            window.add(r, p.plan.tokens_per_step, applied)
             last = s.step == total
             if fast is not None and (last or any(s.step % every == 0 for every in (t.log_every, t.eval_every,
                                                                                    t.save_every))):
@@ -218,20 +212,12 @@ class _Window:
     def add(self, r, tokens: int, applied: bool | torch.Tensor) -> None:
         """`applied`: a bool, or a 0-d bool tensor on the device (the device guard's verdict, not read here)."""
         self.tokens += tokens
-        if isinstance(applied, torch.Tensor):
-            self.loss = self.loss.to(r.loss.device) + torch.where(applied, r.loss, 0)
-            for k, v in r.metrics.items():
-                self.metrics[k] = self.metrics.get(k, 0) + torch.where(applied, v, 0)
-            self.steps = applied.long() + self.steps
-            self.grad_norm = torch.where(applied, r.grad_norm, self.grad_norm.to(r.grad_norm.device))
-            return
-        if not applied:
-            return
-        self.loss = self.loss.to(r.loss.device) + r.loss
+        applied = torch.as_tensor(applied, device=r.loss.device)
+        self.loss = self.loss.to(r.loss.device) + torch.where(applied, r.loss, 0)
         for k, v in r.metrics.items():
-            self.metrics[k] = self.metrics.get(k, 0) + v
-        self.steps += 1
-        self.grad_norm = r.grad_norm
+            self.metrics[k] = self.metrics.get(k, 0) + torch.where(applied, v, 0)
+        self.steps = applied.long() + self.steps
+        self.grad_norm = torch.where(applied, r.grad_norm, self.grad_norm.to(r.grad_norm.device))
 
     def restart(self) -> None:
         self.t0, self.tokens = time.perf_counter(), 0
@@ -244,7 +230,7 @@ def log_train(run: Run, rt: Runtime, p: Parts, s: TrainState, w: _Window, lr: fl
     dt = time.perf_counter() - w.t0
     tok_s = w.tokens / dt if dt > 0 else 0.0
     grad_norm = float(w.grad_norm)
-    extra = {k: float(v) / n for k, v in w.metrics.items()}
+    extra = {k: float(v) / n for k, v in w.metrics.items()} if steps else {}  # nothing applied: no metrics
     run.sink.log("train", s.step, tokens=s.tokens, loss=loss, lr=lr, grad_norm=grad_norm, tok_s=tok_s,
                  skipped=s.skipped, **extra)
     sw = swelu_values(p.model)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import weakref
 from pathlib import Path
 
@@ -170,7 +171,7 @@ def check_deepspeed(cfg: Config, rt: Runtime):
 def _import_deepspeed(rt: Runtime):
     from packaging.specifiers import SpecifierSet
 
-    from ..fsutil import first_line
+    from ..fsutil import error_line, first_line
 
     if rt.device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, at DeepSpeed's first accelerator query
@@ -185,8 +186,8 @@ def _import_deepspeed(rt: Runtime):
                               "train.strategy=fsdp train.fsdp_reshard=false, the ZeRO-2 equivalent)") from None
         raise ConfigError(f"train.strategy: deepspeed cannot be imported here ({first_line(e)})") from None
     except Exception as e:  # its accelerator probe or an op it needs at import
-        raise ConfigError(f"train.strategy: deepspeed cannot start on {rt.device.type} ({type(e).__name__}: "
-                          f"{first_line(e)})") from None
+        raise ConfigError(f"train.strategy: deepspeed cannot start on {rt.device.type} ({error_line(e)})") \
+            from None
     wanted = SpecifierSet(",".join(DEEPSPEED_RANGE))
     if deepspeed.__version__.split("+")[0] not in wanted:
         raise ConfigError(f"train.strategy: deepspeed {deepspeed.__version__} is outside the range lmlab drives "
@@ -249,7 +250,7 @@ def engine_of(obj):
     """The DeepSpeed engine behind an engine, its model or its optimizer; None for every other strategy."""
     if obj is None:
         return None
-    ds = __import__("sys").modules.get("deepspeed")
+    ds = sys.modules.get("deepspeed")  # not imported: no engine can exist
     if ds is not None and isinstance(obj, ds.DeepSpeedEngine):
         return obj
     try:
