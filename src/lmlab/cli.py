@@ -25,8 +25,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("finetune", "instruction-tune a model (full, LoRA or QLoRA) on chat data: assistant-only loss, "
                              "leak-free packing"),
     "dpo": ("dpo", "preference-tune a model with DPO on chosen/rejected pairs (full, LoRA or QLoRA)"),
+    "grpo": ("grpo", "reinforcement learning with verifiable rewards (GRPO): sample groups of answers, reward them, "
+                     "learn from the better ones"),
     "export": ("export", "write a run's model folder, or its LoRA adapter folder (--merge: adapters folded into the "
                          "base)"),
+    "serve": ("serve", "serve a run or model over an OpenAI-compatible HTTP API (chat, completions, streaming) with "
+                       "a chat page"),
+    "push": ("push", "upload a run's exported model (weights, tokenizer, model card) to the Hugging Face Hub"),
     "recipes": ("recipes", "list fine-tuning recipes (Alpaca, Vicuna, LoRA, QLoRA, DPO, ...) or print one as YAML "
                            "to copy"),
     "advise": ("advise", "score a fine-tuning setup (config, recipe or run) against the rules of thumb: LR, batch, "

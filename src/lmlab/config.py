@@ -63,6 +63,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    optimizer: str = "adamw"  # adamw (decoupled weight decay) | sgd (momentum, no decay on norms/biases either)
+    momentum: float = 0.9  # sgd only: heavy-ball momentum (0: plain SGD)
     grad_clip: float = 1.0  # 0 disables clipping
     activation_checkpointing: bool = False  # recompute each layer in the backward: less memory, ~1/3 more compute
     precision: str = "auto"  # auto: fp32 on CPU, bf16 on GPUs that support it, fp16 + loss scaling otherwise
@@ -155,6 +157,7 @@ class Config:
 CHOICES = {
     "train.schedule": ("cosine", "linear", "constant"),
     "train.guard": ("skip", "rollback", "stop", "off"),
+    "train.optimizer": ("adamw", "sgd"),
     "finetune.method": ("full", "lora", "qlora"),
     "finetune.template": ("auto", "tokenizer", "plain", "chatml", "llama3"),
     "finetune.train_on": ("assistant", "all"),
@@ -234,6 +237,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, bool):  # YAML reads off/on/no/yes as booleans: a choice spelled so is meant as text
+            spelled = [c for c in CHOICES.get(key, ()) if isinstance(c, str)
+                       and isinstance(yaml.safe_load(c), bool) and yaml.safe_load(c) is value]
+            if spelled:
+                return spelled[0]
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
 
@@ -356,6 +364,7 @@ def validate(cfg: Config) -> None:
     _check(t.system_every >= 0, "train.system_every", f"must be >= 0 (0 turns it off), got {t.system_every}")
     _check(t.sample_tokens >= 1, "train.sample_tokens", f"must be >= 1, got {t.sample_tokens}")
     _check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
+    _check(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
     _check(t.guard_window >= 2 and t.guard_warmup >= 1, "train.guard_window/guard_warmup",
            f"need window >= 2 and warmup >= 1, got {t.guard_window}, {t.guard_warmup}")
     _check(t.guard_warmup <= t.guard_window, "train.guard_warmup",

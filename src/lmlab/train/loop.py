@@ -117,6 +117,7 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
                                     min_ratio=t.min_lr_ratio)
             for group in p.optimizer.param_groups:
                 group["lr"] = lr
+            objective.before_step(p.model, s.step)
             batches = [p.data.train.next() for _ in range(t.grad_accum)]
             r = compute_gradients(p.model, objective, batches, rt, optimizer=p.optimizer, scaler=p.scaler,
                                   grad_clip=t.grad_clip, wrapped=p.wrapped)

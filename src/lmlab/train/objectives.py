@@ -5,6 +5,8 @@ nothing else about the task.
                                           the data manifest (fingerprints) and summary lines
     objective.count(batch)               → how many units the loss sums over (target tokens, pairs)
     objective.loss(model, batch)         → (summed loss, {metric: summed value}) — sums, never means
+    objective.setup(model, wrapped, rt)  → once, after the strategy wrapped the model (reference models)
+    objective.before_step(model, step)   → before each step's batches are drawn (on-policy rollouts)
 
 The trainer divides by the total count over every micro-batch of an optimizer step and every rank, so a
 batch with few targets (masked labels, short examples) weighs exactly as much as its targets. Metrics are
@@ -68,6 +70,15 @@ class Objective:
 
     def check_model(self, model) -> None:
         """Refuse, before any compute, a model this objective cannot train with the run's settings."""
+
+    def setup(self, model, wrapped, rt) -> None:
+        """Once, after the model is on its device and wrapped by the strategy (sharded under FSDP), before a
+        checkpoint is restored: build what the loss needs beside the policy (a frozen reference model)."""
+
+    def before_step(self, model, step: int) -> None:
+        """At the start of every optimizer step, before its batches are drawn from `data().train`: work that
+        needs the current weights, such as sampling rollouts for on-policy objectives. `step` is the number of
+        steps already taken. The model is in train mode on entry and must be on return."""
 
 
 def model_logits(model, batch: Batch) -> torch.Tensor:
@@ -172,3 +183,8 @@ def make_objective(cfg) -> Objective:
 register_objective(Pretrain)
 register_objective("lmlab.train.sft:SFT", "sft")
 register_objective("lmlab.train.dpo:DPO", "dpo")
+register_objective("lmlab.train.ipo:IPO", "ipo")
+register_objective("lmlab.train.simpo:SimPO", "simpo")
+register_objective("lmlab.train.orpo:ORPO", "orpo")
+register_objective("lmlab.train.kto:KTO", "kto")
+register_objective("lmlab.train.grpo:GRPO", "grpo")

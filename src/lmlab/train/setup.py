@@ -106,6 +106,7 @@ def build(cfg: Config, rt: Runtime, objective: Objective, saved_tokenizer: Path 
     optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, rt.device)
     strategy.attach(model, optimizer, cfg)
     wrapped = strategy.wrap(model, cfg, rt, optimizer)
+    objective.setup(model, wrapped, rt)
     return Parts(tokenizer, data, model, wrapped, optimizer, rt.grad_scaler(), make_plan(cfg, params, rt.world_size),
                  params)
 
