@@ -224,3 +224,21 @@ def test_chat_through_a_pseudo_terminal(models):
         if p.poll() is None:
             p.kill()
         os.close(master)
+
+
+def test_piped_chat_prints_a_multi_line_answer_on_one_line(models, monkeypatch, capsys):
+    """Scripts read one line per question: newlines in a reply are shown as ⏎ (JSONL keeps them as they are)."""
+    import argparse
+    import io
+
+    from lmlab.commands import chat
+
+    monkeypatch.setattr(ChatSession, "ask", lambda self, text, write=None: f"def f({text}):\n    return 1\r\n")
+    p = argparse.ArgumentParser()
+    chat.add_arguments(p)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a\nb\n"))
+    assert chat.run(p.parse_args([str(models["tuned"]), "-n", "2"])) == 0
+    assert capsys.readouterr().out.splitlines() == ["def f(a):⏎     return 1⏎ ", "def f(b):⏎     return 1⏎ "]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a\n"))
+    assert chat.run(p.parse_args([str(models["tuned"]), "-n", "2", "--jsonl"])) == 0
+    assert json.loads(capsys.readouterr().out)["assistant"] == "def f(a):\n    return 1\r\n"

@@ -21,7 +21,15 @@ from lmlab.data.chat import (
 from lmlab.data.instruct import DataSummary
 from lmlab.errors import ConfigError, DataError
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread for this module, then the session's count again."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 EOS = "<|endoftext|>"
 WORDS = ("User: Assistant: System: Name the capital of France. Paris. And Italy? Rome. Be brief. hi ok "

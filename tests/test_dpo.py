@@ -10,7 +10,14 @@ import torch
 from lmlab.config import load_config
 from lmlab.train.dpo import dpo_terms, sequence_logps
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread for this module's tiny runs, then the session's count again."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_loss_and_rewards_match_the_formula():
@@ -33,6 +40,20 @@ def test_sequence_logps_sum_the_labelled_tokens():
     labels = torch.tensor([[-100, -100, 3, 6, -100]])
     lp = torch.log_softmax(logits, -1)
     assert sequence_logps(logits, labels).item() == pytest.approx((lp[0, 1, 3] + lp[0, 2, 6]).item(), rel=1e-6)
+
+
+def test_sequence_logps_keep_float64_and_raise_half_precision():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11, dtype=torch.float64) * 30
+    labels = torch.tensor([[-100, 4, 7, 1, 0, -100], [-100, -100, 10, 3, 3, 2]])
+    lp = torch.log_softmax(logits, -1)  # the float64 reference, by hand
+    want = torch.stack([sum(lp[b, i - 1, labels[b, i]] for i in range(1, 6) if labels[b, i] != -100)
+                        for b in range(2)])
+    got = sequence_logps(logits, labels)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-12)
+    half = sequence_logps(logits.to(torch.bfloat16), labels)
+    assert half.dtype == torch.float32
 
 
 @pytest.fixture(scope="module")

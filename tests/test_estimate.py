@@ -154,9 +154,9 @@ def test_estimate_for_run_uses_the_run_config(tmp_path):
 
 def test_cli_plan_json_and_hardware_table(capsys):
     assert main(["estimate", "--model", "mamba-swelu-124m", "--token-ratio", "100", "--batch", "16",
-                 "--hardware", "h100", "--json"]) == 0
+                 "--hardware", "h100", "--json", "--vocab-size", "50257"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["params_total"] == 100_917_266  # docs/models.md
+    assert d["params_total"] == 100_917_266  # docs/models.md (GPT-2's vocabulary)
     assert d["steps"] == math.ceil(d["params_total"] * 100 / 16_384)
     assert main(["estimate", "--model", "mamba-swelu-small", "--hardware", "all", "--batch", "2"]) == 0
     out = capsys.readouterr().out
@@ -209,3 +209,114 @@ def test_big_models_are_analysed_on_the_meta_device():
     arch = analyse("inl-3b")
     assert all(p.device.type == "meta" for p in arch.meta_model.parameters())
     assert arch.params_total > 2e9
+
+
+# ------------------------------------------------------------------- the planner plans what the trainer trains
+def _word_tokenizer(n: int):
+    """A real tokenizer of exactly `n` tokens (the last one the end of text), for the trainer's build_model."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(n - 1)} | {"<eos>": n - 1}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")),
+                                  eos_token="<eos>")
+    assert len(tok) == n
+    return tok
+
+
+@pytest.mark.parametrize("name", ["mamba-swelu-tiny", "inl-tiny", "llama-tiny"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_planned_trainable_parameters_are_what_the_trainer_trains(name, method):
+    """The trainer's own model and adapters (build_model + add_adapters), counted by requires_grad, against
+    the plan the trainer prints before the first step (estimate_for_run)."""
+    if method != "full":
+        pytest.importorskip("peft")
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    from lmlab.config import load_config
+    from lmlab.models.lora import lora_targets
+    from lmlab.plan.estimate import estimate_for_run
+    from lmlab.runtime import setup_runtime
+    from lmlab.train.setup import build_model
+
+    cfg = load_config(None, [f"model.name={name}", "data.vocab_size=300", "data.seq_len=32", "train.batch_size=2",
+                             "train.max_steps=4", "train.objective=sft", f"finetune.method={method}",
+                             "finetune.lora_rank=4"])
+    model = build_model(cfg, _word_tokenizer(300))
+    total = sum(p.numel() for p in model.parameters())
+    targets = lora_targets(model)
+    if method != "full":
+        from lmlab.train.adapters import add_adapters
+
+        model = add_adapters(model, cfg)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = estimate_for_run(cfg, setup_runtime("cpu", "fp32", threads=2))
+    assert plan.params_total == total and plan.vocab_size == 300
+    assert plan.method == method and plan.params_trainable == trained
+    assert plan.memory["optimizer"] == 8 * trained and plan.memory["gradients"] == 4 * trained
+    if method != "full":
+        assert plan.lora_targets == targets and trained < total
+        assert f"{trained:,} trainable of {total:,}" in memory_fits(plan)[1]
+
+
+def test_plan_counts_the_optimizer_the_objective_and_the_strategy():
+    """SGD keeps one state (none without momentum); full DPO keeps a frozen reference copy and runs chosen and
+    rejected together; with adapters the reference is the base (no copy); ZeRO-2 splits gradients and state."""
+    kw = dict(seq_len=64, micro_batch=2, hardware="cpu", precision="fp32")
+    adam = estimate("llama-tiny", **kw)
+    n = adam.params_total
+    assert adam.memory["optimizer"] == 8 * n and "reference" not in adam.memory
+    assert estimate("llama-tiny", optimizer="sgd", **kw).memory["optimizer"] == 4 * n
+    assert estimate("llama-tiny", optimizer="sgd", momentum=0.0, **kw).memory["optimizer"] == 0
+    dpo = estimate("llama-tiny", objective="dpo", **kw)
+    assert dpo.memory["reference"] == 4 * n
+    assert dpo.activations_full == estimate("llama-tiny", **{**kw, "micro_batch": 4}).activations_full
+    lora_dpo = estimate("llama-tiny", objective="dpo", method="lora", **kw)
+    assert "reference" not in lora_dpo.memory
+    assert estimate("llama-tiny", objective="simpo", **kw).memory.get("reference") is None  # reference-free
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        estimate("llama-tiny", optimizer="lion", **kw)
+    gpu = dict(seq_len=512, micro_batch=1, hardware="rtx4090", gpus=6, precision="bf16")
+    assert estimate("llama-tiny", strategy="zero2", **gpu).memory["optimizer"] == 8 * n // 6
+
+
+def test_memory_line_plans_the_runs_method(tmp_path):
+    """The line before a LoRA run's first step plans LoRA (adapter states), not full fine-tuning."""
+    from lmlab.config import load_config
+    from lmlab.plan.estimate import estimate_for_run, memory_line
+    from lmlab.runtime import setup_runtime
+
+    rt = setup_runtime("cpu", "fp32", threads=2)
+    over = ["model.name=llama-tiny", "data.seq_len=64", "train.max_steps=4", "train.objective=sft"]
+    full = estimate_for_run(load_config(None, over), rt)
+    lora = estimate_for_run(load_config(None, [*over, "finetune.method=lora"]), rt)
+    assert lora.method == "lora" and lora.memory["optimizer"] < full.memory["optimizer"] / 10
+    line = memory_line(load_config(None, [*over, "finetune.method=lora"]), rt)
+    assert line.startswith("memory    fits:") and "trainable of" in line and "lora r=16" in line
+    sgd = estimate_for_run(load_config(None, [*over, "train.optimizer=sgd", "train.momentum=0"]), rt)
+    assert sgd.memory["optimizer"] == 0
+
+
+def test_cli_estimate_says_the_vocabulary_and_plans_pretraining_fixes(capsys):
+    """A named size is planned with the tokenizer `lmlab pretrain` uses by default, and the plan says so;
+    a plan for pretraining from scratch never suggests LoRA; several GPUs: DeepSpeed ZeRO-2 is named."""
+    from lmlab.config import DataConfig
+
+    assert main(["estimate", "--model", "mamba-swelu-124m", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    default = DataConfig()
+    assert d["vocab_size"] == default.vocab_size and default.tokenizer in d["tokenizer"]
+    built = registry.build_model(registry.build_config("mamba-swelu-124m", vocab_size=default.vocab_size),
+                                 device="meta")
+    assert d["params_total"] == registry.count_parameters(built) == 53_648_402
+    assert main(["estimate", "--model", "mamba-swelu-124m"]) == 0
+    assert "vocabulary" in capsys.readouterr().out
+    assert main(["estimate", "--model", "inl-3b", "--hardware", "rtx4090", "--gpus", "6", "--batch", "1",
+                 "--seq-len", "512", "--grad-accum", "8", "--checkpointing", "--precision", "bf16", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert not d["fits"] and d["suggestions"]
+    assert not any("finetune.method" in s for s in d["suggestions"])
+    assert any("train.strategy=deepspeed train.zero_stage=2" in s for s in d["suggestions"])
+    assert main(["estimate", "--model", "mamba-swelu-124m", "--tokenizer", "stdlib-bpe", "--vocab-size", "8192",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["vocab_size"] == 8192

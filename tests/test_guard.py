@@ -40,9 +40,9 @@ def _sequence(seed: int, n: int = 400) -> list[tuple[float, float]]:
     return out + [(float("nan"), 1.0)] * 12
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_device_guard_gives_the_host_guards_verdicts_and_reasons(seed):
-    kw = dict(window=32, warmup=16, sigma=6.0, max_skips=10)
+@pytest.mark.parametrize("seed,clip", [(0, 0.0), (1, 0.0), (2, 0.0), (0, 1.0), (1, 1.0)])
+def test_device_guard_gives_the_host_guards_verdicts_and_reasons(seed, clip):
+    kw = dict(window=32, warmup=16, sigma=6.0, max_skips=10, clip=clip)
     host, dev = Guard("skip", **kw), DeviceGuard(Guard("skip", **kw), torch.device("cpu"))
     expected, flags, events, stop_at = [], [], [], None
     for step, (loss, norm) in enumerate(_sequence(seed), start=1):
@@ -63,8 +63,27 @@ def test_device_guard_gives_the_host_guards_verdicts_and_reasons(seed):
     assert all(flags[stop_at - 1:]), "after the stop nothing is applied"
     assert [s for s, f in enumerate(flags[:stop_at], start=1) if f] == [s for s, _, _ in expected]
     reasons = [r for _, _, r in expected]
-    assert any("loss spike" in r for r in reasons) and any("gradient norm spike" in r for r in reasons)
-    assert "loss is nan" in reasons and "gradient norm is inf" in reasons
+    assert any("loss spike" in r for r in reasons) and "loss is nan" in reasons and "gradient norm is inf" in reasons
+    assert any("gradient norm spike" in r for r in reasons) == (clip == 0)  # clipped: norm outliers alone pass
+
+
+def test_with_clipping_a_gradient_norm_spike_counts_only_with_the_loss_up():
+    """Gradients clipped: a norm 50× its mean with an ordinary loss is applied (clipping bounds the update); with
+    the loss above mean + σ/2·std as well, it is a spike; a loss above mean + σ·std is one by itself. Unclipped,
+    the norm alone is enough. The device guard says the same."""
+    history = [(3.0 + 0.01 * (i % 5 - 2), 1.0 + 0.02 * (i % 3 - 1)) for i in range(16)]
+    std = 0.01 * 3.0  # the floor (1 % of the mean) is above the losses' own spread
+    probes = [(3.0, 50.0), (3.0 + 4 * std, 50.0), (3.0 + 7 * std, 1.0), (3.0 + 4 * std, 1.0)]
+    for clip, expected in ((1.0, ["apply", "skip", "skip", "apply"]), (0.0, ["skip", "skip", "skip", "apply"])):
+        for probe, want in zip(probes, expected, strict=True):
+            host = Guard("skip", window=16, warmup=8, clip=clip)
+            dev = DeviceGuard(Guard("skip", window=16, warmup=8, clip=clip), torch.device("cpu"))
+            for i, (loss, norm) in enumerate(history, start=1):
+                assert host.check(i, loss, norm).apply and not float(dev.check(i, torch.tensor(loss),
+                                                                              torch.tensor(norm)))
+            v = host.check(17, *probe)
+            assert v.action == want, (clip, probe, v)
+            assert float(dev.check(17, torch.tensor(probe[0]), torch.tensor(probe[1]))) == (want == "skip")
 
 
 def test_a_device_skip_leaves_weights_and_adam_state_bitwise_unchanged_without_reading_the_flag():
@@ -149,7 +168,7 @@ def test_the_device_guard_trains_like_the_host_guard(tok, tmp_path, monkeypatch,
     """Both runs use fused AdamW (on CPU here); one decides each step on the host, one on the device."""
     from lmlab.train import optim
 
-    def fused(model, lr, wd, betas, eps, device):
+    def fused(model, lr, wd, betas, eps, device, **kw):
         return torch.optim.AdamW(optim.param_groups(model, wd), lr=lr, betas=betas, eps=eps, fused=True)
 
     monkeypatch.setattr(train_setup, "make_optimizer", fused)
@@ -188,15 +207,17 @@ def test_an_injected_nan(tok, tmp_path, faulty, policy):
             train(cfg, echo=_quiet)
         run = tmp_path / policy
         assert ckpt.latest_checkpoint(run / "checkpoints").name == "step-00000006"
-        assert json.loads((run / "run.json").read_text())["status"] == "failed"
+        manifest = json.loads((run / "run.json").read_text())
+        assert manifest["status"] == "stopped" and manifest["skipped_steps"] == 1
+        assert "loss is nan" in manifest["stop_reason"] and manifest["resume_command"].startswith("lmlab resume")
+        assert _records(run, "train")[-1]["step"] == 6 and _records(run, "train")[-1]["skipped"] == 1
         return
     run = train(cfg, echo=_quiet)
     events = [r for r in _records(run, "event") if r["event"] in ("guard", "rollback")]
     assert events[0]["event"] == "guard" and events[0]["step"] == 6 and events[0]["action"] == policy
     assert all(math.isfinite(r["loss"]) for r in _records(run, "train"))  # never in the weights or the log mean
-    if policy == "rollback":
-        assert events[1]["event"] == "rollback" and events[1]["checkpoint"] == "step-00000004"
-        assert events[1]["lr_scale"] == 0.5
+    if policy == "rollback":  # step 6's loss judged the state after step 5 bad: back to the one after step 4
+        assert events[1]["event"] == "rollback" and events[1]["to_step"] == 4 and events[1]["lr_scale"] == 0.5
     else:
         assert json.loads((run / "run.json").read_text())["summary"]["skipped_steps"] == 1
 
@@ -211,8 +232,7 @@ def test_an_injected_spike(tok, tmp_path, faulty, policy):
     losses = [r["loss"] for r in _records(run, "train")]
     assert max(losses) < 10  # the spike never entered the logged mean (the plain losses are about 6)
     if policy == "rollback":
-        assert events[1]["event"] == "rollback" and events[1]["checkpoint"] == "step-00000008"
-        assert events[1]["lr_scale"] == 0.5
+        assert events[1]["event"] == "rollback" and events[1]["to_step"] == 8 and events[1]["lr_scale"] == 0.5
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
 
 
@@ -221,8 +241,8 @@ def test_the_device_guard_stops_with_the_host_guards_last_good_state(tok, tmp_pa
     at the next log step (12), applies nothing in between and saves the same weights and optimizer state."""
     from lmlab.train import optim
 
-    monkeypatch.setattr(train_setup, "make_optimizer", lambda model, lr, wd, betas, eps, device: torch.optim.AdamW(
-        optim.param_groups(model, wd), lr=lr, betas=betas, eps=eps, fused=True))
+    monkeypatch.setattr(train_setup, "make_optimizer", lambda model, lr, wd, betas, eps, device, **kw:
+                        torch.optim.AdamW(optim.param_groups(model, wd), lr=lr, betas=betas, eps=eps, fused=True))
     saved = {}
     for mode in ("device", "host"):
         faulty.at = {9: "nan", 10: "nan", 11: "nan"}  # step 12 is fine: it must not be applied either
@@ -241,3 +261,18 @@ def test_the_device_guard_stops_with_the_host_guards_last_good_state(tok, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
     oa, ob = (torch.load(saved[m] / "trainer.pt", weights_only=True)["optimizer"]["state"] for m in ("host", "device"))
     assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
+
+
+def test_a_nan_run_without_the_guard_ends_diverged_not_finished(tok, tmp_path, faulty):
+    """train.guard=off applies step 6's NaN: no samples drawn from NaN probabilities, no export, status
+    `diverged` with its reason (so a study's re-run does not take it for finished)."""
+    faulty.at = {6: "nan"}
+    lines = []
+    with pytest.raises(TrainingDiverged, match="the weights are not finite at step 9"):
+        train(_cfg(tok, tmp_path, "noguard", "train.guard=off", steps=9), echo=lines.append)
+    run = tmp_path / "noguard"
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "diverged" and "not finite" in manifest["stop_reason"]
+    assert not (run / "final").exists() and not (run / "samples.jsonl").exists()
+    assert any(line.startswith("samples   none: the weights are not finite") for line in lines)
+    assert not train_loop._finished(run, train_loop.setup_runtime("cpu", "fp32", 1))

@@ -14,15 +14,26 @@ import lmlab.data.stdlib_instruct as sti
 from lmlab.data.instruct import (
     SourceSpec,
     detect_format,
+    held_out_count,
     in_val,
     load_instruct,
     oasst_best_path,
     oasst_trees,
     read_source,
+    split_hash,
+    split_held_out,
 )
 from lmlab.errors import ConfigError, DataError
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread for this module, then the session's count again."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 FIX = Path(__file__).parent / "fixtures" / "instruct"
 
@@ -84,7 +95,7 @@ def test_oasst_trees_rank0_path_language_filter_and_split_by_tree():
     assert {e.group for e in en} == {"t1", "t3"}
     # every example of a tree goes to the same split: the split key is the tree id
     data = load_instruct([SourceSpec(str(FIX / "oasst.jsonl"))], val_fraction=0.5, seed=3)
-    assert {e.group for e in data.val} == {t for t in ("t1", "t2", "t3") if in_val(t, 0.5, 3)}
+    assert {e.group for e in data.val} == set(sorted(("t1", "t2", "t3"), key=lambda t: split_hash(t, 3))[:2])
 
 
 def test_oasst_deleted_messages_are_left_out():
@@ -117,6 +128,43 @@ def test_malformed_rows_are_counted_with_file_and_line():
     assert "kept 2" in text and f"{path}:3" in text
     with pytest.raises(DataError, match=r"malformed.jsonl:2: not valid JSON"):
         load_instruct([path], on_error="fail")
+
+
+def test_exact_duplicates_are_dropped_and_said(tmp_path):
+    from lmlab.data.examples import summary_lines
+
+    rows = [{"instruction": "Say hi.", "output": "hi"}] * 3 + [{"instruction": "Say no.", "output": "no"}]
+    (tmp_path / "dup.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_instruct([str(tmp_path / "dup.jsonl")], val_fraction=0)
+    assert len(data.train) == 2
+    lines = summary_lines(data.summary)
+    assert "          2 exact-duplicate examples dropped (the first of each is kept)" in lines
+    assert lines[-1].strip() == "split: none held out (data.val_fraction=0); all 2 train"
+
+
+def test_held_out_examples_of_a_run_config(tmp_path):
+    from lmlab.config import load_config
+    from lmlab.data.examples import held_out_examples
+
+    rows = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]
+    (tmp_path / "twelve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, ["train.objective=sft", f"data.source={tmp_path / 'twelve.jsonl'}",
+                             "data.val_fraction=0.25", "train.seed=5"])
+    want = load_instruct([str(tmp_path / "twelve.jsonl")], val_fraction=0.25, seed=5).val
+    assert [e.messages for e in held_out_examples(cfg)] == [e.messages for e in want] and len(want) == 3
+
+
+def test_the_fail_hint_pastes_as_a_key(tmp_path):
+    import re
+
+    from lmlab.config import load_config
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "", "output": "a"}\n')
+    with pytest.raises(DataError) as e:
+        load_instruct([str(bad)], on_error="fail")
+    hint = re.search(r"\(pass (\S+) to", str(e.value)).group(1)
+    assert load_config(None, [hint]).finetune.on_error == "skip"  # what the message says works when pasted
 
 
 def test_zero_valid_examples_is_an_error(tmp_path):
@@ -164,6 +212,28 @@ def test_in_val_fraction_is_about_right():
     assert not any(in_val(f"g{i}", 0.0, 0) for i in range(100))
 
 
+def test_small_sets_hold_out_the_asked_share(tmp_path):
+    rows = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(12)]
+    (tmp_path / "twelve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for fraction, held in ((0.25, 3), (0.1, 1), (0.01, 1), (0.5, 6), (0.0, 0), (0.99, 11)):
+        data = load_instruct([str(tmp_path / "twelve.jsonl")], val_fraction=fraction, seed=0)
+        assert (len(data.val), len(data.train)) == (held, 12 - held), fraction
+        assert f"{held} of 12 held out" in data.summary.split or fraction == 0
+    (tmp_path / "one.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert len(load_instruct([str(tmp_path / "one.jsonl")], val_fraction=0.5).train) == 1  # the only one trains
+    # groups stay whole: the held-out groups are the first in hash order until they hold round(f × n) items
+    items = [("a", 0), ("a", 1), ("a", 2), ("b", 3), ("c", 4), ("c", 5)]
+    tr, va = split_held_out(items, lambda x: x[0], 0.34, seed=7)
+    order = sorted("abc", key=lambda g: split_hash(g, 7))
+    want, n = set(), 0
+    for g in order[:-1]:
+        if n >= 2:
+            break
+        want.add(g)
+        n += sum(x[0] == g for x in items)
+    assert {x[0] for x in va} == want and len(tr) + len(va) == 6 and not want & {x[0] for x in tr}
+
+
 # ---------------------------------------------------------------------------------------------------------- stdlib
 
 
@@ -192,7 +262,8 @@ def test_stdlib_instruct_examples(small_stdlib):
     # cached: the second call reads the JSONL, and gives the same examples
     assert [e.messages for e in sti.stdlib_instruct_examples()] == [e.messages for e in ex]
     data = load_instruct(["stdlib-instruct"], val_fraction=0.2, seed=0)
-    assert {e.where for e in data.val} == {n for n in names if in_val(n, 0.2, 0)} and data.val
+    k = held_out_count(len(names), 0.2)  # one example per function: exactly round(0.2 × n) held out
+    assert {e.where for e in data.val} == set(sorted(names, key=lambda n: split_hash(n, 0))[:k]) and k > 0
 
 
 def test_instruction_wording():

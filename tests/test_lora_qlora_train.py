@@ -15,7 +15,16 @@ from safetensors.torch import load_file
 
 from lmlab.config import load_config
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread for this module, then the session's count again."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 FAMILIES = {
     "mamba": ["model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2", "model.dense_hidden=32"],
     "inl": ["model.name=inl-tiny"],
@@ -109,6 +118,7 @@ def test_qlora_trains_on_cpu(setup, family):
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
 
 
+@pytest.mark.slow
 def test_killed_lora_run_resumes_bitwise(setup):
     steps = 16
     straight = _train(_cfg(setup, "straight", "lora", family="llama", steps=steps, extra=("train.save_every=4",

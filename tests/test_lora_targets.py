@@ -9,7 +9,6 @@ from peft import LoraConfig, get_peft_model
 from lmlab.models import build_config, build_model
 from lmlab.models.lora import DEFAULT_LORA_TARGETS, lora_targets
 
-torch.set_num_threads(1)
 V = 64
 FAMILIES = {
     "mamba-swelu-tiny": {},
@@ -19,6 +18,14 @@ FAMILIES = {
     "inl-tiny-v1": {},
     "llama-tiny": {},
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _model(key: str):
@@ -125,3 +132,46 @@ def test_qlora_trains_on_cpu(key, tmp_path):
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+QUIET = """
+import logging, sys, warnings
+import torch
+from lmlab.config import load_config
+from lmlab.data.tokenizer import load_tokenizer
+from lmlab.models import build_config, build_model
+from lmlab.models.export import export
+from lmlab.train.adapters import add_adapters, quiet_loading
+from lmlab.train.setup import build_model as build_base
+torch.set_num_threads(1)
+tok = load_tokenizer(sys.argv[1])
+out = sys.argv[2]
+model = build_model(build_config("llama-tiny", vocab_size=len(tok)))
+export(model, tok, out)
+cfg = load_config(None, [f"model.name={out}", f"data.tokenizer={out}", "finetune.method=qlora"])
+print("=== from here", file=sys.stderr, flush=True)
+add_adapters(build_base(cfg, tok), cfg)
+with quiet_loading():  # errors still reach the user
+    logging.getLogger("bitsandbytes.backends.cpu.ops").error("a real bitsandbytes error")
+    warnings.warn("another warning", UserWarning)
+"""
+
+
+@pytest.mark.slow
+def test_loading_and_adapters_leave_out_the_known_noise(tmp_path):
+    """In a fresh process (bitsandbytes speaks once, on import): loading a base and giving it QLoRA adapters prints
+    neither transformers' progress bar, bitsandbytes' missing-`kernels` line nor the is_gradient_checkpointing
+    FutureWarning; errors and other warnings still print."""
+    import subprocess
+    import sys
+
+    from lmlab.data.tokenizer import train_bpe
+
+    train_bpe("stdlib", 300, tmp_path / "tok", max_chars=50_000)
+    r = subprocess.run([sys.executable, "-c", QUIET, str(tmp_path / "tok"), str(tmp_path / "base")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    said = (r.stdout + r.stderr).split("=== from here", 1)[1]
+    for noise in ("Loading weights", "kernels-community", "is_gradient_checkpointing"):
+        assert noise not in said, said
+    assert "a real bitsandbytes error" in said and "another warning" in said

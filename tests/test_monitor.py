@@ -298,3 +298,45 @@ def test_watch_dashboard_headless(tmp_path):
     asyncio.run(drive())
     svg = (shot / "watch.svg").read_text()
     assert svg.startswith("<svg") and "a-healthy" in svg
+
+
+# smoothing ---------------------------------------------------------------------------------------------------
+def test_smoothed_loss_of_a_short_run_follows_it():
+    """A short run is smoothed over a span of ~10 % of its records: a falling loss is not trailed far behind."""
+    losses = [10.0 * 0.78 ** i for i in range(10)]  # 10 → 1.07 in ten records
+    smooth = runread.ema(losses, 0.9)
+    assert smooth[-1] == pytest.approx(losses[-1])  # ten records: no smoothing at all
+    long = [5.0 + (i % 2) * 0.2 for i in range(400)]
+    assert runread.ema(long, 0.9)[-1] == pytest.approx(runread.ema(long, 0.9, scale=False)[-1])
+    assert runread.smoothing_weight(30, 0.9) == pytest.approx(1 - 1 / 3)
+    assert runread.smoothing_weight(10_000, 0.9) == 0.9
+
+
+def test_the_readers_smoothing_matches_ema_as_records_arrive(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    rng = [8.0 - 0.05 * i for i in range(150)]
+    reader = runread.RunReader(run)
+    with open(run / "metrics.jsonl", "w") as f:
+        for i, v in enumerate(rng):
+            f.write(json.dumps({"kind": "train", "step": i + 1, "time": i, "loss": v}) + "\n")
+            f.flush()
+            if i in (4, 30, 99, 120, 149):
+                reader.refresh()
+                assert reader.loss_smooth == pytest.approx(runread.ema(rng[:i + 1], 0.9))
+    assert reader.state.loss_smooth == pytest.approx(runread.ema(rng, 0.9)[-1])
+    assert abs(reader.state.loss_smooth - rng[-1]) < 0.5
+
+
+def test_doctor_calls_a_run_stuck_near_a_uniform_guess_stalled_before_its_spikes(tmp_path):
+    """8.32 → 8.28 over a whole run with a vocabulary of 4,096 (ln 4,096 = 8.32) and a few grad-norm spikes:
+    stalled comes first; the same run that learned before it flattened is a plateau note, not a warning."""
+    run = write_run(tmp_path, "stuck", status="finished", loss=lambda i, s: 8.36 - 0.04 * s / 1000,
+                    grad_norm=lambda i, s: 6.0 if i in (55, 80) else 0.6, lr=lambda i, s: 3e-3)
+    (run / "config.yaml").write_text("train:\n  log_every: 10\n  save_every: 200\n  warmup_steps: 100\n"
+                                     "data:\n  vocab_size: 4096\n")
+    findings = doctor.diagnose(run)
+    assert [f.code for f in findings] == ["stalled", "spikes"]
+    assert "uniform guess over 4,096 tokens" in findings[0].message
+    learned = write_run(tmp_path, "learned", status="finished", loss=lambda i, s: 3.0 + 5.0 * math.exp(-s / 60))
+    assert [(f.code, f.severity) for f in doctor.diagnose(learned)] == [("plateau", "note")]

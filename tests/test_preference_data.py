@@ -11,11 +11,19 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lmlab.data.chat import IGNORE, ChatFormat
-from lmlab.data.instruct import SourceSpec, in_val
+from lmlab.data.instruct import SourceSpec, split_hash
 from lmlab.data.preference import PreferencePair, collate_pairs, encode_pair, load_preference, read_pairs, row_to_pair
 from lmlab.errors import DataError
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread for this module, then the session's count again."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 FIX = Path(__file__).parent / "fixtures" / "instruct"
 EOS = "<|endoftext|>"
@@ -60,7 +68,7 @@ def test_oasst_sibling_pairs_best_vs_worst_rank_split_by_tree():
                    ("t3", "Name a prime number.", "Seven.", "Nine.")}
     assert read_pairs(SourceSpec(str(FIX / "oasst.jsonl"), lang="fr")) == []
     data = load_preference([str(FIX / "oasst.jsonl")], val_fraction=0.5, seed=4)
-    assert {p.group for p in data.val} == {g for g in ("t1", "t3") if in_val(g, 0.5, 4)}
+    assert {p.group for p in data.val} == {min(("t1", "t3"), key=lambda g: split_hash(g, 4))}  # round(0.5 × 2)
 
 
 def test_not_preference_data_is_named(tmp_path):

@@ -474,3 +474,41 @@ def test_deepspeed_refuses_bad_combinations_in_one_line(monkeypatch):
 
 if __name__ == "__main__":
     _worker(json.loads(sys.argv[1]))
+
+
+_LAST_GOOD_FSDP = """
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from lmlab.train.guard import LastGood
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+fully_shard(m)
+opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+kept = LastGood(m, opt)
+def step():
+    m(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+kept.keep(None, 0)
+step()
+kept.keep(None, 1)
+params = [p.detach().full_tensor().clone() for p in m.parameters()]
+state = [{k: v.full_tensor().clone() for k, v in opt.state[p].items() if k != "step"} for p in m.parameters()]
+step()
+step()
+assert kept.restore() and kept.step == 1
+assert all(torch.equal(a, p.detach().full_tensor()) for a, p in zip(params, m.parameters()))
+assert all(torch.equal(v, opt.state[p][k].full_tensor()) for s, p in zip(state, m.parameters()) for k, v in s.items())
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_the_guards_last_good_state_restores_fsdp2_shards(tmp_path):
+    """The state a guard stop or rollback goes back to, kept and restored shard by shard (DTensor parameters and
+    AdamW state) on 2 ranks."""
+    script = tmp_path / "last_good.py"
+    script.write_text(_LAST_GOOD_FSDP)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+          "--master_port", str(_free_port()), str(script)])

@@ -189,6 +189,7 @@ def test_killing_the_study_and_rerunning_it_skips_finished_runs_and_resumes_exac
             break
         time.sleep(0.02)
     assert study.poll() is None, study.communicate()[0].decode()[-3000:]
+    os.kill(_manifest(b)["pid"], signal.SIGKILL)  # the run first (it has a session of its own), then the study
     os.killpg(study.pid, signal.SIGKILL)
     study.wait()
     assert _manifest(a)["status"] == "finished" and len(_manifest(a)["sessions"]) == 1
@@ -254,3 +255,76 @@ def test_ray_executor_runs_each_cell_as_a_task(tokenizer_dir, tmp_path):
     finally:
         ray.shutdown()
     assert results == {"r": "finished"}
+
+
+def test_slurm_executor_without_slurm_refuses_in_one_line_and_writes_nothing(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "out_dir": str(tmp_path / "out"),
+                                    "config": {"model": TINY_MAMBA}, "runs": [{"name": "a"}]}))
+    no_slurm = [d for d in ENV.get("PATH", "").split(os.pathsep) if not os.path.isfile(os.path.join(d, "sbatch"))]
+    env = {**ENV, "PATH": os.pathsep.join(no_slurm)}
+    p = subprocess.run([sys.executable, "-m", "lmlab.cli", "study", str(path), "--executor", "slurm"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    errors = [line for line in p.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and "no sbatch on PATH" in errors[0] and "--executor local" in errors[0], p.stderr
+    assert "submitted" not in p.stdout and not (tmp_path / "out").exists()  # no local fallback, no .slurm/%j
+
+
+def _stop_study_with(path: Path, signals: list[int], grace: float = 0.0) -> tuple[subprocess.CompletedProcess, Path]:
+    """Start a one-run study, wait for the run's first checkpoint, send `signals` to the study's pid alone; the
+    run's process must be gone when the study has exited (or `grace` seconds later)."""
+    study = subprocess.Popen(_study_cmd(path), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    run = path.parent / "study" / "long"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and study.poll() is None and not list(run.glob("checkpoints/*/MANIFEST.json")):
+            time.sleep(0.05)
+        assert study.poll() is None, study.communicate()[0].decode()[-3000:]
+        cell_pid = _manifest(run)["pid"]
+        for sig in signals:
+            os.kill(study.pid, sig)  # the study's pid, not its process group
+            time.sleep(0.05)
+        out = study.communicate(timeout=120)[0].decode()
+    finally:
+        if study.poll() is None:
+            os.killpg(study.pid, signal.SIGKILL)
+    from lmlab.monitor.runread import pid_alive
+
+    deadline = time.time() + grace
+    while time.time() < deadline and pid_alive(cell_pid):
+        time.sleep(0.1)
+    assert not pid_alive(cell_pid), f"the run (pid {cell_pid}) outlived the study:\n{out}"
+    return subprocess.CompletedProcess(study.args, study.returncode, out), run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_study_pid_stops_its_runs_after_they_save(tokenizer_dir, tmp_path, sig):
+    path = _tiny_study(tmp_path, tokenizer_dir, [{"name": "long", "set": {"train.max_steps": 5000}}])
+    res, run = _stop_study_with(path, [sig])
+    assert "stopped   long" in res.stdout and "study stopped" in res.stdout, res.stdout
+    m = _manifest(run)
+    assert m["status"] == "stopped"
+    steps = [int(p.parent.name.split("-")[1]) for p in run.glob("checkpoints/*/MANIFEST.json")]
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    stopped = [e["step"] for e in events if e.get("event") == "stopped"]
+    assert stopped and max(steps) == stopped[-1] < 5000  # saved where it stopped
+
+
+@pytest.mark.slow
+def test_a_second_sigint_does_not_leave_a_run_behind(tokenizer_dir, tmp_path):
+    path = _tiny_study(tmp_path, tokenizer_dir, [{"name": "long", "set": {"train.max_steps": 5000}}])
+    res, run = _stop_study_with(path, [signal.SIGINT, signal.SIGINT])
+    assert "study stopped" in res.stdout, res.stdout  # the study waited for its run (checked: no process left)
+    assert _manifest(run)["status"] != "running"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_study_does_not_leave_its_run_training(tokenizer_dir, tmp_path):
+    """SIGKILL to the study alone (nothing forwarded): its run is told to save and stop all the same."""
+    path = _tiny_study(tmp_path, tokenizer_dir, [{"name": "long", "set": {"train.max_steps": 5000}}])
+    res, run = _stop_study_with(path, [signal.SIGKILL], grace=60)
+    assert _manifest(run)["status"] == "stopped"  # it saved and stopped

@@ -192,3 +192,80 @@ def test_cli_train_and_info(corpus, tmp_path, capsys):
     rc = main(["tokenizer", "train", str(corpus), "--vocab-size", "10", "--out", str(tmp_path / "small")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "vocab_size=10" in err
+
+
+# Run in a fresh interpreter with stdin closed: transformers' "Do you wish to run the custom code? [y/N]" would
+# print (and, at a terminal, wait) there.
+_FRESH = r'''
+import json, sys
+kind, folder = sys.argv[1], sys.argv[2]
+if kind == "lmlab":
+    from lmlab.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(folder)
+    models = "lmlab.models" in sys.modules
+else:
+    from transformers import AutoTokenizer
+    kw = {"trust_remote_code": False} if kind == "auto-untrusted" else {}
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
+    models = "lmlab" in sys.modules
+text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+print("RESULT " + json.dumps({"ids": tok("def add(a, b):")["input_ids"], "chat": text, "lmlab_models": models}))
+'''
+
+
+def _fresh(kind: str, folder) -> tuple[dict, str]:
+    import json
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-I", "-c", _FRESH, kind, str(folder)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"})
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-2000:]
+    return json.loads(lines[-1][len("RESULT "):]), proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_exported_tokenizer_needs_no_remote_code_and_never_asks(trained, tmp_path):
+    import json
+
+    import torch
+
+    from lmlab.data.chat import ChatFormat
+    from lmlab.models import build_config, build_model
+    from lmlab.models.export import export
+
+    tok = load_tokenizer(str(trained[0]))
+    tok.chat_template = ChatFormat(tok, "plain").inference_template()
+    torch.manual_seed(0)
+    final = export(build_model(build_config("mamba-swelu-tiny", vocab_size=len(tok),
+                                            overrides=dict(d_model=32, dense_hidden=32))), tok, tmp_path / "final")
+    config = json.loads((final / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in config
+    assert "auto_map" in json.loads((final / "config.json").read_text())  # the model's own code, not the tokenizer's
+    tokenizer_only = tmp_path / "tokenizer_only"
+    tokenizer_only.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (tokenizer_only / name).write_bytes((final / name).read_bytes())
+    want = tok("def add(a, b):")["input_ids"]
+    for kind, folder in (("lmlab", final), ("auto-untrusted", final), ("auto", tokenizer_only)):
+        got, output = _fresh(kind, folder)
+        assert "Do you wish" not in output and "custom code" not in output, (kind, output[-1500:])
+        assert kind != "lmlab" or "instantiate a model" not in output  # lmlab never reads the model's config
+        assert got == {"ids": want, "chat": "User: hi\nAssistant:", "lmlab_models": False}, kind
+
+
+def test_folders_saved_by_older_lmlab_still_load(trained, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(trained[0], old)
+    config = json.loads((old / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "TokenizersBackend"  # what transformers 5 wrote before
+    (old / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(str(old))
+    assert tok("def f(x): return x")["input_ids"] == load_tokenizer(str(trained[0]))("def f(x): return x")["input_ids"]
+    tok.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "PreTrainedTokenizerFast"

@@ -346,3 +346,94 @@ def test_early_stopping_on_validation_loss(tok, tmp_path):
     assert len(stop) == 1 and stop[0]["step"] == 6  # evals at 2 (first), 4 and 6 (no gain)
     assert (run / "final" / "config.json").is_file()
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_a_full_disk_while_writing_the_model_file_is_the_same_one_line(tmp_path):
+    """A file-size limit above the RNG files but below model.safetensors: safetensors' own error (SafetensorError
+    'File too large') becomes the disk-full line, as torch's and the OS's do."""
+    code = f"""
+import json, resource, torch
+from pathlib import Path
+from lmlab.errors import LmlabError
+from lmlab.models import build_config, build_model
+from lmlab.runtime import Runtime
+from lmlab.train import checkpoint as ckpt
+rt = Runtime(device=torch.device("cpu"), precision="fp32")
+model = build_model(build_config("mamba-swelu-tiny", vocab_size=4096, overrides=dict(d_model=64, dense_hidden=64)))
+root = Path({str(tmp_path)!r}) / "checkpoints"
+first = ckpt.save_checkpoint(root, 1, model, {{"step": 1}}, rt=rt)
+sizes = {{p.name: p.stat().st_size for p in first.iterdir()}}
+limit = 4 * max(v for k, v in sizes.items() if k != "model.safetensors")
+assert limit < sizes["model.safetensors"], sizes
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    ckpt.save_checkpoint(root, 2, model, {{"step": 2}}, rt=rt)
+    print(json.dumps({{"error": None}}))
+except LmlabError as e:
+    print(json.dumps({{"error": str(e)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    error = json.loads(out.stdout.strip().splitlines()[-1])["error"]
+    assert error is not None and error.startswith("disk full while saving step-00000002") and "File too large" in error
+    assert "the previous checkpoint is intact" in error
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]  # no temporary folder left
+    ckpt.verify(root / "step-00000001")
+
+
+def test_warmup_is_capped_at_a_tenth_of_a_short_run_with_a_line(tok, tmp_path):
+    from lmlab.train.optim import warmup_steps
+
+    assert (warmup_steps(100, 50), warmup_steps(100, 5000), warmup_steps(0, 50), warmup_steps(100, 3)) == (5, 100, 0, 1)
+    kw = dict(lr=1.0, total=50, warmup=100, schedule="cosine", min_ratio=0.1)
+    assert [lr_at(i, **kw) for i in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lr_at(5, **kw) == pytest.approx(1.0)
+    lines = []
+    run = train(_cfg(tok, tmp_path, "warm", "train.warmup_steps=100", "train.log_every=1", steps=10),
+                echo=lines.append)
+    assert any("train.warmup_steps=100 is more than a tenth of the run's 10 steps: warming up over 1" in line
+               for line in lines)
+    assert _records(run, "train")[0]["lr"] == pytest.approx(3e-3)  # a full LR from the first step
+
+
+def test_the_objectives_metrics_are_on_the_console_line():
+    from lmlab.monitor.events import EventSink
+
+    lines = []
+    sink = EventSink(Path(os.devnull).parent / "nonexistent", enabled=False)  # writes nothing
+    sink.enabled, sink._echo = True, lines.append
+    with sink.progress(10, 0):
+        sink.update(2, loss=0.5, lr=1e-3, tok_s=100.0, metrics={"rewards/margin": 0.4125, "rewards/accuracy": 0.75})
+        sink.update(3)
+        sink.update(4, loss=0.4, lr=1e-3, tok_s=100.0)
+    assert len(lines) == 2 and "rewards/margin 0.4125  rewards/accuracy 0.75" in lines[0]
+    assert lines[0].startswith("step      2/10  loss 0.5000") and "rewards" not in lines[1]
+
+
+class NoHeldOut(Pretrain):
+    """Pretraining whose validation batches hold no target (every label masked): nothing to measure."""
+
+    name = "no_held_out"
+
+    def data(self, cfg, tokenizer, rt):
+        import dataclasses
+
+        d = super().data(cfg, tokenizer, rt)
+        return dataclasses.replace(d, val=lambda: ({**b, "targets": torch.full_like(b["targets"], -100)}
+                                                    for b in d.val()))
+
+
+def test_no_held_out_data_gives_no_value_no_best_and_no_early_stop(tok, tmp_path):
+    register_objective(NoHeldOut)
+    try:
+        lines = []
+        run = train(_cfg(tok, tmp_path, "noval", "train.objective=no_held_out", "train.early_stop_patience=1",
+                         steps=8), echo=lines.append)
+    finally:
+        OBJECTIVES.pop("no_held_out", None)
+    assert [r for r in _records(run, "eval") if "val_loss" in r] == []
+    assert not (run / "checkpoints" / "best.json").exists()
+    assert sum("validation loss is not measured" in line for line in lines) == 1
+    summary = json.loads((run / "run.json").read_text())["summary"]
+    assert summary["val_loss"] is None and summary["val_ppl"] is None and summary["step"] == 8

@@ -10,8 +10,8 @@ pip install -q torch==2.13.0 -e '.[test]' -c tools/oldest.txt
 python - <<'PY'
 import importlib.metadata as md
 print("oldest:", ", ".join(f"{p} {md.version(p)}" for p in ("torch", "transformers", "tokenizers", "peft",
-      "bitsandbytes", "lm_eval", "numpy")))
+      "bitsandbytes", "lm_eval", "numpy", "fastapi", "openai", "gguf")))
 PY
-python -m pytest -q -p no:cacheprovider tests/test_compat.py tests/test_generate.py tests/test_llama_hf.py \
+python -m pytest -q -p no:cacheprovider -m "slow or not slow" tests/test_compat.py tests/test_generate.py tests/test_llama_hf.py \
     tests/test_lora_targets.py tests/test_trainer.py tests/test_sft.py tests/test_chat_template.py \
-    tests/test_eval_harness.py
+    tests/test_eval_harness.py tests/test_hf_api.py tests/test_serve.py tests/test_gguf.py

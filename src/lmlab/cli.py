@@ -27,8 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("dpo", "preference-tune a model with DPO on chosen/rejected pairs (full, LoRA or QLoRA)"),
     "grpo": ("grpo", "reinforcement learning with verifiable rewards (GRPO): sample groups of answers, reward them, "
                      "learn from the better ones"),
-    "export": ("export", "write a run's model folder, or its LoRA adapter folder (--merge: adapters folded into the "
-                         "base)"),
+    "export": ("export", "write a run's model folder, its LoRA adapter folder (--merge: adapters folded into the base) "
+                         "or a GGUF file for llama.cpp (--format gguf), each with a model card"),
     "serve": ("serve", "serve a run or model over an OpenAI-compatible HTTP API (chat, completions, streaming) with "
                        "a chat page"),
     "push": ("push", "upload a run's exported model (weights, tokenizer, model card) to the Hugging Face Hub"),
@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lmlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lmlab doctor runs/* | head`: the reader left; nothing more to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ class TrainConfig:
     guard_max_skips: int = 10  # bad steps in a row before a skipping run stops
     guard_max_rollbacks: int = 3
     guard_lr_factor: float = 0.5  # LR multiplier after each rollback
+    guard_keep: bool = True  # keep the last good state in memory (one copy of the trainable weights and optimizer
+    #                          state) for stop and rollback; false: a stop saves the current state, a rollback
+    #                          goes to the last checkpoint
     strategy: str = "ddp"  # several ranks: ddp | fsdp (FSDP2, sharded) | deepspeed (ZeRO 1-2); lmlab.train.strategy
     fsdp_reshard: bool = True  # fsdp: free gathered weights after each block's forward (False: ZeRO-2-like)
     zero_stage: int = 2  # deepspeed: 1 (optimizer state sharded) or 2 (+ gradients)
@@ -118,6 +121,44 @@ class FinetuneConfig:
     max_examples: list[int] = field(default_factory=list)  # per data.source cap (default: none)
     dpo_beta: float = 0.1
     dpo_reference: str = "auto"  # auto: the base with adapters off (LoRA) or a frozen copy (full)
+    ipo_tau: float = 0.1  # ipo: the regulariser τ; the loss is (h − 1/(2τ))² on length-averaged log-ratios
+    simpo_beta: float = 2.0  # simpo: reward scale β on length-averaged log-probabilities (no reference)
+    simpo_gamma: float = 1.0  # simpo: target margin γ (γ/β = 0.5 with the default β)
+    orpo_lambda: float = 0.1  # orpo: weight λ of the odds-ratio term beside the NLL of the chosen reply
+    kto_beta: float = 0.1  # kto: β of the implicit reward β·(log π − log π_ref)
+    kto_desirable_weight: float = 1.0  # kto: λ_D, weight of desirable examples
+    kto_undesirable_weight: float = 1.0  # kto: λ_U, weight of undesirable examples
+
+
+@dataclass
+class RLConfig:
+    """Reinforcement learning with verifiable rewards (train.objective=grpo, lmlab.train.grpo): data.source holds
+    the prompts (arithmetic, a question/answer .jsonl, stdlib-functions; lmlab.data.prompts)."""
+
+    num_generations: int = 8  # G: completions sampled per prompt (a group); train.batch_size counts prompts
+    max_completion_length: int = 32  # new tokens per completion at most
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    beta: float = 0.0  # KL coefficient to a frozen reference (0: no reference model is built; GRPO paper: 0.04)
+    epsilon: float = 0.2  # clip range below 1 of the probability ratio (PPO / GRPO)
+    epsilon_high: float | None = None  # clip range above 1 (DAPO's clip-higher: 0.28); default: epsilon
+    scale_rewards: str = "group"  # group: advantages / group std (GRPO) | batch: / batch std | none (Dr. GRPO)
+    loss_type: str = "dapo"  # dapo: token-level mean | grpo: per-sequence mean | dr_grpo: / (G·max length)
+    iterations: int = 1  # μ: optimizer steps on each rollout batch (>1: the clipped ratio matters)
+    reward_funcs: list[str] = field(default_factory=lambda: ["format", "answer"])  # built-ins or module:function
+    reward_weights: list[float] = field(default_factory=list)  # one per reward function (default: all 1)
+    format_regex: str = r"^\s*-?\d+\s*$"  # format reward: 1 when the whole completion matches
+    answer_regex: str = ""  # answer reward: the answer is group 1 of this regex's first match (default: the
+    #                         whole completion, stripped); equal to the reference answer (as numbers if both are)
+    arithmetic_digits: int = 2  # data.source=arithmetic: operand digits
+    arithmetic_ops: str = "+"  # data.source=arithmetic: operators to draw from, of + - *
+    arithmetic_prompts: int = 5000  # data.source=arithmetic: distinct generated problems (before the split)
+    sandbox_timeout: float = 2.0  # code reward: wall-clock seconds per completion
+    sandbox_cpu: float = 2.0  # code reward: CPU seconds (RLIMIT_CPU)
+    sandbox_memory_mb: int = 512  # code reward: address space (RLIMIT_AS)
+    sandbox_workers: int = 2  # code reward: completions run at once (one process each)
+    log_completions: int = 8  # completions (with their rewards) written to samples_grpo.jsonl per log step
 
 
 @dataclass
@@ -144,6 +185,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     run: RunConfig = field(default_factory=RunConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -168,6 +210,8 @@ CHOICES = {
     "train.strategy": ("ddp", "fsdp", "deepspeed"),
     "train.zero_stage": (1, 2),
     "run.if_exists": ("refuse", "resume"),
+    "rl.scale_rewards": ("group", "batch", "none"),
+    "rl.loss_type": ("dapo", "grpo", "dr_grpo"),
     "log.wandb_mode": ("offline", "online", "disabled"),
 }
 
@@ -330,7 +374,8 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         _check(value in allowed, key, f"invalid value {value!r}; allowed: {', '.join(map(str, allowed))}")
     t, d, ft = cfg.train, cfg.data, cfg.finetune
-    for name, section in (("train", t), ("data", d), ("finetune", ft)):
+    rl = cfg.rl
+    for name, section in (("train", t), ("data", d), ("finetune", ft), ("rl", rl)):
         for f in dataclasses.fields(section):
             v = getattr(section, f.name)
             if isinstance(v, float):
@@ -340,6 +385,11 @@ def validate(cfg: Config) -> None:
     _check(0 <= ft.lora_dropout < 1, "finetune.lora_dropout", f"must be in [0, 1), got {ft.lora_dropout}")
     _check(ft.max_len is None or ft.max_len >= 2, "finetune.max_len", f"must be >= 2, got {ft.max_len}")
     _check(ft.dpo_beta > 0, "finetune.dpo_beta", f"must be > 0, got {ft.dpo_beta}")
+    for k in ("ipo_tau", "simpo_beta", "kto_beta", "orpo_lambda"):
+        _check(getattr(ft, k) > 0, f"finetune.{k}", f"must be > 0, got {getattr(ft, k)}")
+    for k in ("simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight"):
+        _check(getattr(ft, k) >= 0, f"finetune.{k}", f"must be >= 0, got {getattr(ft, k)}")
+    _validate_rl(rl)
     _check(all(w > 0 for w in ft.weights), "finetune.weights", f"must all be > 0, got {ft.weights}")
     _check(all(m >= 1 for m in ft.max_examples), "finetune.max_examples", f"must all be >= 1, got {ft.max_examples}")
     _check(cfg.run.if_exists == "refuse" or bool(cfg.run.name), "run.if_exists",
@@ -395,6 +445,34 @@ def validate(cfg: Config) -> None:
     _validate_model(cfg)
 
 
+def _validate_rl(rl: RLConfig) -> None:
+    import re
+
+    _check(rl.num_generations >= 2, "rl.num_generations", f"must be >= 2 (advantages compare within a group), "
+                                                          f"got {rl.num_generations}")
+    for k in ("max_completion_length", "iterations", "arithmetic_digits", "arithmetic_prompts", "sandbox_memory_mb",
+              "sandbox_workers"):
+        _check(getattr(rl, k) >= 1, f"rl.{k}", f"must be >= 1, got {getattr(rl, k)}")
+    _check(rl.log_completions >= 0, "rl.log_completions", f"must be >= 0, got {rl.log_completions}")
+    _check(rl.temperature > 0, "rl.temperature", f"must be > 0 (rollouts are sampled), got {rl.temperature}")
+    _check(rl.top_k >= 0, "rl.top_k", f"must be >= 0 (0: off), got {rl.top_k}")
+    _check(0 < rl.top_p <= 1, "rl.top_p", f"must be in (0, 1], got {rl.top_p}")
+    _check(rl.beta >= 0, "rl.beta", f"must be >= 0 (0: no reference model), got {rl.beta}")
+    _check(0 < rl.epsilon < 1, "rl.epsilon", f"must be in (0, 1), got {rl.epsilon}")
+    _check(rl.epsilon_high is None or rl.epsilon_high > 0, "rl.epsilon_high", f"must be > 0, got {rl.epsilon_high}")
+    _check(rl.sandbox_timeout > 0 and rl.sandbox_cpu > 0, "rl.sandbox_timeout/sandbox_cpu", "must be > 0")
+    _check(bool(rl.reward_funcs), "rl.reward_funcs", "needs at least one reward function")
+    _check(not rl.reward_weights or len(rl.reward_weights) == len(rl.reward_funcs), "rl.reward_weights",
+           f"{len(rl.reward_weights)} weights for {len(rl.reward_funcs)} reward functions")
+    _check(bool(rl.arithmetic_ops) and set(rl.arithmetic_ops) <= set("+-*"), "rl.arithmetic_ops",
+           f"must be some of + - *, got {rl.arithmetic_ops!r}")
+    for k in ("format_regex", "answer_regex"):
+        try:
+            re.compile(getattr(rl, k))
+        except re.error as e:
+            raise ConfigError(f"rl.{k}: not a valid regular expression ({e})") from None
+
+
 def _validate_log(cfg: Config) -> None:
     from .monitor.trackers import missing_package
 
@@ -417,6 +495,7 @@ def _validate_model(cfg: Config) -> None:
         family = registry.named_sizes()[cfg.model.name]
         cfg.model.overrides = _typed_overrides(family.config_cls, cfg.model.overrides)
         cfg_obj = registry.build_config(cfg.model.name, overrides=cfg.model.overrides)
+        registry.check_trainable(cfg.model.name, cfg_obj)  # eval-only variants are refused before any work
         seq_limit = getattr(cfg_obj, "max_seq_len", None) or getattr(cfg_obj, "max_position_embeddings", None)
         if seq_limit is not None:
             _check(cfg.data.seq_len <= seq_limit, "data.seq_len",

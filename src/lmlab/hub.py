@@ -7,12 +7,14 @@ TRANSFORMERS_OFFLINE is set.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 PROBE_TIMEOUT_S = 3.0
@@ -39,6 +41,23 @@ def cached(repo_id: str) -> bool:
 def offline() -> bool:
     """HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE or HF_DATASETS_OFFLINE set (read now, not at import)."""
     return any(os.environ.get(k, "").strip().lower() in _TRUTHY for k in OFFLINE_VARS)
+
+
+@contextlib.contextmanager
+def cache_only() -> Iterator[None]:
+    """Within: huggingface_hub (and transformers through it) refuses every HTTP request at once, as under
+    HF_HUB_OFFLINE=1. `from_pretrained(..., local_files_only=True)` alone still sends HEAD requests for some
+    optional files (a PEFT adapter config) and retries each for up to 23 s when the hub cannot be reached.
+    huggingface_hub reads HF_HUB_OFFLINE once, at import, into `constants.HF_HUB_OFFLINE`; that flag is what
+    its `is_offline_mode()` answers, so it is the one set here (and restored)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:

@@ -1,6 +1,7 @@
 """Models for inference:
 
     model, tokenizer = load_for_inference("runs/<run>")    a run (final/, else its latest checkpoint),
+                                                           a multi-stage run (its last finished stage),
                                                            a model folder, or a hub id
 """
 
@@ -30,8 +31,10 @@ def _adapter_run(run: Path) -> bool:
 
 def load_for_inference(spec: str, device: str = "auto"):
     """(model, tokenizer) from a run folder, a model folder or a hub id."""
+    from .runs import resolve_stage
+
     dev = pick_device(device)
-    path = Path(spec)
+    path = resolve_stage(spec)
     if (path / "run.json").is_file() or (path / "config.yaml").is_file():  # a run folder
         if (path / "final" / "config.json").is_file():
             path = path / "final"

@@ -2,6 +2,10 @@
 
     runs/<name>/config.yaml  run.json  metrics.jsonl  train.log  tb/  samples.jsonl
                 checkpoints/step-XXXXXXXX/  final/
+
+A multi-stage run (lmlab.train.stages) is a folder of such runs, `runs/<name>/stages/<i>-<stage>/`;
+`resolve_stage` turns it into its last finished stage, the run that `chat`, `eval`, `compare` and
+`generate` open.
 """
 
 from __future__ import annotations
@@ -79,3 +83,35 @@ def read_manifest(run_dir: Path) -> dict:
     if not path.is_file():
         raise LmlabError(f"{run_dir}: not an lmlab run folder (no run.json)")
     return json.loads(path.read_text())
+
+
+STAGES_SPEC, STAGES_DIR = "stages.yaml", "stages"  # the multi-stage layout (lmlab.train.stages)
+
+
+def is_multi_stage(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / STAGES_SPEC).is_file() and (p / STAGES_DIR).is_dir()
+
+
+def resolve_stage(path: str | Path) -> Path:
+    """`path` itself, or for a multi-stage run folder its last finished stage's run folder."""
+    p = Path(path)
+    if not is_multi_stage(p):
+        return p
+    stages = []
+    for d in (p / STAGES_DIR).iterdir():
+        index, _, name = d.name.partition("-")
+        if d.is_dir() and index.isdigit() and name:
+            stages.append((int(index), d))
+    finished = []
+    for _, d in sorted(stages):
+        try:
+            if json.loads((d / "run.json").read_text()).get("status") == "finished":
+                finished.append(d)
+        except (OSError, ValueError):
+            continue
+    if not finished:
+        names = ", ".join(d.name for _, d in sorted(stages)) or "none started"
+        raise LmlabError(f"{path}: a multi-stage run with no finished stage yet (stages: {names}); "
+                         f"continue it with `lmlab finetune -c {p / STAGES_SPEC}`")
+    return finished[-1]

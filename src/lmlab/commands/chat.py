@@ -233,7 +233,13 @@ def _interactive(session: ChatSession, label: str) -> None:
         write("\n")
 
 
+def one_line(text: str) -> str:
+    """A reply on one printed line: each newline shown as ⏎ (as `lmlab compare` prints answers)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "⏎ ")
+
+
 def _scripted(session: ChatSession, jsonl: bool) -> None:
+    """stdin is not a terminal: every line a user turn, every answer one line (JSONL keeps the reply as it is)."""
     import json
 
     for raw in sys.stdin:
@@ -251,7 +257,7 @@ def _scripted(session: ChatSession, jsonl: bool) -> None:
         if jsonl:
             print(json.dumps({"user": line, "assistant": reply}, ensure_ascii=False), flush=True)
         else:
-            print(reply, flush=True)
+            print(one_line(reply), flush=True)
 
 
 def run(args) -> int:

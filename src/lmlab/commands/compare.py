@@ -132,7 +132,9 @@ def compare(base: str, tuned: str, prompts: list[dict], sampling, *, system: str
 
 
 def _one_line(s: str) -> str:
-    return s.replace("\n", "⏎ ") if s else "(empty)"
+    from .chat import one_line
+
+    return one_line(s) if s else "(empty)"
 
 
 def render_text(rows: list[dict], labels: tuple[str, str]) -> str:

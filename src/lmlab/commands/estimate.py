@@ -16,7 +16,7 @@ EPILOG = """examples:
 def add_arguments(p) -> None:
     import argparse
 
-    from ..plan.estimate import METHODS, PRECISIONS
+    from ..plan.estimate import METHODS, OPTIMIZERS, PRECISIONS
     from ..plan.hardware import HARDWARE
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -26,7 +26,11 @@ def add_arguments(p) -> None:
                         "(default: mamba-swelu-124m)")
     p.add_argument("--set", dest="model_set", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, repeatable (e.g. --set n_iterations=8 --set context=projection)")
-    p.add_argument("--vocab-size", type=int, help="vocabulary (default: the model's)")
+    p.add_argument("--vocab-size", type=int,
+                   help="vocabulary (default: a named size gets the default data.tokenizer's, stdlib-bpe with 4,096 "
+                        "tokens, as `lmlab pretrain` builds it; any other model its own)")
+    p.add_argument("--tokenizer", help="a named size's tokenizer (stdlib-bpe, a tokenizer folder or a cached hub id): "
+                                       "plan its vocabulary")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom code from a hub model")
     g = p.add_argument_group("training")
     g.add_argument("--seq-len", type=int, help="tokens per sequence (default 1024, or the run config's)")
@@ -38,6 +42,12 @@ def add_arguments(p) -> None:
     g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16)")
     g.add_argument("--lora-targets", help="comma-separated Linear names, or all-linear (default: attention/mixer "
                                           "projections)")
+    g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                   help="adamw (two states per trainable parameter) or sgd (one with momentum; train.optimizer)")
+    g.add_argument("--momentum", type=float, default=0.9, help="sgd: momentum, 0 keeps no state (default 0.9)")
+    g.add_argument("--objective", default="pretrain",
+                   help="pretrain, sft, or a preference objective (dpo, ipo, kto, simpo, orpo, grpo): pairs count "
+                        "two sequences, and full fine-tuning with a reference keeps a frozen copy (default pretrain)")
     g.add_argument("--checkpointing", action="store_true", help="activation checkpointing, one per layer")
     g.add_argument("--scan", default="auto",
                    help="Mamba scan for the activation model: auto, ref, chunked, cpu, triton, mamba_ssm")
@@ -75,6 +85,46 @@ def _model_overrides(items: list[str]) -> dict:
     return out
 
 
+def _vocabulary(args) -> tuple[int | None, str, bool]:
+    """(vocabulary to plan, where it comes from, whether the run trains from scratch) for --model."""
+    from ..config import load_config
+    from ..errors import ConfigError
+    from ..models import registry
+    from ..plan.estimate import default_tokenizer, run_tokenizer
+
+    name = args.model
+    if name.endswith((".yaml", ".yml")) and not args.vocab_size and not args.tokenizer:
+        try:
+            cfg = load_config(name)
+        except (OSError, ConfigError):
+            return None, "the run config's", True  # analyse() says what is wrong with the file
+        vocab, label = run_tokenizer(cfg)
+        return vocab, label, cfg.train.objective == "pretrain" and cfg.model.name in registry.named_sizes()
+    if name not in registry.named_sizes():
+        if args.tokenizer:
+            raise ConfigError(f"--tokenizer: {name} is a pretrained model with its own vocabulary; "
+                              f"--tokenizer applies to named sizes (lmlab models)")
+        if args.vocab_size:
+            return args.vocab_size, f"--vocab-size {args.vocab_size:,}", False
+        return None, "the model's own vocabulary", False
+    if args.tokenizer:
+        from ..config import Config
+
+        cfg = Config()
+        cfg.model.name, cfg.data.tokenizer = name, args.tokenizer
+        if args.vocab_size:
+            cfg.data.vocab_size = args.vocab_size
+        vocab, label = run_tokenizer(cfg)
+        if vocab is None:
+            raise ConfigError(f"--tokenizer: {args.tokenizer} cannot be read here (a tokenizer folder or file, a "
+                              f"cached hub id, or stdlib-bpe); give --vocab-size instead")
+        return vocab, label, True
+    if args.vocab_size:
+        return args.vocab_size, f"--vocab-size {args.vocab_size:,}", True
+    vocab, label = default_tokenizer()
+    return vocab, label + "; --tokenizer or --vocab-size to change", True
+
+
 def _estimate(args, arch, hardware):
     from ..plan.estimate import estimate
 
@@ -83,8 +133,9 @@ def _estimate(args, arch, hardware):
                     method=args.method, precision=args.precision, lora_rank=args.lora_rank, lora_targets=targets,
                     hardware=hardware, gpus=args.gpus, checkpointing=args.checkpointing, scan=args.scan,
                     mfu=args.mfu, tokens=args.tokens, token_ratio=args.token_ratio, steps=args.steps,
-                    params=args.params,
-                    price_per_hour=args.price_per_hour, kwh_price=args.kwh_price, pue=args.pue)
+                    params=args.params, price_per_hour=args.price_per_hour, kwh_price=args.kwh_price, pue=args.pue,
+                    optimizer=args.optimizer, momentum=args.momentum, objective=args.objective,
+                    tokenizer=args.tokenizer_label, suggest_methods=not args.from_scratch)
 
 
 def run(args) -> int:
@@ -96,8 +147,11 @@ def run(args) -> int:
 
     if args.vocab_size is not None and args.vocab_size < 1:
         raise ConfigError(f"--vocab-size: must be a positive integer, got {args.vocab_size}")
+    if not 0 <= args.momentum < 1:
+        raise ConfigError(f"--momentum: must be in [0, 1), got {args.momentum}")
     overrides = _model_overrides(args.model_set) or None
-    arch = analyse(args.model, args.vocab_size, overrides, args.trust_remote_code)
+    vocab, args.tokenizer_label, args.from_scratch = _vocabulary(args)
+    arch = analyse(args.model, vocab, overrides, args.trust_remote_code)
     if args.hardware.lower() == "all":
         if args.measure:
             raise ConfigError("--measure: name one --hardware (the table compares GPUs; it measures nothing)")
@@ -142,7 +196,7 @@ def _measure(args, est, arch, overrides: dict | None) -> dict:
         raise ConfigError("--device cuda: no CUDA device here")
     precision = est.precision if device != "cpu" else "fp32"
     m = measure_training_peak(args.model, seq_len=est.seq_len, micro_batch=est.micro_batch, precision=precision,
-                              device=device, vocab_size=args.vocab_size,
+                              device=device, vocab_size=est.vocab_size,
                               overrides=overrides, checkpointing=est.checkpointing,
                               trust_remote_code=args.trust_remote_code)
     # the estimate for the device that was measured
@@ -173,6 +227,7 @@ def _print_plan(est) -> None:
     t.add_column("what", style="bold", no_wrap=True)
     t.add_column("value")
     t.add_row("parameters", f"{est.params_total:,}{tr}")
+    t.add_row("vocabulary", f"{est.vocab_size:,} ({est.tokenizer})")
     where = "CPU" if est.hardware == "cpu" else f"{est.gpus} x {est.gpu_label}"
     per = "" if est.hardware == "cpu" else f" x {est.gpus} GPU"
     t.add_row("setup", f"{where}, {est.precision}, batch {est.micro_batch} x seq {est.seq_len}"
@@ -180,7 +235,10 @@ def _print_plan(est) -> None:
     m = est.memory
     t.add_row("weights", _gib(m["weights"]))
     t.add_row("gradients", _gib(m["gradients"]))
-    t.add_row("optimizer", _gib(m["optimizer"]) + " (AdamW m, v)")
+    states = {"adamw": "AdamW m, v"}.get(est.optimizer, "SGD momentum" if m["optimizer"] else "SGD, no state")
+    if "reference" in m:
+        t.add_row("reference", _gib(m["reference"]) + f" (frozen copy for {est.objective})")
+    t.add_row("optimizer", _gib(m["optimizer"]) + f" ({states})")
     t.add_row("activations", f"{_gib(est.activations_full)} without checkpointing, "
                              f"{_gib(est.activations_checkpointed)} with (per micro batch; {est.activation_model})")
     t.add_row("overhead", _gib(m["overhead"]))

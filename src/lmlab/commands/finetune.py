@@ -4,7 +4,8 @@
     lmlab finetune -c stages.yaml          # a `stages:` list: several stages in one run folder
 
 BASE (--model): a run folder (its final/ model, or its latest checkpoint), a model folder, a hub id or a named
-size. The tokenizer follows the base unless data.tokenizer is set.
+size. The tokenizer follows the base unless data.tokenizer is set. A run tuned from a folder is named after it
+(`<run>-sft-<time>`, `<run>-dpo-<time>`; a run's final/ counts as the run) unless run.name is set.
 """
 
 from __future__ import annotations
@@ -25,16 +26,19 @@ def add_tuning_args(p, data_help: str) -> None:
     p.add_argument("--model", help="base model (model.name): a run folder, a model folder, a hub id or a named size")
     p.add_argument("--data", nargs="+", help=data_help)
     p.add_argument("--method", choices=("full", "lora", "qlora"), help="finetune.method (default full)")
-    p.add_argument("--template", help="chat template (finetune.template): auto, tokenizer, plain, chatml, llama3")
+    p.add_argument("--template", help="chat template (finetune.template): auto, tokenizer, plain, chatml, llama3; "
+                                      "chatml/llama3 add their special tokens when the tokenizer lacks them (the "
+                                      "model's embeddings grow to match)")
     p.add_argument("--name", help="run name (run.name)")
 
 
 def tuning_config(args, objective: str):
     """The run's Config from -c, the flags and KEY=VALUE overrides, with the base and its tokenizer resolved."""
     import os
+    import time
 
     from ..config import load_config
-    from ..train.adapters import is_run_folder, resolve_base
+    from ..train.adapters import base_label, is_run_folder, resolve_base
 
     overrides = [f"train.objective={objective}", *args.overrides, *budget_overrides(args)]
     if args.data:
@@ -46,6 +50,8 @@ def tuning_config(args, objective: str):
         overrides.append(f"model.name={_quote(args.model)}")
     cfg = load_config(args.config, overrides)
     name = cfg.model.name
+    if cfg.run.name is None and os.path.isdir(name):  # named after the run it continues, not after "final"
+        cfg.run.name = f"{base_label(name)}-{objective}-{time.strftime('%Y%m%d-%H%M%S')}"
     if os.path.isdir(name):  # resolved once, so the run (and its resumption) names the exact base folder
         base = resolve_base(name) if is_run_folder(name) else os.path.abspath(name)
         cfg.model.name = base
@@ -93,7 +99,7 @@ def run(args) -> int:
     if has_stages(args.config):
         from ..train.stages import train_stages
 
-        train_stages(args.config, _cli_overrides(args))
+        train_stages(args.config, _cli_overrides(args), preflight=memory_line)
         return 0
     cfg = tuning_config(args, "sft")
     train(cfg, preflight=memory_line)

@@ -11,8 +11,12 @@ def add_arguments(p) -> None:
 
 
 def rows(family: str | None = None) -> list[dict]:
+    """Per named size: its parameters with the config's own vocabulary (`vocab`) and with the vocabulary of the
+    default tokenizer, what `lmlab pretrain --model NAME` builds and `lmlab estimate --model NAME` plans."""
     from ..models import FAMILIES, registry
+    from ..plan.arch import default_tokenizer
 
+    default_vocab, _ = default_tokenizer()
     out = []
     for fam in FAMILIES.values():
         if family and fam.name != family:
@@ -20,7 +24,9 @@ def rows(family: str | None = None) -> list[dict]:
         for size in fam.sizes:
             cfg = registry.build_config(size)
             n = registry.count_parameters(registry.build_model(cfg, device="meta"))
+            pretrain = registry.build_model(registry.build_config(size, vocab_size=default_vocab), device="meta")
             out.append({"family": fam.name, "name": size, "parameters": n,
+                        "parameters_default_tokenizer": registry.count_parameters(pretrain),
                         "d_model": _dim(cfg), "layers": _layers(cfg), "vocab": cfg.vocab_size,
                         "note": fam.notes.get(size, "")})
     return out
@@ -51,12 +57,18 @@ def run(args) -> int:
     from ._common import console
 
     table = Table(title="lmlab models (exact parameter counts, tied embeddings counted once)")
-    for col in ("family", "name", "parameters", "d_model", "layers", "vocab", "note"):
-        numeric = col in ("parameters", "d_model", "layers", "vocab")
+    from ..plan.arch import default_tokenizer
+
+    vocab, _ = default_tokenizer()
+    default_col = f"with {vocab:,} tokens"
+    for col in ("family", "name", "parameters", "d_model", "layers", "vocab", default_col, "note"):
+        numeric = col in ("parameters", "d_model", "layers", "vocab", default_col)
         table.add_column(col, justify="right" if numeric else "left", no_wrap=col != "note")
     for r in data:
         table.add_row(r["family"], r["name"], f"{r['parameters']:,}", str(r["d_model"]), str(r["layers"]),
-                      f"{r['vocab']:,}", r["note"])
+                      f"{r['vocab']:,}", f"{r['parameters_default_tokenizer']:,}", r["note"])
     console().print(table)
+    print(f"'{default_col}': the size as `lmlab pretrain --model NAME` builds it with the default tokenizer "
+          f"(data.tokenizer=stdlib-bpe, data.vocab_size={vocab}); another tokenizer sets the vocabulary.")
     print("Also: any Hugging Face causal LM by local folder or hub id (model.name=meta-llama/Llama-3.2-1B).")
     return 0

@@ -59,22 +59,21 @@ def second_act_report(base: Path, tuned: Path) -> None:
     """Held-out instruction loss of base and tuned, and both models' answers to two held-out prompts."""
     import json
 
-    from ..data.instruct import in_val
-    from ..data.stdlib_instruct import stdlib_instruct_examples
+    from ..data.examples import held_out_examples
     from ..generate import SamplingConfig
     from .compare import compare, render_text
 
     run = json.loads((tuned / "run.json").read_text())
     evals = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()
              if '"kind": "eval"' in line]
+    evals = [e for e in evals if isinstance(e.get("val_loss"), (int, float))]  # no held-out data: no value
     if evals:
         print(f"held-out instruction loss: {evals[0]['val_loss']:.3f} after {evals[0]['step']} steps → "
               f"{evals[-1]['val_loss']:.3f} after {evals[-1]['step']} ({run.get('total_steps')} steps of tuning)")
     from ..config import load_config
 
     cfg = load_config(tuned / "config.yaml")  # the tuned run's own split
-    held_out = [e for e in stdlib_instruct_examples() if in_val(e.group, cfg.data.val_fraction, cfg.train.seed)]
-    held_out = sorted(held_out, key=lambda e: len(e.messages[-1]["content"]))[:2]
+    held_out = sorted(held_out_examples(cfg), key=lambda e: len(e.messages[-1]["content"]))[:2]
     prompts = [{"prompt": e.messages[0]["content"], "reference": e.messages[-1]["content"]} for e in held_out]
     rows = compare(str(base), str(tuned), prompts, SamplingConfig(max_new_tokens=64, temperature=0.0))
     print(render_text(rows, ("base", "tuned")))

@@ -38,7 +38,7 @@ def run(args) -> int:
     import json
 
     from ..errors import ConfigError
-    from ..recipes import adapt_to_devices, list_recipes, load_recipe, recipe_text
+    from ..recipes import adapt_to_devices, commented_header, list_recipes, load_recipe, recipe_text
 
     if args.action == "list":
         if args.name:
@@ -92,5 +92,6 @@ def run(args) -> int:
                      f"# on {args.devices} device(s): micro batch {t['batch_size']} × {t['grad_accum']} "
                      f"accumulation × {args.devices} = effective batch "
                      f"{t['batch_size'] * t['grad_accum'] * args.devices}\n")
+    sys.stdout.write(commented_header({**meta, "effective_batch": t["batch_size"] * t["grad_accum"] * args.devices}))
     sys.stdout.write(yaml.safe_dump(adapted, sort_keys=False, allow_unicode=True, width=120))
     return 0

@@ -18,7 +18,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..config import load_config, save_config
+    from ..config import load_config
     from ..errors import ConfigError, LmlabError
     from ..plan.estimate import memory_line
     from ..train.loop import train
@@ -27,7 +27,7 @@ def run(args) -> int:
     if (run_dir / "stages.yaml").is_file():  # a multi-stage run: each stage is a run of its own
         from ..train.stages import resume_stages
 
-        resume_stages(run_dir)
+        resume_stages(run_dir, preflight=memory_line)
         return 0
     if not (run_dir / "config.yaml").is_file():
         raise LmlabError(f"{run_dir}: not an lmlab run folder (no config.yaml)")
@@ -35,7 +35,7 @@ def run(args) -> int:
         if not o.startswith(("train.", "log.")):
             raise ConfigError(f"override {o!r}: only train.* and log.* settings can change on resume")
     cfg = load_config(run_dir / "config.yaml", args.overrides)
-    if args.overrides:
-        save_config(cfg, run_dir / "config.yaml")
-    train(cfg, run_dir, preflight=memory_line, force=args.force)
+    # the changed config.yaml is written only once the run is ours (its lock) and the same run (a refusal
+    # leaves the folder as it was)
+    train(cfg, run_dir, preflight=memory_line, force=args.force, rewrite_config=bool(args.overrides))
     return 0

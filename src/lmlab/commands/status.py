@@ -13,8 +13,12 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..monitor.runread import resolve_runs
-    from ..monitor.status import json_report, read_states, text_report
+    from ..monitor.status import json_report, no_runs_text, read_states, text_report
 
-    readers = read_states(resolve_runs(args.runs))
+    paths = resolve_runs(args.runs, allow_empty=True)
+    if not paths and not args.json:
+        print(no_runs_text(args.runs))
+        return 0
+    readers = read_states(paths)
     print(json_report(readers) if args.json else text_report(readers))
     return 0

@@ -18,7 +18,8 @@ def run(args) -> int:
 
     if args.interval <= 0:
         raise LmlabError(f"--interval: must be > 0, got {args.interval}")
-    resolve_runs(args.runs)  # fail with one line before the screen switches when there is nothing to watch
+    resolve_runs(args.runs, allow_empty=True)  # a missing folder fails with one line before the screen switches;
+    # an existing one with no run yet (a study about to start) is watched until runs appear
     from ..monitor.watch import watch
 
     watch(args.runs, interval=args.interval, gpus=not args.no_gpu)

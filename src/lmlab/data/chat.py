@@ -98,12 +98,32 @@ def add_template_tokens(tokenizer: PreTrainedTokenizerBase, template: str) -> li
     return missing
 
 
+def builtin_of(tokenizer: PreTrainedTokenizerBase, system: str | None = None) -> str | None:
+    """The built-in template whose `inference_template` (with this default system prompt) is the tokenizer's
+    chat_template, i.e. one lmlab wrote into a fine-tuned run's tokenizer; None for any other template."""
+    own = getattr(tokenizer, "chat_template", None)
+    if not isinstance(own, str):
+        return None
+    vocab = tokenizer.get_vocab()
+    for name, t in TEMPLATES.items():
+        if not all(s in vocab for s in t.special):
+            continue
+        try:
+            if ChatFormat(tokenizer, name, system=system).inference_template() == own:
+                return name
+        except DataError:  # a template this tokenizer cannot serve (no single end-of-turn token)
+            continue
+    return None
+
+
 class ChatFormat:
     """A tokenizer bound to a chat template: renders, encodes with labels, and describes itself for export.
 
-    `template`: "auto" (the tokenizer's chat_template if it has one, else "plain"), "tokenizer", "plain",
-    "chatml", "llama3". `system`: a default system prompt for conversations without one. `train_on`:
-    "assistant" (default) or "all" (every token is a target).
+    `template`: "auto" (the tokenizer's chat_template if it has one, else "plain"; a chat_template lmlab wrote for
+    a built-in template, as a fine-tuned run's tokenizer carries, counts as that built-in, so a resumed or
+    re-evaluated run encodes exactly as it trained), "tokenizer", "plain", "chatml", "llama3". `system`: a default
+    system prompt for conversations without one. `train_on`: "assistant" (default) or "all" (every token is a
+    target).
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, template: str = "auto", *, system: str | None = None,
@@ -111,21 +131,26 @@ class ChatFormat:
         if template not in TEMPLATE_NAMES:
             raise ConfigError(f"chat template {template!r}; allowed: {', '.join(TEMPLATE_NAMES)}")
         if train_on not in TRAIN_ON:
-            raise ConfigError(f"train_on={train_on!r}; allowed: {', '.join(TRAIN_ON)}")
+            raise ConfigError(f"finetune.train_on={train_on!r}; allowed: {', '.join(TRAIN_ON)}")
         if template == "auto":
-            template = "tokenizer" if getattr(tokenizer, "chat_template", None) else "plain"
+            own = getattr(tokenizer, "chat_template", None)
+            template = (builtin_of(tokenizer, system) or "tokenizer") if own else "plain"
         if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
             raise ConfigError(f"tokenizer '{tokenizer.name_or_path}' has no chat_template; "
-                              f"choose one of {', '.join(TEMPLATES)}")
+                              f"choose one of {', '.join(TEMPLATES)} (finetune.template=NAME, or --template NAME)")
         self.tokenizer, self.name, self.system, self.train_on = tokenizer, template, system, train_on
+        self.added_tokens: list[str] = []  # special tokens added to the tokenizer for this template (by the caller)
+        self.vocab_before = len(tokenizer)
         self.backend = clean_backend(tokenizer)
         if template in TEMPLATES:
             t = TEMPLATES[template]
             missing = [s for s in t.special if tokenizer.convert_tokens_to_ids(s) in (None, tokenizer.unk_token_id)
                        or s not in tokenizer.get_vocab()]
             if missing:
-                raise DataError(f"chat template '{template}' needs the special tokens {', '.join(missing)}; add them "
-                                f"with add_template_tokens(tokenizer, '{template}') and resize the model's embeddings")
+                raise DataError(f"chat template '{template}' needs the special tokens {', '.join(missing)}, which the "
+                                f"tokenizer lacks; `lmlab finetune/dpo --template {template}` adds them and grows the "
+                                f"model's embeddings (in Python: add_template_tokens(tokenizer, '{template}'), then "
+                                f"model.resize_token_embeddings(len(tokenizer)))")
             eos = tokenizer.eos_token or ""
             self.template = Template(t.name, t.system, t.user, t.header, t.prefix,
                                      t.end.replace("{eos}", eos), t.sep, t.bos, t.special)
@@ -154,7 +179,7 @@ class ChatFormat:
         """Token ids and labels; a conversation longer than `max_len` is cut to it ("truncate", None if no target
         is left) or None ("drop")."""
         if overlong not in OVERLONG:
-            raise ConfigError(f"overlong={overlong!r}; allowed: {', '.join(OVERLONG)}")
+            raise ConfigError(f"finetune.overlong={overlong!r}; allowed: {', '.join(OVERLONG)}")
         text, spans = self.render(messages)
         enc = self.backend.encode(text, add_special_tokens=False)
         ids = list(enc.ids)
@@ -246,7 +271,8 @@ class ChatFormat:
             upto = self._apply(messages[: i + 1], False)
             if not (upto.startswith(before) and text.startswith(upto)):
                 raise DataError("the tokenizer's chat_template renders earlier turns differently once later ones "
-                                "follow, so assistant targets cannot be located; choose template chatml or plain")
+                                "follow, so assistant targets cannot be located; choose template chatml or plain "
+                                "(finetune.template=chatml)")
             spans.append((len(before), len(upto.rstrip())))  # the reply and its end-of-turn, not trailing space
         return text, spans
 
@@ -300,7 +326,7 @@ def encode_examples(examples: Iterable, fmt: ChatFormat, *, max_len: int | None 
         summary.tokenized_dropped.update(dropped)
     if not out:
         raise DataError(f"no example left after tokenizing ({dict(dropped) or 'no input'}); "
-                        "raise the sequence length or use overlong=truncate")
+                        "raise data.seq_len / finetune.max_len or set finetune.overlong=truncate")
     return out
 
 
@@ -328,9 +354,9 @@ def pack(encoded: list[Encoded], seq_len: int, pad_id: int, overlong: str = "tru
     is never split across rows). Examples longer than `seq_len` are cut to it ("truncate") or left out ("drop").
     Each example's first label is -100, so no loss crosses from one example into the next."""
     if overlong not in OVERLONG:
-        raise ConfigError(f"overlong={overlong!r}; allowed: {', '.join(OVERLONG)}")
+        raise ConfigError(f"finetune.overlong={overlong!r}; allowed: {', '.join(OVERLONG)}")
     if seq_len < 2:
-        raise ConfigError(f"seq_len={seq_len}: must be at least 2")
+        raise ConfigError(f"data.seq_len={seq_len}: must be at least 2")
     rows: list[list[Encoded]] = [[]]
     used = 0
     for e in encoded:

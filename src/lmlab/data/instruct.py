@@ -84,9 +84,10 @@ class SourceSpec:
     def __post_init__(self) -> None:
         self.path = os.fspath(self.path)
         if self.weight < 0:
-            raise ConfigError(f"data source {self.path!r}: weight={self.weight} must be >= 0")
+            raise ConfigError(f"data source {self.path!r}: weight={self.weight} (finetune.weights) must be >= 0")
         if self.max_examples is not None and self.max_examples < 1:
-            raise ConfigError(f"data source {self.path!r}: max_examples={self.max_examples} must be >= 1")
+            raise ConfigError(f"data source {self.path!r}: max_examples={self.max_examples} (finetune.max_examples) "
+                              "must be >= 1")
         if self.format is not None and self.format not in FORMATS:
             raise ConfigError(f"data source {self.path!r}: format={self.format!r}; allowed: {', '.join(FORMATS)}")
 
@@ -111,6 +112,7 @@ class DataSummary:
     val: int = 0
     token_lengths: dict[str, int] = field(default_factory=dict)  # p50/p90/p99/max over encoded examples
     tokenized_dropped: Counter = field(default_factory=Counter)  # reason -> count (e.g. over-long)
+    split: str = ""  # how the held-out split was made (split_line)
 
     def stats(self, source: str) -> SourceStats:
         return self.sources.setdefault(source, SourceStats())
@@ -128,7 +130,7 @@ class DataSummary:
     def to_dict(self) -> dict:
         return {
             "train": self.train, "val": self.val, "token_lengths": dict(self.token_lengths),
-            "tokenized_dropped": dict(self.tokenized_dropped),
+            "tokenized_dropped": dict(self.tokenized_dropped), "split": self.split,
             "sources": {name: {"format": self.formats.get(name), "read": s.read, "kept": s.kept, "train": s.train,
                                "val": s.val, "dropped": dict(s.dropped), "first_error": dict(s.first_error)}
                         for name, s in self.sources.items()},
@@ -170,17 +172,18 @@ def load_instruct(
 ) -> InstructData:
     """Read every source, drop bad rows and exact duplicates, cap, split and weight (see the module docstring).
 
-    The split is decided per example by hash(seed, group) < val_fraction, so it is stable when sources are
-    added or reordered; oasst trees and stdlib modules' functions are grouped so they never straddle it.
+    Each source holds out round(val_fraction × its examples) (at least 1; `split_held_out`), whole groups in the
+    order of hash(seed, group), so its split does not change when other sources are added or reordered; oasst
+    trees and stdlib modules' functions are grouped so they never straddle it.
     Validation examples are never weighted. Raises DataError when no valid example is left.
     """
     specs = [s if isinstance(s, SourceSpec) else SourceSpec(s) for s in _as_list(sources)]
     if not specs:
         raise DataError("no instruction data source given; pass a file, 'hf:NAME' or 'stdlib-instruct'")
     if on_error not in ON_ERROR:
-        raise ConfigError(f"on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
+        raise ConfigError(f"finetune.on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
     if not 0 <= val_fraction < 1:
-        raise ConfigError(f"val_fraction={val_fraction}: must be in [0, 1)")
+        raise ConfigError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
     summary, seen = DataSummary(), set()
     train: list[Example] = []
     val: list[Example] = []
@@ -191,8 +194,7 @@ def load_instruct(
         examples = _cap(examples, spec, seed, summary)
         st = summary.stats(spec.path)
         st.kept = len(examples)
-        tr = [e for e in examples if not in_val(e.group or e.key(), val_fraction, seed)]
-        va = [e for e in examples if in_val(e.group or e.key(), val_fraction, seed)]
+        tr, va = split_held_out(examples, lambda e: e.group or e.key(), val_fraction, seed)
         tr = _weight(tr, spec.weight, seed)
         st.train, st.val = len(tr), len(va)
         train += tr
@@ -203,15 +205,54 @@ def load_instruct(
     order = np.random.default_rng([seed, 1]).permutation(len(train))
     train = [train[i] for i in order]
     summary.train, summary.val = len(train), len(val)
+    summary.split = split_line(val_fraction, sum(s.kept for s in summary.sources.values()), len(val))
     return InstructData(train, val, summary)
 
 
-def in_val(group: str, val_fraction: float, seed: int) -> bool:
-    """True when `group` belongs to the held-out split: a deterministic hash of (seed, group) in [0, 1)."""
-    if val_fraction <= 0:
-        return False
+def split_hash(group: str, seed: int) -> float:
+    """A deterministic hash of (seed, group) in [0, 1): the order in which groups are held out."""
     h = hashlib.sha256(f"{seed}\0{group}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64 < val_fraction
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+def in_val(group: str, val_fraction: float, seed: int) -> bool:
+    """True when split_hash(group, seed) < val_fraction: the held-out share of an unbounded stream of groups
+    (`split_held_out` holds out an exact count from a finite list)."""
+    return val_fraction > 0 and split_hash(group, seed) < val_fraction
+
+
+def held_out_count(n: int, val_fraction: float) -> int:
+    """How many of `n` examples are held out: round(val_fraction × n), at least 1 when val_fraction > 0 and n ≥ 2,
+    never all of them."""
+    if val_fraction <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, round(val_fraction * n)))
+
+
+def split_held_out(items: list, group_of, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out), each in the order of `items`. Groups (`group_of(item)`: an oasst tree, a stdlib module)
+    are taken whole, in the order of split_hash(group, seed), until they hold `held_out_count(len(items))` items
+    (one group may overshoot it; the last group always trains). Which examples a source holds out depends only
+    on that source's own examples, the fraction and the seed."""
+    k = held_out_count(len(items), val_fraction)
+    if k == 0:
+        return list(items), []
+    sizes = Counter(group_of(x) for x in items)
+    held, n_held = set(), 0
+    for g in sorted(sizes, key=lambda g: (split_hash(g, seed), g))[:-1]:
+        if n_held >= k:
+            break
+        held.add(g)
+        n_held += sizes[g]
+    return [x for x in items if group_of(x) not in held], [x for x in items if group_of(x) in held]
+
+
+def split_line(val_fraction: float, n: int, n_val: int) -> str:
+    """How the held-out split was made, for the data summary."""
+    if val_fraction <= 0:
+        return f"split: none held out (data.val_fraction=0); all {n:,} train"
+    return (f"split: {n_val:,} of {n:,} held out (data.val_fraction={val_fraction:g}: round(fraction × n) of each "
+            f"source, at least 1, whole groups, chosen by hash of the split seed)")
 
 
 def read_source(spec: SourceSpec | str, summary: DataSummary | None = None, *,
@@ -515,7 +556,7 @@ def _peek(rows: Iterator, n: int = 100) -> tuple[list, Iterator]:
 
 def _bad(source: str, where: str, reason: str, summary: DataSummary, on_error: str) -> None:
     if on_error == "fail":
-        raise DataError(f"{where}: {reason} (pass on_error=skip to count and skip bad rows)")
+        raise DataError(f"{where}: {reason} (pass finetune.on_error=skip to count and skip bad rows)")
     summary.drop(source, reason, where)
 
 

@@ -36,9 +36,10 @@ from .instruct import (
     _peek,
     _Unparsable,
     _why,
-    in_val,
     iter_rows,
     oasst_valid_trees,
+    split_held_out,
+    split_line,
     validate,
 )
 
@@ -79,11 +80,12 @@ class EncodedPair:
 def load_preference(sources, *, val_fraction: float = 0.05, seed: int = 0, on_error: str = "skip",
                     dedup: bool = True) -> PreferenceData:
     """Read preference sources (files or `hf:` ids, see instruct.iter_rows), drop bad rows and duplicates, cap
-    (`SourceSpec.max_examples`) and split by hash(seed, group). DataError when no valid pair is left."""
+    (`SourceSpec.max_examples`) and split each source (instruct.split_held_out: round(val_fraction × pairs),
+    whole groups by hash(seed, group)). DataError when no valid pair is left."""
     specs = [s if isinstance(s, SourceSpec) else SourceSpec(s) for s in (sources if isinstance(sources, list | tuple)
                                                                          else [sources])]
     if on_error not in ON_ERROR:
-        raise ConfigError(f"on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
+        raise ConfigError(f"finetune.on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
     summary, seen, train, val = DataSummary(), set(), [], []
     for spec in specs:
         pairs = read_pairs(spec, summary, on_error=on_error)
@@ -101,14 +103,15 @@ def load_preference(sources, *, val_fraction: float = 0.05, seed: int = 0, on_er
             st.dropped["over max_examples"] += len(pairs) - spec.max_examples
             pairs = pairs[: spec.max_examples]
         st.kept = len(pairs)
-        for p in pairs:
-            (val if in_val(p.group or p.key(), val_fraction, seed) else train).append(p)
-        st.val = sum(p.source == spec.path for p in val)
-        st.train = st.kept - st.val
+        tr, va = split_held_out(pairs, lambda p: p.group or p.key(), val_fraction, seed)
+        st.train, st.val = len(tr), len(va)
+        train += tr
+        val += va
     if not train:
         raise DataError(f"preference data: no valid training pair in {', '.join(s.path for s in specs)}"
                         + _why(summary))
     summary.train, summary.val = len(train), len(val)
+    summary.split = split_line(val_fraction, len(train) + len(val), len(val))
     return PreferenceData(train, val, summary)
 
 
@@ -169,7 +172,7 @@ def encode_pair(pair: PreferencePair, fmt: ChatFormat, max_len: int | None = Non
     Over `max_len` (prompt + longer reply): replies are cut ("truncate"; None if the prompt alone does not
     leave room for one reply token) or the pair is dropped (None)."""
     if overlong not in OVERLONG:
-        raise ConfigError(f"overlong={overlong!r}; allowed: {', '.join(OVERLONG)}")
+        raise ConfigError(f"finetune.overlong={overlong!r}; allowed: {', '.join(OVERLONG)}")
     head = fmt.prompt_ids(pair.prompt)
     full_c = fmt.encode([*pair.prompt, {"role": "assistant", "content": pair.chosen}])
     full_r = fmt.encode([*pair.prompt, {"role": "assistant", "content": pair.rejected}])

@@ -4,11 +4,18 @@ the embedded `stdlib-bpe`). Everything returned is a `transformers` fast tokeniz
     train_bpe(source, vocab_size, out_dir)   byte-level BPE, saved for AutoTokenizer.from_pretrained(out_dir)
     load_tokenizer(spec)                     "stdlib-bpe" | folder | tokenizer.json | hub id
     tokenizer_fingerprint(tok)               16 hex chars identifying the exact tokenization
+
+What lmlab saves needs no code beyond transformers: a tokenizer.json, the chat template (chat_template.jinja)
+and a tokenizer_config.json naming `PreTrainedTokenizerFast` (the name every transformers release reads;
+transformers 5 alone would write `TokenizersBackend`), never an `auto_map`. Loading a folder never runs
+code shipped in it, so a model folder whose config.json names its own code (`auto_map`) does not make
+transformers ask "Do you wish to run the custom code?" when lmlab reads its tokenizer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,6 +30,7 @@ from . import cache_dir
 from .sources import Source, iter_documents
 
 EOS = "<|endoftext|>"
+PORTABLE_CLASS = "PreTrainedTokenizerFast"
 # files that make a folder a tokenizer folder for AutoTokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -115,7 +123,29 @@ def _train(docs: Iterable[str], vocab_size: int, max_chars: int | None) -> PreTr
         show_progress=False,
     )
     tok.train_from_iterator(_capped(docs, max_chars), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS)
+    return PortableTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS)
+
+
+class PortableTokenizerFast(PreTrainedTokenizerFast):
+    """transformers' fast tokenizer, saved so that any transformers release loads it without remote code:
+    tokenizer_config.json names `PreTrainedTokenizerFast` and carries no `auto_map`."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        path = Path(save_directory) / "tokenizer_config.json"
+        if path.is_file():
+            config = json.loads(path.read_text(encoding="utf-8"))
+            config["tokenizer_class"] = PORTABLE_CLASS
+            config.pop("auto_map", None)
+            path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        return files
+
+
+def portable(tok):
+    """`tok` saving as a plain PreTrainedTokenizerFast when it is one (a hub tokenizer of its own class keeps it)."""
+    if type(tok) is PreTrainedTokenizerFast:
+        tok.__class__ = PortableTokenizerFast
+    return tok
 
 
 def _check_vocab(vocab_size: int) -> None:
@@ -152,15 +182,27 @@ def _load_folder(folder: Path) -> PreTrainedTokenizerFast:
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise DataError(f"tokenizer '{folder}': no tokenizer files in the folder (expected tokenizer.json)")
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        if _plain_class(folder):  # read directly: AutoTokenizer would read a model's config.json first
+            tok = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+        else:  # trust_remote_code=False: a folder's own code never runs, and transformers never asks about it
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise DataError(f"tokenizer '{folder}': cannot load ({first_line(e)})") from None
     return _ensure_eos(tok, str(folder))
 
 
+def _plain_class(folder: Path) -> bool:
+    """The folder's tokenizer_config.json names transformers' generic fast tokenizer, without code of its own."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return config.get("tokenizer_class") in (PORTABLE_CLASS, "TokenizersBackend") and "auto_map" not in config
+
+
 def _load_hub(name: str) -> PreTrainedTokenizerFast:
     try:
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)  # no network when cached
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)  # cached: offline
     except Exception:
         if hub_unreachable():
             raise DataError(
@@ -168,7 +210,7 @@ def _load_hub(name: str) -> PreTrainedTokenizerFast:
                 "pass a local folder or train one with `lmlab tokenizer train`"
             ) from None
         try:
-            tok = AutoTokenizer.from_pretrained(name)
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
         except Exception as e:
             raise DataError(
                 f"tokenizer '{name}': cannot load from the Hugging Face hub ({first_line(e)}); "
@@ -185,4 +227,4 @@ def _ensure_eos(tok, spec: str) -> PreTrainedTokenizerFast:
             tok.eos_token = EOS
         else:
             tok.add_special_tokens({"eos_token": EOS})
-    return tok
+    return portable(tok)

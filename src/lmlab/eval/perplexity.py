@@ -11,8 +11,9 @@ import torch
 
 
 @torch.no_grad()
-def validation_loss(model, objective, batches: Iterable[dict], rt) -> dict[str, float]:
-    """{"val_loss": …, "val_<metric>": …} averaged per target unit over every rank's batches."""
+def validation_loss(model, objective, batches: Iterable[dict], rt) -> dict[str, float] | None:
+    """{"val_loss": …, "val_<metric>": …} averaged per target unit over every rank's batches; None when no rank
+    counted a single target (no held-out data: no value, rather than 0)."""
     was = model.training
     model.eval()
     # sums on the CPU in float64 (MPS has no float64); "loss" always present, so every rank reduces the same shape
@@ -28,7 +29,9 @@ def validation_loss(model, objective, batches: Iterable[dict], rt) -> dict[str, 
     model.train(was)
     names = list(sums)
     total = rt.all_reduce_sum(torch.stack([count, *(sums[k] for k in names)]).to(rt.device)).cpu()
-    return {f"val_{k}": float(total[i + 1] / total[0].clamp(min=1)) for i, k in enumerate(names)}
+    if total[0] == 0:
+        return None
+    return {f"val_{k}": float(total[i + 1] / total[0]) for i, k in enumerate(names)}
 
 
 def perplexity(loss: float) -> float:

@@ -3,11 +3,17 @@
     token_perplexity(model, tokens, seq_len=256)                 -> {"loss", "ppl", "tokens", "windows"}
     source_perplexity(model, tokenizer, "notes/", seq_len=256)   any source `lmlab.data.sources` reads
     run_validation_tokens(run_dir, tokenizer)                    a run's own validation split, rebuilt exactly
+    run_split_score(model, tokenizer, run_dir, seq_len=256)      that split scored, for any objective
 
 Text is tokenized the way training tokenizes it (`prepare_corpus`: documents joined by eos, no BOS, cached under
 `cache_dir()/data/`), then scored in consecutive non-overlapping windows of `seq_len` tokens, the same windows
 the trainer's validation uses (`eval_batches`). The loss is the mean next-token cross-entropy in nats over every
 scored token; ppl = exp(loss).
+
+A fine-tuned run's split is not text: `run_split_score` rebuilds its held-out examples as the trainer did
+(`lmlab.train.objectives.held_out_batches`: the run's sources, split, template and encoding) and scores the
+loss on their targets (the assistant turns of an SFT run); for preference pairs (DPO and kin) it scores the
+chosen replies and how often the model gives the chosen reply the higher log-probability.
 """
 
 from __future__ import annotations
@@ -104,3 +110,89 @@ def run_validation_tokens(run_dir: Path | str, tokenizer) -> tuple[np.ndarray, d
     if len(corpus.val) == 0:
         raise DataError(f"{run_dir}: the run has no validation split (data.val_fraction={cfg.data.val_fraction})")
     return corpus.val, info
+
+
+def run_tokenizer(run_dir: Path | str):
+    """The tokenizer a run trained with: its final/ export, else the copy in the run folder."""
+    from ..data.tokenizer import load_tokenizer
+
+    run_dir = Path(run_dir)
+    for folder in (run_dir / "final", run_dir / "tokenizer"):
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+            return load_tokenizer(str(folder))
+    raise DataError(f"{run_dir}: no tokenizer in final/ or tokenizer/")
+
+
+def run_split_score(model, tokenizer, run_dir: Path | str, *, seq_len: int | None = None, batch_size: int = 8,
+                    max_tokens: int | None = None, document_masking: bool = False) -> dict:
+    """`model` scored on the held-out split of the run at `run_dir`. Returns {"loss", "ppl", "tokens", "split",
+    "source", ...}; "split" says what was scored ("text", "held-out examples (…)", "held-out preference pairs").
+
+    Text splits (pretraining) are re-tokenized with `tokenizer`, the model's own. Held-out examples are encoded
+    with the run's tokenizer, so a model is scored on them only when its tokenizer tokenizes alike (DataError)."""
+    from ..config import load_config
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.train.objective == "pretrain":
+        tokens, info = run_validation_tokens(run_dir, tokenizer)
+        r = token_perplexity(model, tokens, seq_len or cfg.data.seq_len, batch_size=batch_size,
+                             max_tokens=max_tokens, eos_id=tokenizer.eos_token_id, document_masking=document_masking)
+        return {**r, "split": "text", "source": info["source"], "matches_run": info["matches_run"]}
+    return heldout_score(model, tokenizer, run_dir, cfg)
+
+
+@torch.no_grad()
+def heldout_score(model, tokenizer, run_dir: Path, cfg) -> dict:
+    """The held-out examples of a fine-tuning run (train.objective other than pretrain), scored on `model`."""
+    from ..data.tokenizer import tokenizer_fingerprint
+    from ..runtime import Runtime
+    from ..train.objectives import held_out_batches
+
+    run_tok = run_tokenizer(run_dir)
+    if tokenizer_fingerprint(run_tok) != tokenizer_fingerprint(tokenizer):
+        raise DataError(f"{run_dir.name}: its examples are encoded with another tokenizer than this model's")
+    device = next(model.parameters()).device
+    objective, batches = held_out_batches(cfg, run_tok, Runtime(device=device, precision="fp32"))
+    if not batches:
+        raise DataError(f"{run_dir.name}: no held-out examples (data.val_fraction={cfg.data.val_fraction})")
+    source = cfg.data.source if isinstance(cfg.data.source, str) else ", ".join(map(str, cfg.data.source))
+    template = getattr(getattr(objective, "format", None), "name", cfg.finetune.template)
+    was = model.training
+    model.eval()
+    try:
+        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        if "targets" in batches[0]:  # token targets (sft): the objective's own loss, summed, over its count
+            loss = sum(float(objective.loss(model, b)[0]) for b in batches)
+            count = sum(int(objective.count(b)) for b in batches)
+            what = "assistant turns" if cfg.finetune.train_on == "assistant" else "every token"
+            mean = loss / max(count, 1)
+            return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count,
+                    "split": f"held-out examples ({what}, template {template})", "source": source}
+        if "chosen_input_ids" in batches[0]:
+            return _pairs_score(model, batches) | {"split": f"held-out preference pairs (chosen replies, template "
+                                                            f"{template})", "source": source}
+    finally:
+        model.train(was)
+    raise DataError(f"{run_dir.name}: train.objective={cfg.train.objective} holds out neither text, examples "
+                    f"nor preference pairs")
+
+
+def _pairs_score(model, batches) -> dict:
+    """Loss per token of the chosen replies; preference accuracy: log π(chosen) > log π(rejected), per pair."""
+    from ..train.dpo import sequence_logps
+
+    nll, tokens, wins, pairs = 0.0, 0, 0, 0
+    for b in batches:
+        logp = {}
+        for side in ("chosen", "rejected"):
+            ids, labels = b[f"{side}_input_ids"], b[f"{side}_labels"]
+            logp[side] = sequence_logps(model(ids).logits, labels)
+            if side == "chosen":
+                nll -= float(logp[side].sum())
+                tokens += int((labels[:, 1:] != -100).sum())
+        wins += int((logp["chosen"] > logp["rejected"]).sum())
+        pairs += int(b["chosen_input_ids"].shape[0])
+    mean = nll / max(tokens, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": tokens, "pairs": pairs,
+            "preference_accuracy": wins / max(pairs, 1)}

@@ -84,8 +84,13 @@ class _NotCached(Exception):
 
 
 def _call(loader, name: str, trust_remote_code: bool, kwargs: dict, local_files_only: bool):
-    try:
-        return loader(name, trust_remote_code=trust_remote_code, local_files_only=local_files_only, **kwargs)
+    import contextlib
+
+    from ..hub import cache_only
+
+    try:  # cache only: no request (and no retries) for the optional files transformers still asks the hub about
+        with cache_only() if local_files_only else contextlib.nullcontext():
+            return loader(name, trust_remote_code=trust_remote_code, local_files_only=local_files_only, **kwargs)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ConfigError(_remote_code_message(name)) from None

@@ -79,11 +79,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .common import (
     CachedGenerationMixin,
     LMOutput,
+    current_mask,
     inv_sigmoid,
     inv_softplus,
     lm_loss,
     lm_output,
     make_norm,
+    mask_positions,
     positions_within_documents,
 )
 
@@ -241,20 +243,80 @@ class INLConfig(PretrainedConfig):
 
 @dataclass
 class INLCache:
-    """Decoding state, per layer: keys/values (attention) or the running context sum (projection)."""
+    """Decoding state, per layer: keys/values (attention) or the running context sum (projection).
+
+    Row i of every tensor is sequence i. Sequences of different lengths decode together: `INLCache.stack`
+    left-pads shorter key/value rows and marks the padding in `mask`, which attention never reads (positions
+    are per row, in `lengths`); `cache.split()` gives one cache per row back, without its padding."""
 
     keys: list[torch.Tensor] = field(default_factory=list)  # (b, n_heads, s, d_head)
     values: list[torch.Tensor] = field(default_factory=list)  # (b, n_heads, s, d_head)
     ctx_sum: list[torch.Tensor] = field(default_factory=list)  # (b, d), fp32
     ids: torch.Tensor | None = None  # (b, seen): the tokens so far, kept only by models with leaky options
-    seen: int = 0  # tokens consumed so far
+    seen: int = 0  # tokens fed so far, padding included (what `generate` has consumed of input_ids)
+    lengths: torch.Tensor | None = None  # (b,) real tokens per row (next position); None: `seen` for every row
+    mask: torch.Tensor | None = None  # (b, seen) bool, False at padding; None: no padding so far
+    embedded: int = 0  # positions fed as inputs_embeds by `generate` (absent from its input_ids)
+
+    def _rows(self) -> tuple[int, torch.device | None]:
+        for t in (*self.keys, *self.ctx_sum):
+            return t.shape[0], t.device
+        return (self.ids.shape[0], self.ids.device) if self.ids is not None else (0, None)
+
+    def row_lengths(self) -> torch.Tensor:
+        """(b,) real tokens consumed per row."""
+        if self.lengths is not None:
+            return self.lengths
+        b, device = self._rows()
+        return torch.full((b,), self.seen, dtype=torch.long, device=device)
+
+    def select(self, rows: torch.LongTensor) -> INLCache:
+        """A new cache holding the rows `rows` (in that order)."""
+        pick = lambda ts: [t.index_select(0, rows.to(t.device)) for t in ts]  # noqa: E731
+        one = lambda t: None if t is None else t.index_select(0, rows.to(t.device))  # noqa: E731
+        return INLCache(pick(self.keys), pick(self.values), pick(self.ctx_sum), one(self.ids), self.seen,
+                        one(self.lengths), one(self.mask), self.embedded)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep the rows `beam_idx` (transformers' `generate` calls this)."""
-        pick = lambda ts: [t.index_select(0, beam_idx.to(t.device)) for t in ts]  # noqa: E731
-        self.keys, self.values, self.ctx_sum = pick(self.keys), pick(self.values), pick(self.ctx_sum)
-        if self.ids is not None:
-            self.ids = pick([self.ids])[0]
+        p = self.select(beam_idx)
+        self.keys, self.values, self.ctx_sum, self.ids, self.lengths, self.mask = (
+            p.keys, p.values, p.ctx_sum, p.ids, p.lengths, p.mask)
+
+    def split(self) -> list[INLCache]:
+        """One single-row cache per sequence, its padding dropped."""
+        out = []
+        for i in range(self._rows()[0]):
+            row = self.select(torch.tensor([i]))
+            if row.mask is not None:
+                keep = row.mask[0].nonzero()[:, 0]
+                row.keys = [k.index_select(2, keep.to(k.device)) for k in row.keys]
+                row.values = [v.index_select(2, keep.to(v.device)) for v in row.values]
+                row.seen, row.mask = int(keep.numel()), None
+                row.lengths = torch.tensor([row.seen], device=keep.device)
+                row.ids = None if row.ids is None else row.ids[:, keep]
+            out.append(row)
+        return out
+
+    @classmethod
+    def stack(cls, caches: list[INLCache]) -> INLCache:
+        """One batch from caches that have read their prompts (any lengths): key/value rows are left-padded to
+        the longest, the padding masked. Not for models with leaky options (they re-read whole rows)."""
+        if not caches or any(c.seen == 0 for c in caches) or any(c.ids is not None for c in caches):
+            raise ValueError("INLCache.stack: every cache must have read its prompt, with a causal model")
+        seen = max(c.seen for c in caches)
+        masks = []
+        for c in caches:
+            own = c.mask if c.mask is not None else torch.ones(c._rows()[0], c.seen, dtype=torch.bool,
+                                                              device=c._rows()[1])
+            masks.append(F.pad(own, (seen - c.seen, 0), value=False))
+        pad = lambda t, c: F.pad(t, (0, 0, seen - c.seen, 0))  # noqa: E731  (b, nh, s, hd) on the left
+        layers = range(len(caches[0].keys))
+        mask = torch.cat(masks)
+        return cls([torch.cat([pad(c.keys[i], c) for c in caches]) for i in layers],
+                   [torch.cat([pad(c.values[i], c) for c in caches]) for i in layers],
+                   [torch.cat([c.ctx_sum[i] for c in caches]) for i in range(len(caches[0].ctx_sum))],
+                   None, seen, torch.cat([c.row_lengths() for c in caches]), None if bool(mask.all()) else mask)
 
 
 def _norm(cfg: INLConfig) -> nn.Module:
@@ -304,7 +366,9 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=bias)
         self.o_proj = nn.Linear(d, d, bias=bias)
 
-    def forward(self, u, rope, cache: INLCache | None = None, doc_mask=None):
+    def forward(self, u, rope, cache: INLCache | None = None, doc_mask=None, key_mask=None):
+        """u (b, l, d) → (b, l, d). `key_mask` (b, past + l) bool, False at padding: no query reads those keys
+        (a padded query reads only itself, so no row of the softmax is empty)."""
         b, l, d = u.shape
         q = self.q_proj(u).view(b, l, self.n_heads, self.d_head).transpose(1, 2)  # (b, nh, l, hd)
         k = self.k_proj(u).view(b, l, self.n_heads, self.d_head).transpose(1, 2)
@@ -322,7 +386,12 @@ class CausalSelfAttention(nn.Module):
                 cache.values.append(v)
         past = k.shape[2] - l
         mask, causal = doc_mask, False
-        if mask is None:
+        if key_mask is not None:
+            i = torch.arange(l, device=u.device)[:, None]
+            j = torch.arange(past + l, device=u.device)[None, :]
+            allowed = mask if mask is not None else (j <= past + i)  # (b, 1, l, l) or (l, past + l)
+            mask = (allowed & key_mask[:, None, None, :]) | (j == past + i)  # (b, 1, l, past + l)
+        elif mask is None:
             if past == 0:
                 causal = True
             elif l > 1:  # a chunk after a prefix: query i sees keys ≤ past + i
@@ -344,13 +413,18 @@ class CausalMeanProjection(nn.Module):
         self.whole_row = cfg.context_mean == "sequence"
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, u, rope=None, cache: INLCache | None = None, doc_mask=None, seq_idx=None):
+    def forward(self, u, rope=None, cache: INLCache | None = None, doc_mask=None, seq_idx=None, mask=None):
+        """u (b, l, d) → (b, l, d). `mask` (b, l) bool, False at padding: padded tokens join no mean."""
         b, l, _ = u.shape
         if self.whole_row:
             return self.proj(u).mean(dim=1, keepdim=True).expand(b, l, -1)  # (b, l, d)
         p = self.proj(u).float()  # (b, l, d)
+        if mask is not None:
+            p = p * mask[..., None]
         csum = p.cumsum(dim=1)  # (b, l, d)
         count = torch.arange(1, l + 1, device=u.device, dtype=torch.float32)[None, :, None]  # (1, l, 1)
+        if mask is not None:
+            count = mask.float().cumsum(1)[..., None]  # (b, l, 1)
         if seq_idx is not None:  # restart the sum at each document
             pos = positions_within_documents(seq_idx)  # (b, l)
             before = torch.arange(l, device=u.device)[None, :] - pos - 1  # index before the document start
@@ -360,11 +434,11 @@ class CausalMeanProjection(nn.Module):
         if cache is not None:
             if len(cache.ctx_sum) > self.layer_idx:
                 csum = csum + cache.ctx_sum[self.layer_idx][:, None, :]
-                count = count + cache.seen
+                count = count + cache.row_lengths().float()[:, None, None]
                 cache.ctx_sum[self.layer_idx] = csum[:, -1]
             else:
                 cache.ctx_sum.append(csum[:, -1])
-        return (csum / count).to(u.dtype)
+        return (csum / count.clamp_min(1)).to(u.dtype)
 
 
 # ------------------------------------------------------------------------------------------- integrator
@@ -512,17 +586,17 @@ class INLBlock(GradientCheckpointingLayer):
         self.mlp = GELUMLP(cfg) if cfg.ff == "gelu" else SwiGLUMLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, h, rope=None, cache=None, doc_mask=None, seq_idx=None):
+    def forward(self, h, rope=None, cache=None, doc_mask=None, seq_idx=None, mask=None, key_mask=None):
         if self.attention_residual:
-            c = self.context(self.norm_attn(h), rope, cache=cache, doc_mask=doc_mask)  # (b, l, d)
-            h = h + self.drop(c)
+            c = self.context(self.norm_attn(h), rope, cache=cache, doc_mask=doc_mask, key_mask=key_mask)
+            h = h + self.drop(c)  # (b, l, d)
             u = self.norm1(h)
         else:
             u = self.norm1(h)  # (b, l, d)
             if self.context_kind == "attention":
-                c = self.context(u, rope, cache=cache, doc_mask=doc_mask)
+                c = self.context(u, rope, cache=cache, doc_mask=doc_mask, key_mask=key_mask)
             else:
-                c = self.context(u, cache=cache, seq_idx=seq_idx)
+                c = self.context(u, cache=cache, seq_idx=seq_idx, mask=mask)
         x_T = self.inl(c, u)
         h = h + self.drop(x_T - u if self.displacement else x_T)
         return h + self.drop(self.mlp(self.norm2(h)))
@@ -599,24 +673,44 @@ class INLForCausalLM(CachedGenerationMixin, INLPreTrainedModel, GenerationMixin)
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         cache: INLCache | None = None,
         seq_idx: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
         cache_params: INLCache | None = None,  # the name before transformers 5.24
         **kwargs,
-    ) -> LMOutput:
-        """input_ids (b, l). `labels` follow the Hugging Face convention (shifted inside, -100 ignored).
+    ) -> LMOutput | tuple:
+        """input_ids (b, l) (or inputs_embeds (b, l, d)). `labels` follow the Hugging Face convention (shifted
+        inside, -100 ignored).
 
-        With `cache`, the call continues from the cached state (first call: prefill) and advances it.
-        `seq_idx` (b, l) marks packed documents: a document mask, and positions restart at each document.
+        With `cache`, the call continues from the cached state (first call: prefill) and advances it;
+        `use_cache=True` without one starts a new cache, returned in the output. `attention_mask` (b, l) or
+        (b, seen + l), 0 at padding: attention never reads a padded key (the running mean never counts a
+        padded token) and padding takes no position; the integrator is per token, so nothing else crosses
+        positions. `seq_idx` (b, l) marks packed documents: a document mask, and positions restart at each
+        document. `logits_to_keep` > 0 computes the logits of the last that many positions only. Attention
+        runs in SDPA, which gives no weights: `output_attentions` and `cache_position` are accepted and ignored.
         """
         cfg = self.config
         cache = cache if cache is not None else cache_params
-        b, l = input_ids.shape
+        if use_cache and cache is None:
+            cache = self.new_cache()
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        b, l = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         if seq_idx is not None and cache is not None:
             raise ValueError("seq_idx (packed documents) cannot be combined with a decoding cache")
+        start = cache.seen if cache is not None else 0
+        mask = current_mask(attention_mask, l, start)
         if cfg.leaky:
             if not getattr(self, "_leaky_warned", False):
                 self._leaky_warned = True
@@ -628,21 +722,28 @@ class INLForCausalLM(CachedGenerationMixin, INLPreTrainedModel, GenerationMixin)
                                  "context_mean=causal and alpha_form=rms (or l2) to fine-tune")
             if seq_idx is not None:
                 raise ValueError(f"INL: {cfg.leaky} cannot keep packed documents apart")
+            if mask is not None:
+                raise ValueError(f"INL: {cfg.leaky} mixes every token of the row and batch, padding included; "
+                                 f"give one prompt at a time")
+            if inputs_embeds is not None and cache is not None:
+                raise ValueError(f"INL: {cfg.leaky} decodes from token ids only")
             if cache is not None:  # every output may depend on every token: re-read the whole prefix
                 ids = input_ids if cache.ids is None else torch.cat([cache.ids, input_ids], dim=1)
                 logits = self(ids).logits[:, -l:]
                 cache.ids, cache.seen = ids, cache.seen + l
                 loss = lm_loss(logits, labels) if labels is not None else None
-                return lm_output(loss, logits, cache)
-        start = cache.seen if cache is not None else 0
+                return lm_output(loss, logits, cache, None, return_dict)
+        device = self.wte.weight.device
+        lengths = None
         if position_ids is None:
             if seq_idx is not None:
                 position_ids = positions_within_documents(seq_idx)
             else:
-                position_ids = torch.arange(start, start + l, device=input_ids.device)[None, :]
+                position_ids, lengths = mask_positions(b, l, start, cache.lengths if cache is not None else None,
+                                                       mask, device)
         position_ids = position_ids.expand(b, l)
-        h = self.wte(input_ids)  # (b, l, d)
-        rope, doc_mask = None, None
+        h = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (b, l, d)
+        rope, doc_mask, key_mask = None, None, None
         if cfg.context == "attention" and cfg.positions == "rope":
             d_head = cfg.d_model // cfg.n_heads
             ang = _angles(position_ids, d_head, cfg.rope_theta)[:, None]  # (b, 1, l, d_head/2)
@@ -652,11 +753,23 @@ class INLForCausalLM(CachedGenerationMixin, INLPreTrainedModel, GenerationMixin)
         if cfg.context == "attention" and seq_idx is not None:
             same = seq_idx[:, :, None] == seq_idx[:, None, :]  # (b, l, l)
             doc_mask = (same & torch.ones(l, l, dtype=torch.bool, device=h.device).tril())[:, None]
+        if mask is not None or (cache is not None and cache.mask is not None):
+            ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=device)  # noqa: E731
+            past_mask = cache.mask if cache is not None and cache.mask is not None else ones(start)
+            key_mask = torch.cat([past_mask, mask if mask is not None else ones(l)], dim=1)  # (b, start + l)
         h = self.drop(h)
+        states = [h] if output_hidden_states else None
         for blk in self.blocks:
-            h = blk(h, rope, cache=cache, doc_mask=doc_mask, seq_idx=seq_idx)
-        logits = self.lm_head(self.norm_f(h))  # (b, l, V)
+            h = blk(h, rope, cache=cache, doc_mask=doc_mask, seq_idx=seq_idx, mask=mask, key_mask=key_mask)
+            if states is not None:
+                states.append(h)
+        h = self.norm_f(h)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (b, l, V)
         if cache is not None:
             cache.seen += l
+            if lengths is not None:
+                cache.lengths = lengths
+            if key_mask is not None:
+                cache.mask = key_mask
         loss = lm_loss(logits, labels) if labels is not None else None
-        return lm_output(loss, logits, cache)
+        return lm_output(loss, logits, cache, tuple(states) if states is not None else None, return_dict)

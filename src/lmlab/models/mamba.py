@@ -17,6 +17,7 @@ that replace them take part in the forward and receive gradients.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,16 +30,52 @@ from . import scan as scan_lib
 
 @dataclass
 class MambaCache:
-    """Recurrent state for generation: per layer, the last d_conv inputs of the conv and the SSM state."""
+    """Recurrent state for generation: per layer, the last d_conv inputs of the conv and the SSM state.
+
+    Row i of every tensor is sequence i, and the state has the same size whatever its length, so sequences
+    decode together whatever their lengths: `MambaCache.stack([c1, c2, ...])` joins one-row (or any) caches
+    into one batch, `cache.split()` gives one cache per row back (`select(rows)` keeps some rows)."""
 
     conv: list[torch.Tensor] = field(default_factory=list)  # (b, d_inner, d_conv)
     ssm: list[torch.Tensor] = field(default_factory=list)  # (b, d_inner, d_state), fp32
-    seen: int = 0  # tokens consumed so far (positions for learned position embeddings)
+    seen: int = 0  # tokens fed so far, padding included (what `generate` has consumed of input_ids)
+    lengths: torch.Tensor | None = None  # (b,) real tokens per row (next position); None: `seen` for every row
+    embedded: int = 0  # positions fed as inputs_embeds by `generate` (absent from its input_ids)
+
+    def row_lengths(self) -> torch.Tensor:
+        """(b,) real tokens consumed per row."""
+        if self.lengths is not None:
+            return self.lengths
+        b = self.conv[0].shape[0] if self.conv else 0
+        device = self.conv[0].device if self.conv else None
+        return torch.full((b,), self.seen, dtype=torch.long, device=device)
+
+    def select(self, rows: torch.LongTensor) -> MambaCache:
+        """A new cache holding the rows `rows` (in that order)."""
+        pick = lambda ts: [t.index_select(0, rows.to(t.device)) for t in ts]  # noqa: E731
+        lengths = None if self.lengths is None else self.lengths.index_select(0, rows.to(self.lengths.device))
+        return MambaCache(pick(self.conv), pick(self.ssm), self.seen, lengths, self.embedded)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: keep the rows `beam_idx` (transformers' `generate` calls this)."""
-        self.conv = [c.index_select(0, beam_idx.to(c.device)) for c in self.conv]
-        self.ssm = [s.index_select(0, beam_idx.to(s.device)) for s in self.ssm]
+        picked = self.select(beam_idx)
+        self.conv, self.ssm, self.lengths = picked.conv, picked.ssm, picked.lengths
+
+    def split(self) -> list[MambaCache]:
+        """One single-row cache per sequence."""
+        n = self.conv[0].shape[0] if self.conv else 0
+        return [self.select(torch.tensor([i])) for i in range(n)]
+
+    @classmethod
+    def stack(cls, caches: list[MambaCache]) -> MambaCache:
+        """One batch from caches that have all read their prompts (any lengths); rows keep their positions."""
+        if not caches or any(not c.conv for c in caches):
+            raise ValueError("MambaCache.stack: every cache must have read its prompt (prefill) first")
+        lengths = torch.cat([c.row_lengths() for c in caches])
+        same = bool((lengths == caches[0].seen).all()) and all(c.seen == caches[0].seen for c in caches)
+        return cls([torch.cat([c.conv[i] for c in caches]) for i in range(len(caches[0].conv))],
+                   [torch.cat([c.ssm[i] for c in caches]) for i in range(len(caches[0].ssm))],
+                   max(c.seen for c in caches), None if same else lengths)
 
 
 def causal_conv(conv1d: nn.Conv1d, x: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
@@ -72,6 +109,15 @@ def conv_step(conv1d: nn.Conv1d, conv_state: torch.Tensor, x: torch.Tensor) -> t
     conv_state[:, :, -1] = x
     out = (conv_state * conv1d.weight[:, 0, :]).sum(-1)
     return out + conv1d.bias if conv1d.bias is not None else out
+
+
+@contextmanager
+def keep_rows(cache: MambaCache, layer_idx: int, mask: torch.Tensor):
+    """Restores layer `layer_idx`'s conv and SSM state of the rows where `mask` (b,) is False on exit."""
+    saved = [(states, states[layer_idx].clone()) for states in (cache.conv, cache.ssm) if len(states) > layer_idx]
+    yield
+    for states, old in saved:
+        states[layer_idx].copy_(torch.where(mask.view(-1, *[1] * (old.dim() - 1)), states[layer_idx], old))
 
 
 class MambaMixer(nn.Module):
@@ -129,16 +175,25 @@ class MambaMixer(nn.Module):
         return causal_conv(self.conv1d, x, seq_idx)
 
     def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None,
-                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden (b, l, d_model) → (b, l, d_model). With `cache`, fills this layer's state (prefill)."""
+                seq_idx: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (b, l, d_model) → (b, l, d_model). With `cache`, fills this layer's state (prefill).
+
+        `mask` (b, l) bool, False at padding: as transformers' Mamba, the conv input and the scan input are
+        zero there, so a state that starts at zero stays zero through left padding (the row's result is the
+        prompt's alone) and the output at a padded position is never read by a real one."""
         b, l, _ = hidden.shape
         if cache is not None and len(cache.ssm) > self.layer_idx:
-            return self._step_many(hidden, cache)
+            return self._step_many(hidden, cache, mask)
         xz = self.in_proj(hidden).transpose(1, 2)  # (b, 2·d_inner, l)
         x, z = xz.chunk(2, dim=1)
+        keep = None if mask is None else mask[:, None, :].to(x.dtype)  # (b, 1, l)
+        if keep is not None:
+            x = x * keep
         if cache is not None:
             cache.conv.append(conv_state_after(x, self.d_conv))
         u = F.silu(self._conv(x, seq_idx))  # (b, d_inner, l)
+        if keep is not None:
+            u = u * keep
         dBC = self.x_proj(u.transpose(1, 2))  # (b, l, dt_rank + 2n)
         dt, B, C = torch.split(dBC, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt).transpose(1, 2)  # (b, d_inner, l), Δ before softplus
@@ -156,11 +211,16 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
 
     # ---------------------------------------------------------------- recurrent decoding
-    def _step_many(self, hidden: torch.Tensor, cache: MambaCache) -> torch.Tensor:
-        return torch.cat([self.step(hidden[:, t], cache) for t in range(hidden.shape[1])], dim=1)
+    def _step_many(self, hidden: torch.Tensor, cache: MambaCache, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cat([self.step(hidden[:, t], cache, None if mask is None else mask[:, t])
+                          for t in range(hidden.shape[1])], dim=1)
 
-    def step(self, hidden: torch.Tensor, cache: MambaCache) -> torch.Tensor:
-        """One token: hidden (b, d_model) → (b, 1, d_model); O(1) in the context length."""
+    def step(self, hidden: torch.Tensor, cache: MambaCache, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One token: hidden (b, d_model) → (b, 1, d_model); O(1) in the context length.
+        `mask` (b,) bool: rows where it is False keep their state unchanged (a padded step)."""
+        if mask is not None:
+            with keep_rows(cache, self.layer_idx, mask):
+                return self.step(hidden, cache)
         conv_state, ssm_state = cache.conv[self.layer_idx], cache.ssm[self.layer_idx]
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d_inner) each
         u = F.silu(conv_step(self.conv1d, conv_state, x))

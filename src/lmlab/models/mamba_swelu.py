@@ -29,7 +29,16 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .common import CachedGenerationMixin, LMOutput, lm_loss, lm_output, make_norm, positions_within_documents
+from .common import (
+    CachedGenerationMixin,
+    LMOutput,
+    current_mask,
+    lm_loss,
+    lm_output,
+    make_norm,
+    mask_positions,
+    positions_within_documents,
+)
 from .mamba import MambaCache, MambaMixer
 from .simplified_mamba import SimplifiedMambaMixer
 from .swelu import K_PARAMS, SWELU, make_activation
@@ -139,8 +148,8 @@ class MambaSWELUBlock(GradientCheckpointingLayer):
         self.act = _act(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, h, cache=None, seq_idx=None):
-        return h + self.drop(self.act(self.mixer(self.norm(h), cache=cache, seq_idx=seq_idx)))
+    def forward(self, h, cache=None, seq_idx=None, mask=None):
+        return h + self.drop(self.act(self.mixer(self.norm(h), cache=cache, seq_idx=seq_idx, mask=mask)))
 
 
 class DenseSWELU(nn.Module):
@@ -250,38 +259,66 @@ class MambaSWELUForCausalLM(CachedGenerationMixin, MambaSWELUPreTrainedModel, Ge
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         cache: MambaCache | None = None,
         seq_idx: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
         cache_params: MambaCache | None = None,  # the name before transformers 5.24
         **kwargs,
-    ) -> LMOutput:
-        """input_ids (b, l). `labels` follow the Hugging Face convention (shifted inside, -100 ignored).
+    ) -> LMOutput | tuple:
+        """input_ids (b, l) (or inputs_embeds (b, l, d)). `labels` follow the Hugging Face convention (shifted
+        inside, -100 ignored).
 
-        With `cache`, the call continues from the cached state (first call: prefill) and advances it.
-        `seq_idx` (b, l) marks packed documents; positions then restart at each document.
+        With `cache`, the call continues from the cached state (first call: prefill) and advances it;
+        `use_cache=True` without one starts a new cache, returned in the output. `attention_mask` (b, l) or
+        (b, seen + l), 0 at padding: padded positions feed zero into every conv and scan and take no position
+        (common.py). `seq_idx` (b, l) marks packed documents; positions then restart at each document.
+        `logits_to_keep` > 0 computes the logits of the last that many positions only. Mamba has no attention
+        weights: `output_attentions` and `cache_position` are accepted and ignored.
         """
         cache = cache if cache is not None else cache_params
-        b, l = input_ids.shape
+        if use_cache and cache is None:
+            cache = self.new_cache()
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        b, l = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        device = self.wte.weight.device
         start = cache.seen if cache is not None else 0
+        mask = current_mask(attention_mask, l, start)
+        lengths = None
         if position_ids is None:
             if seq_idx is not None:
                 position_ids = positions_within_documents(seq_idx)
             else:
-                position_ids = torch.arange(start, start + l, device=input_ids.device)[None, :]
+                position_ids, lengths = mask_positions(b, l, start, cache.lengths if cache is not None else None,
+                                                       mask, device)
         if int(position_ids.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(position_ids.max())} exceeds max_seq_len {self.config.max_seq_len}")
-        h = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (b, l, d)
+        embeds = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        h = self.drop(embeds + self.wpe(position_ids))  # (b, l, d)
+        states = [h] if output_hidden_states else None
         for blk in self.blocks:
-            h = blk(h, cache=cache, seq_idx=seq_idx)
+            h = blk(h, cache=cache, seq_idx=seq_idx, mask=mask)
+            if states is not None:
+                states.append(h)
         h = self.norm_f(h)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         for layer in self.dense:
             h = layer(h)
         logits = self.lm_head(h)  # (b, l, vocab)
         if cache is not None:
             cache.seen += l
+            if lengths is not None:
+                cache.lengths = lengths
         loss = lm_loss(logits, labels) if labels is not None else None
-        return lm_output(loss, logits, cache)
-
+        return lm_output(loss, logits, cache, tuple(states) if states is not None else None, return_dict)

@@ -86,6 +86,28 @@ def build_config(name: str, vocab_size: int | None = None, overrides: dict[str, 
         raise ConfigError(f"model: invalid value for {name}: {e}") from None
 
 
+def training_refusal(config: PretrainedConfig) -> str | None:
+    """Why a model of this config cannot be trained, or None. A config that lets a token see later tokens or the
+    rest of the batch (INL's `leaky` options: the original V0 code, the `-v0` sizes) is for evaluation only: its
+    forward refuses gradients, and the loss it would minimise is not next-token prediction."""
+    leaky = getattr(config, "leaky", "")
+    if isinstance(leaky, str) and leaky:
+        return f"{leaky} let each token see later tokens or the rest of its batch, so it is for evaluation only"
+    return None
+
+
+def check_trainable(name: str, config: PretrainedConfig) -> None:
+    """ConfigError (one line, before any data is prepared) when `config`, the resolved config of model `name`
+    for a training run, cannot be trained; evaluation, generation and `lmlab models` never call this."""
+    why = training_refusal(config)
+    if why is None:
+        return
+    base = name[:-3] if name.endswith("-v0") else None
+    alt = f"train {base} or {base}-v1, or " if base and base in named_sizes() else ""
+    raise ConfigError(f"model.name: {name} cannot be trained: {why}; {alt}set model.context_mean=causal "
+                      f"model.alpha_form=rms to train this architecture causally")
+
+
 def build_model(config: PretrainedConfig, device: str | torch.device | None = None) -> PreTrainedModel:
     """A freshly initialised model of an lmlab family (on the meta device if device='meta')."""
     for fam in FAMILIES.values():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .mamba import MambaCache, causal_conv, conv_state_after, conv_step
+from .mamba import MambaCache, causal_conv, conv_state_after, conv_step, keep_rows
 
 
 class SimplifiedMambaMixer(nn.Module):
@@ -37,19 +37,26 @@ class SimplifiedMambaMixer(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
     def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None,
-                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden (b, l, d_model) → (b, l, d_model). With `cache`, fills this layer's conv state (prefill)."""
+                seq_idx: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (b, l, d_model) → (b, l, d_model). With `cache`, fills this layer's conv state (prefill).
+        `mask` (b, l) bool, False at padding: the conv reads zero there (as from before the sequence)."""
         if cache is not None and len(cache.conv) > self.layer_idx:
-            return torch.cat([self.step(hidden[:, t], cache) for t in range(hidden.shape[1])], dim=1)
+            return torch.cat([self.step(hidden[:, t], cache, None if mask is None else mask[:, t])
+                              for t in range(hidden.shape[1])], dim=1)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d_inner) each
         x = x.transpose(1, 2)  # (b, d_inner, l)
+        if mask is not None:
+            x = x * mask[:, None, :].to(x.dtype)
         if cache is not None:
             cache.conv.append(conv_state_after(x, self.d_conv))
         u = self.ssm_activation(causal_conv(self.conv1d, x, seq_idx).transpose(1, 2))  # (b, l, d_inner)
         return self.out_proj(u * torch.sigmoid(z))
 
-    def step(self, hidden: torch.Tensor, cache: MambaCache) -> torch.Tensor:
-        """One token: hidden (b, d_model) → (b, 1, d_model)."""
+    def step(self, hidden: torch.Tensor, cache: MambaCache, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One token: hidden (b, d_model) → (b, 1, d_model). Rows where `mask` (b,) is False keep their state."""
+        if mask is not None:
+            with keep_rows(cache, self.layer_idx, mask):
+                return self.step(hidden, cache)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d_inner) each
         u = self.ssm_activation(conv_step(self.conv1d, cache.conv[self.layer_idx], x))
         return self.out_proj(u * torch.sigmoid(z))[:, None, :]

@@ -13,15 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .gpu import BENIGN_THROTTLE
-from .runread import RunReader, dir_size, finite, list_checkpoints, num
-from .status import fmt_bytes, fmt_duration, fmt_num, fmt_rate
+from .runread import RunReader, applied_records, dir_size, finite, list_checkpoints, num
+from .status import ENDED_EARLY, fmt_bytes, fmt_duration, fmt_num, fmt_rate, status_word
 
-SPIKE_WINDOW = 32           # records in the rolling window a loss is compared against
-SPIKE_MIN_HISTORY = 8       # records before spike detection starts
-SPIKE_SIGMA = 6.0           # a spike is above mean + 6σ of the window ...
-SPIKE_MIN_RATIO = 1.15      # ... and at least 15 % above the window mean
+# Spikes in the logged records (each a mean over train.log_every steps): robust statistics over a window of
+# records after the LR warmup, so that a healthy run's ordinary variation (grad norms that grow early on, a
+# skewed tail) is not called a spike. Calibrated on healthy runs of every family and on injected spikes
+# (docs/monitoring.md has the table).
+SPIKE_WINDOW = 64           # records in the rolling window a value is compared against
+SPIKE_MIN_HISTORY = 16      # records (after warmup) before spike detection starts
+SPIKE_MADS = 8.0            # a spike is above median + 8 robust σ (1.4826 · MAD) of the window ...
+SPIKE_MIN_RATIO = {"loss": 1.25, "grad_norm": 3.0}  # ... and at least this many times the window median
 RISE_RATIO = 1.10           # smoothed loss 10 % above its minimum: rising
-STALL_RATIO = 0.98          # recent loss still above 98 % of the starting loss: not learning
+STALL_MIN_DROP = 0.01       # the last half of the run gained less than 1 % of its loss ...
+STALL_SIGMAS = 2.0          # ... or less than 2 standard errors of the noise: not learning any more
+STALL_LEARNED = 0.10        # a run that fell by 10 % or more before that has plateaued (a note), else stalled
 GAP_NOTE, GAP_WARN = 0.5, 1.0   # val - train: < 0.5 fine, > 1.0 overfitting
 VAL_RISE_RATIO = 1.05       # last val loss 5 % above the best one: overfitting
 THROUGHPUT_DROP = 0.25      # recent tokens/s 25 % below the run's own earlier level
@@ -35,10 +41,14 @@ STALE_DEFAULT_S = 2 * 3600  # when the save interval is unknown
 SYSTEM_WINDOW = 30          # recent system records looked at
 
 
+# every finding code, in the order findings of one severity are listed: causes before their symptoms
+CODES = ("dead", "nan", "guard_stop", "stalled", "rising", "overfitting", "spikes", "plateau", "gap", "throughput",
+         "gpu_util", "gpu_memory", "ram", "throttle", "no_checkpoint", "stale_checkpoint", "disk")
+
+
 @dataclass
 class Finding:
-    code: str       # nan, spikes, rising, stalled, plateau, overfitting, gap, throughput, gpu_util, gpu_memory,
-    #                 ram, throttle, no_checkpoint, stale_checkpoint, disk, dead
+    code: str       # one of CODES
     severity: str   # error | warning | note
     message: str    # what is happening, with numbers
     advice: str     # what to do about it
@@ -51,41 +61,102 @@ def _train_losses(r: RunReader) -> list[tuple[int, float]]:
     return [(int(num(x.get("step")) or 0), num(x.get("loss"))) for x in r.train if num(x.get("loss")) is not None]
 
 
+def _cfg(r: RunReader, section: str, key: str):
+    v = (r.config.get(section) or {}).get(key) if isinstance(r.config, dict) else None
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _guard_events(r: RunReader) -> list[dict]:
+    return [e for e in r.events if e.get("event") == "guard"]
+
+
+def _nonfinite_guard(e: dict) -> bool:
+    vals = [num(e.get("loss")), num(e.get("grad_norm"))]
+    return any(v is not None and not math.isfinite(v) for v in vals) or \
+        str(e.get("reason", "")).startswith(("loss is", "gradient norm is"))
+
+
+def _last_streak(events: list[dict]) -> list[dict]:
+    """The guard events of the run's last streak of bad steps in a row (what a stop under `skip` ends)."""
+    out: list[dict] = []
+    for e in events:
+        step = int(num(e.get("step")) or 0)
+        if out and step - int(num(out[-1].get("step")) or 0) > 1:
+            out = []
+        out.append(e)
+    return out
+
+
 def check_nan(r: RunReader) -> list[Finding]:
-    bad = None
-    for x in r.train:
+    """Divergence: a non-finite loss or grad norm (in the guard's events, which name the step itself, or in the
+    logged means), or a stop by the guard. Advice: resume from the saved good state with the learning rate the
+    trainer suggests (train.lr / 2)."""
+    s = r.state
+    bad = None  # (step, what)
+    for x in applied_records(r.train):  # a window the guard skipped whole logs NaN: nothing was applied
         for key in ("loss", "grad_norm"):
             v = num(x.get(key))
             if v is not None and not math.isfinite(v):
-                bad = bad or (int(num(x.get("step")) or 0), key, v)
-    for e in r.events:
-        if e.get("event") == "diverged" and bad is None:
-            bad = (int(num(e.get("step")) or 0), "loss", num(e.get("loss")))
+                bad = (int(num(x.get("step")) or 0), f"{key.replace('_', ' ')} is {v}")
+                break
+        if bad is not None:
+            break
+    guard_stop = s.status in ("stopped", "failed") and (any(
+        e.get("action") == "stop" for e in _guard_events(r)) or str(s.stop_reason or "").startswith("guard"))
+    if bad is not None or guard_stop or s.diverged:  # a NaN step the guard skipped and the run went on: fine
+        for e in _guard_events(r):
+            step = int(num(e.get("step")) or 0)
+            if _nonfinite_guard(e) and (bad is None or step < bad[0]):
+                bad = (step, str(e.get("reason") or "loss is nan"))
+                break
     if bad is None:
+        for e in r.events:  # the trainer's end-of-run check: weights not finite (train.guard=off)
+            if e.get("event") == "diverged":
+                bad = (int(num(e.get("step")) or 0), str(e.get("reason") or "the weights are not finite"))
+                break
+    if bad is None and not guard_stop:
         return []
-    step, key, v = bad
-    before = [c for c in list_checkpoints(r.path) if c.step < step]
-    lrs = [num(x.get("lr")) for x in r.train if finite(num(x.get("lr")))]
-    lr = max(lrs) if lrs else None
+    if bad is None:  # stopped by the guard for spikes: the first bad step of the streak that ended the run
+        streak = _last_streak(_guard_events(r))
+        bad = (int(num(streak[0].get("step")) or 0), streak[0].get("reason") or "") if streak else (s.step, "")
+    step, what = bad
+    lr = _cfg(r, "train", "lr")
+    if lr is None:
+        lrs = [num(x.get("lr")) for x in r.train if finite(num(x.get("lr")))]
+        lr = max(lrs) if lrs else None
+    cmd = s.resume_command if s.resume_command and "train.lr=" in s.resume_command else \
+        f"lmlab resume {r.path}" + (f" train.lr={lr / 2:g}" if lr else "")
+    ckpts = list_checkpoints(r.path)
+    if guard_stop:
+        code = "nan" if what.startswith(("loss is", "gradient norm is")) else "guard_stop"
+        head = f"The guard stopped the run: {what} at step {step:,}" if what else \
+            f"The guard stopped the run at step {step:,}"
+        saved = f"the good state it saved ({ckpts[-1].name})" if ckpts else "the start (no checkpoint was saved)"
+        return [Finding(code, "error", head + (f" ({s.stop_reason})." if s.stop_reason and what not in
+                                                  s.stop_reason else "."),
+                        f"Resume from {saved} with half the learning rate: `{cmd}`. If it recurs, lengthen "
+                        f"train.warmup_steps, set train.grad_clip (e.g. 1.0) or train in bf16 rather than fp16.")]
+    before = [c for c in ckpts if c.step < step]
     where = f"checkpoint {before[-1].name}" if before else "the start (no checkpoint before it)"
-    cmd = f"lmlab resume {r.path}" + (f" train.lr={lr / 2:.3g}" if lr else "")
-    return [Finding("nan", "error", f"{key.replace('_', ' ')} became {v} at step {step:,}.",
-                    f"Resume from {where} with half the peak learning rate: `{cmd}`. If it recurs, lengthen "
+    return [Finding("nan", "error", f"The run diverged: {what} at step {step:,}.",
+                    f"Resume from {where} with half the learning rate: `{cmd}`. If it recurs, lengthen "
                     f"train.warmup_steps, set train.grad_clip (e.g. 1.0) or train in bf16 rather than fp16.")]
 
 
-def _spikes(points: list[tuple[int, float]]) -> list[tuple[int, float, float]]:
+def _spikes(points: list[tuple[int, float]], min_ratio: float) -> list[tuple[int, float, float]]:
+    """(step, value, window median) of each point above median + SPIKE_MADS robust σ of the previous
+    SPIKE_WINDOW points and above `min_ratio` × that median. A spike never enters the window."""
     window: list[float] = []
     out = []
     for step, v in points:
         if not math.isfinite(v):
             continue
         if len(window) >= SPIKE_MIN_HISTORY:
-            mean = statistics.fmean(window)
-            sd = statistics.pstdev(window)
-            if v > mean + SPIKE_SIGMA * sd and v > SPIKE_MIN_RATIO * mean:
-                out.append((step, v, mean))
-                continue  # a spike never enters the window
+            med = statistics.median(window)
+            mad = statistics.median(abs(w - med) for w in window)
+            if v > med + SPIKE_MADS * 1.4826 * mad and v > min_ratio * med:
+                out.append((step, v, med))
+                continue
         window.append(v)
         if len(window) > SPIKE_WINDOW:
             window.pop(0)
@@ -93,17 +164,18 @@ def _spikes(points: list[tuple[int, float]]) -> list[tuple[int, float, float]]:
 
 
 def check_spikes(r: RunReader) -> list[Finding]:
+    warmup = _cfg(r, "train", "warmup_steps") or 0
     found = []
     for key, label in (("loss", "loss"), ("grad_norm", "grad norm")):
         pts = [(int(num(x.get("step")) or 0), num(x.get(key))) for x in r.train if num(x.get(key)) is not None]
-        sp = _spikes(pts)
+        sp = _spikes([(st, v) for st, v in pts if st > warmup], SPIKE_MIN_RATIO[key])
         if sp:
             worst = max(sp, key=lambda t: t[1] / max(t[2], 1e-12))
             steps = ", ".join(f"{s:,}" for s, _, _ in sp[:5]) + (" …" if len(sp) > 5 else "")
             found.append((label, sp, worst, steps))
     if not found:
         return []
-    msg = "; ".join(f"{len(sp)} {label} spike(s) at step(s) {steps} (worst {fmt_num(w[1])} against a recent mean "
+    msg = "; ".join(f"{len(sp)} {label} spike(s) at step(s) {steps} (worst {fmt_num(w[1])} against a recent median "
                     f"of {fmt_num(w[2])}, ×{w[1] / max(w[2], 1e-12):.1f})" for label, sp, w, steps in found)
     return [Finding("spikes", "warning", msg[0].upper() + msg[1:] + ".",
                     "Occasional spikes that recover are harmless; repeated ones mean the learning rate is too high "
@@ -128,17 +200,51 @@ def check_trend(r: RunReader) -> list[Finding]:
                            "The run is getting worse. Stop it and resume from a checkpoint from before the rise "
                            "with a lower train.lr; check that the data is not repeating or corrupted."))
         return out
+    return _stall(r, pts)
+
+
+def _median_se(xs: list[float]) -> float:
+    """Standard error of a median, from the robust σ (1.4826 · MAD): a spike does not inflate it."""
+    med = statistics.median(xs)
+    return 1.2533 * 1.4826 * statistics.median(abs(x - med) for x in xs) / math.sqrt(len(xs))
+
+
+def _stall(r: RunReader, pts: list[tuple[int, float]]) -> list[Finding]:
+    """Not learning any more: over the last half of the run (after the warmup), the median loss of its second
+    half is not lower than that of its first half by STALL_MIN_DROP of it and by STALL_SIGMAS standard errors.
+    A run that fell by STALL_LEARNED before that has plateaued (a note); one that never did is stalled."""
+    warmup = _cfg(r, "train", "warmup_steps") or 0
+    body = [(s, v) for s, v in pts if s > warmup] or pts
+    tail = body[len(body) // 2:]
+    if len(tail) < 8:
+        return []
+    a, b = [v for _, v in tail[:len(tail) // 2]], [v for _, v in tail[len(tail) // 2:]]
+    ma, mb = statistics.median(a), statistics.median(b)
+    se = math.hypot(_median_se(a), _median_se(b))
+    drop = ma - mb
+    if drop >= STALL_MIN_DROP * abs(ma) and drop >= STALL_SIGMAS * se:
+        return []
     k = max(3, len(pts) // 10)
     first = statistics.fmean(v for _, v in pts[:k])
-    last = statistics.fmean(v for _, v in pts[-k:])
-    if last >= STALL_RATIO * first:
-        out.append(Finding("stalled", "warning",
-                           f"Loss is not falling: {first:.3f} over the first {k} logs, {last:.3f} over the last {k} "
-                           f"(step {steps[-1]:,}, {100 * (1 - last / first):+.1f} %).",
-                           "Nothing is being learned. Check the learning rate (too small, or 0 after "
-                           "warmup), that the data is tokenized as expected and not constant, and that the "
-                           "parameters are trainable."))
-    return out
+    learned = (first - mb) / abs(first) if first else 0.0
+    span = f"steps {tail[0][0]:,}–{tail[-1][0]:,}"
+    change = f"{ma:.3f} → {mb:.3f} ({100 * (mb / ma - 1):+.1f} %, noise ±{se:.3f})" if ma else f"{ma:.3f} → {mb:.3f}"
+    if learned >= STALL_LEARNED:
+        return [Finding("plateau", "note",
+                        f"Loss has flattened over the last half of the run: {change} over {span}, after falling "
+                        f"from {first:.3f}.",
+                        "More steps at this learning rate will gain little: the run is near what this model and "
+                        "data give at this schedule. A larger model, more data or a decaying schedule goes further.")]
+    vocab = _cfg(r, "data", "vocab_size")
+    uniform = ""
+    if vocab and abs(mb - math.log(vocab)) < 0.05 * math.log(vocab):
+        uniform = f" That is the loss of a uniform guess over {int(vocab):,} tokens (ln {int(vocab):,} = " \
+                  f"{math.log(vocab):.2f}): the model predicts nothing."
+    return [Finding("stalled", "warning",
+                    f"Loss is not falling: {change} over {span}; {first:.3f} at the start.{uniform}",
+                    "Nothing is being learned. Check the learning rate (too small, too large for the batch, or 0 "
+                    "after warmup), that the data is tokenized as expected and not constant, and that the "
+                    "parameters are trainable.")]
 
 
 def _train_ema_at(r: RunReader, step: float) -> float | None:
@@ -355,7 +461,7 @@ def diagnose(run: str | Path | RunReader, now: float | None = None) -> list[Find
     out += check_alive(r, now)
     out += check_nan(r)
     out += check_spikes(r)
-    if not any(f.code == "nan" for f in out):
+    if not any(f.code in ("nan", "guard_stop") for f in out):
         out += check_trend(r)
     out += check_overfitting(r)
     out += check_throughput(r)
@@ -363,17 +469,21 @@ def diagnose(run: str | Path | RunReader, now: float | None = None) -> list[Find
     out += check_checkpoints(r, now)
     out += check_disk(r)
     order = {"error": 0, "warning": 1, "note": 2}
-    return sorted(out, key=lambda f: order.get(f.severity, 3))
+    rank = {c: i for i, c in enumerate(CODES)}
+    return sorted(out, key=lambda f: (order.get(f.severity, 3), rank.get(f.code, len(CODES))))
 
 
 def text_report(r: RunReader, findings: list[Finding]) -> str:
     s = r.state
-    head = f"{s.name}: {s.status}, step {s.step:,}" + (f"/{s.total_steps:,}" if s.total_steps else "")
+    head = f"{s.name}: {status_word(s)}, step {s.step:,}" + (f"/{s.total_steps:,}" if s.total_steps else "")
     if s.loss_smooth is not None:
         head += f", loss {fmt_num(s.loss_smooth)}"
     if s.val_loss is not None:
         head += f", val loss {fmt_num(s.val_loss)}"
     lines = [head]
+    if s.stop_reason and s.status in ENDED_EARLY and not any(f.code in ("nan", "guard_stop") for f in findings):
+        lines.append(f"  {s.status:<7} {s.stop_reason}" + (f"; continue with: {s.resume_command}"
+                                                            if s.resume_command else ""))
     if not findings:
         lines.append("  ok  no problems found")
     for f in findings:

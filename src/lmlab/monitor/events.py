@@ -5,7 +5,8 @@
     sink.event(name, step, text, ...) both: a `kind: "event"` record and its log line
     sink.say(line)                    the console (rank 0 only), above the progress bar
     sink.note(line)                   the console only while progress is shown (validation lines)
-    sink.progress(total, start)       the live progress bar (a context); sink.update(step, ...) moves it
+    sink.progress(total, start)       the live progress bar (a context); sink.update(step, ...) moves it, and
+                                      at log steps shows loss, LR, tokens/s and the objective's own metrics
 
 Every other rank gets a sink that writes nothing. Records may come from a side thread (system stats):
 writes are serialised by a lock. `sink.attach(trackers)` also forwards every record to W&B / trackio
@@ -20,6 +21,29 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import MetricsWriter
+from .progress import Progress, _fmt_time
+
+
+def compact(metrics: dict[str, float], limit: int = 6) -> str:
+    """An objective's metrics on one short line: `rewards/margin 0.41  rewards/accuracy 0.75` (at most `limit`)."""
+    items = list(metrics.items())
+    more = f"  +{len(items) - limit} more" if len(items) > limit else ""
+    return "  ".join(f"{k} {v:.4g}" for k, v in items[:limit]) + more
+
+
+class _Progress(Progress):
+    """The progress display with the objective's metrics after loss, LR and tokens/s."""
+
+    def update(self, step: int, loss: float | None = None, lr: float | None = None, tok_s: float | None = None,
+               metrics: dict[str, float] | None = None):
+        if loss is None or not metrics or not self.enabled:
+            return super().update(step, loss, lr, tok_s)
+        self._step = step
+        info = f"loss {loss:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s  {compact(metrics)}"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=info)
+        else:
+            self.echo(f"step {step:>6}/{self.total}  {info}  eta {_fmt_time(self.eta(step))}")
 
 
 class EventSink:
@@ -65,16 +89,15 @@ class EventSink:
 
     @contextmanager
     def progress(self, total: int, start: int):
-        from .progress import Progress
-
-        self._progress = Progress(total, start=start, enabled=self.enabled and self.show_progress, echo=self._echo)
+        self._progress = _Progress(total, start=start, enabled=self.enabled and self.show_progress, echo=self._echo)
         try:
             with self._progress:
                 yield self._progress
         finally:
             self._progress = None
 
-    def update(self, step: int, **fields: float) -> None:
+    def update(self, step: int, **fields) -> None:
+        """Move the progress display; at log steps `loss`, `lr`, `tok_s` and `metrics` (a dict) are shown."""
         if self._progress is not None:
             self._progress.update(step, **fields)
 

@@ -44,8 +44,26 @@ def finite(v: float | None) -> bool:
     return v is not None and math.isfinite(v)
 
 
-def ema(values: Iterable[float | None], beta: float = 0.9) -> list[float | None]:
-    """Debiased exponential moving average; non-finite values are skipped (their slot repeats the last value)."""
+SMOOTH_SPAN_FRACTION = 0.1  # the smoothing spans at most this fraction of a series (short runs barely smoothed)
+
+# the fields of a `train` record every run writes; anything else numeric is the objective's own (rewards, kl, ...)
+TRAIN_FIELDS = {"kind", "step", "time", "tokens", "loss", "lr", "grad_norm", "tok_s", "skipped"}
+
+
+def smoothing_weight(n: int, beta: float = 0.9) -> float:
+    """The EMA weight used on a series of `n` points: `beta`, lowered so that the EMA's span 1/(1 − β) is at most
+    SMOOTH_SPAN_FRACTION of the series. A 30-record run is smoothed over ~3 records, not 10 (which would trail
+    a falling loss by a large margin); from 100 records on it is `beta` itself."""
+    span = max(1.0, SMOOTH_SPAN_FRACTION * n)
+    return max(0.0, min(beta, 1.0 - 1.0 / span))
+
+
+def ema(values: Iterable[float | None], beta: float = 0.9, scale: bool = True) -> list[float | None]:
+    """Debiased exponential moving average (TensorBoard's smoothing); non-finite values are skipped (their slot
+    repeats the last value). `scale`: the weight follows the series length (smoothing_weight)."""
+    values = list(values)
+    if scale:
+        beta = smoothing_weight(sum(1 for v in values if finite(v)), beta)
     out: list[float | None] = []
     avg, weight = 0.0, 0.0
     for v in values:
@@ -232,6 +250,9 @@ class RunState:
     name: str
     path: str
     status: str = "unknown"          # running / finished / failed / stopped (from run.json) or unknown
+    stop_reason: str | None = None   # why a stopped (or failed) run ended, where it says: the guard's words
+    resume_command: str | None = None  # how to continue a stopped run (the trainer's own line when it wrote one)
+    diverged: bool = False           # the last logged training loss is not finite, or the guard stopped the run
     alive: bool | None = None        # its process exists (this host) or its heartbeat is fresh (other host)
     pid: int | None = None
     host: str | None = None
@@ -239,10 +260,11 @@ class RunState:
     step: int = 0
     total_steps: int | None = None
     tokens: int | None = None
-    loss: float | None = None        # last logged training loss
+    loss: float | None = None        # last logged training loss (of a window in which a step was applied)
     loss_smooth: float | None = None  # EMA of the training loss
-    val_loss: float | None = None
+    val_loss: float | None = None    # None: never measured (no held-out data), not 0
     val_ppl: float | None = None
+    objective: dict[str, float] = field(default_factory=dict)  # the objective's own metrics (reward, kl, ...)
     lr: float | None = None
     grad_norm: float | None = None
     tok_s: float | None = None
@@ -275,6 +297,7 @@ class RunState:
         for k, v in d.items():
             if isinstance(v, float) and not math.isfinite(v):
                 d[k] = str(v)
+        d["objective"] = {k: v if math.isfinite(v) else str(v) for k, v in self.objective.items()}
         return d
 
 
@@ -294,6 +317,8 @@ class RunReader:
         self.other: list[dict] = []
         self.loss_smooth: list[float | None] = []
         self._ema = (0.0, 0.0)
+        self._beta: float | None = None
+        self._finite_losses = 0
         self.manifest: dict = {}
         self._manifest_mtime: float | None = None
         self._config: dict | None = None
@@ -332,14 +357,7 @@ class RunReader:
     def _add(self, rec: dict) -> None:
         kind = rec.get("kind")
         if kind == "train":
-            loss = num(rec.get("loss"))
-            avg, weight = self._ema
-            if finite(loss):
-                avg = self.ema_beta * avg + (1 - self.ema_beta) * loss
-                weight = self.ema_beta * weight + (1 - self.ema_beta)
-                self._ema = (avg, weight)
             self.train.append(rec)
-            self.loss_smooth.append(avg / weight if weight > 0 else None)
         elif kind == "eval":
             self.evals.append(rec)
         elif kind == "event":
@@ -349,11 +367,31 @@ class RunReader:
         else:
             self.other.append(rec)
 
+    def _smooth(self) -> None:
+        """Extend loss_smooth over the new train records; all of it again while the weight still grows with
+        the run's length (its first ~100 records), incrementally after that."""
+        new = self.train[len(self.loss_smooth):]
+        n_finite = self._finite_losses + sum(1 for r in new if finite(num(r.get("loss"))))
+        beta = smoothing_weight(n_finite, self.ema_beta)
+        if beta != self._beta:
+            self._beta, self._ema, self.loss_smooth, self._finite_losses = beta, (0.0, 0.0), [], 0
+        avg, weight = self._ema
+        for r in self.train[len(self.loss_smooth):]:
+            loss = num(r.get("loss"))
+            if finite(loss):
+                avg = beta * avg + (1 - beta) * loss
+                weight = beta * weight + (1 - beta)
+                self._finite_losses += 1
+            self.loss_smooth.append(avg / weight if weight > 0 else None)
+        self._ema = (avg, weight)
+
     def poll(self) -> int:
         """Read what was appended to metrics.jsonl; the number of new records."""
         new = self.tail.poll()
         for rec in new:
             self._add(rec)
+        if len(self.loss_smooth) < len(self.train):
+            self._smooth()
         return len(new)
 
     def refresh(self, now: float | None = None) -> RunState:
@@ -435,11 +473,22 @@ class RunReader:
             s.loss, s.lr, s.grad_norm = num(r.get("loss")), num(r.get("lr")), num(r.get("grad_norm"))
             s.tok_s, s.tokens = num(r.get("tok_s")), r.get("tokens")
             s.loss_smooth = self.loss_smooth[-1]
-        if self.evals:
-            r = self.evals[-1]
+            s.objective = objective_metrics(r)
+        measured = [e for e in self.evals if num(e.get("val_loss")) is not None]
+        if measured:
+            r = measured[-1]
             s.val_loss, s.val_ppl = num(r.get("val_loss")), num(r.get("val_ppl"))
         if self.events:
             s.last_event = self.events[-1].get("event")
+        applied = last_applied(self.train)  # a window the guard skipped whole logs NaN: not the last loss
+        last_loss = num(applied.get("loss")) if applied is not None else None
+        if applied is not None:
+            s.loss = last_loss
+        s.diverged = last_loss is not None and not math.isfinite(last_loss)  # it ended in NaN/inf
+        s.stop_reason, s.resume_command, guard_stop = stop_info(m, self.events)
+        s.diverged = s.diverged or guard_stop
+        if s.status == "stopped" and s.resume_command is None:
+            s.resume_command = f"lmlab resume {self.path}"
         later = (m.get("sessions") or [])[1:]
         s.restarts = len(later)
         s.resumed_from = [int(x["resumed_from_step"] or 0) for x in later if isinstance(x, dict)
@@ -469,6 +518,68 @@ class RunReader:
         if self.tail.bad_lines:
             s.problems.append(f"{self.tail.bad_lines} unreadable line(s) in metrics.jsonl")
         return s
+
+
+def nothing_applied(rec: dict, prev: dict | None) -> bool:
+    """A train record of a log window whose steps the guard all skipped: its loss is NaN because no step was
+    applied (the steps since `prev` equal the skips since `prev`), not because the run diverged."""
+    step, skipped = num(rec.get("step")), num(rec.get("skipped"))
+    before = (num(prev.get("step")), num(prev.get("skipped"))) if prev is not None else (0.0, 0.0)
+    if step is None or skipped is None or before[0] is None:
+        return False
+    return step - before[0] > 0 and step - before[0] == skipped - (before[1] or 0.0)
+
+
+def applied_records(train: list[dict]) -> list[dict]:
+    """The train records of windows in which at least one step was applied (see nothing_applied)."""
+    return [r for i, r in enumerate(train) if not nothing_applied(r, train[i - 1] if i else None)]
+
+
+def last_applied(train: list[dict]) -> dict | None:
+    """The newest train record of a window in which a step was applied (None when there is none)."""
+    for i in range(len(train) - 1, -1, -1):
+        if not nothing_applied(train[i], train[i - 1] if i else None):
+            return train[i]
+    return None
+
+
+def objective_metrics(rec: dict) -> dict[str, float]:
+    """The numeric fields of a `train` record beyond the ones every run logs: what the objective adds
+    (DPO's rewards/chosen …, GRPO's reward, kl, completion_length …), in the order written."""
+    out = {}
+    for k, v in rec.items():
+        if k in TRAIN_FIELDS or k.startswith("_"):
+            continue
+        x = num(v)
+        if x is not None:
+            out[k] = x
+    return out
+
+
+GUARD_STOP_WORDS = ("guard", "loss is", "gradient norm is", "spike", "bad steps", "rollbacks", "diverged")
+
+
+def stop_info(manifest: dict, events: list[dict]) -> tuple[str | None, str | None, bool]:
+    """(why the run stopped, the command that continues it, whether it diverged: the guard stopped it, or the
+    trainer found its weights not finite) from run.json's `stop_reason` and `resume_command`, else the guard's
+    last `stop` event or the trainer's `diverged` event."""
+    reason = manifest.get("stop_reason") or manifest.get("reason")
+    resume = manifest.get("resume_command") or manifest.get("resume")
+    guard = None
+    diverged = None
+    for e in events:
+        if e.get("event") == "guard" and e.get("action") == "stop":
+            guard = e
+        elif e.get("event") == "diverged":
+            diverged = e
+    if guard is not None and not reason:
+        reason = f"guard stop at step {int(num(guard.get('step')) or 0):,}: {guard.get('reason') or 'bad step'}"
+    if diverged is not None and not reason:
+        reason = f"diverged: {diverged.get('reason') or 'not finite'}"
+    by_guard = guard is not None or diverged is not None or manifest.get("status") == "diverged" or (
+        isinstance(reason, str) and manifest.get("status") in ("stopped", "failed")
+        and any(w in reason for w in GUARD_STOP_WORDS))
+    return (str(reason) if reason else None), (str(resume) if resume else None), by_guard
 
 
 def is_run(path: Path) -> bool:
@@ -505,10 +616,11 @@ def find_runs(paths: Iterable[str | Path], depth: int = 2) -> list[Path]:
     return out
 
 
-def resolve_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """find_runs, but an empty result is a user error naming what was searched."""
+def resolve_runs(paths: Iterable[str | Path], allow_empty: bool = False) -> list[Path]:
+    """find_runs, but an empty result is a user error naming what was searched (unless `allow_empty`: existing
+    folders with no run yet, such as a study whose cells have not started, give [])."""
     paths = list(paths) or ["runs"]
     runs = find_runs(paths)
-    if not runs:
+    if not runs and not allow_empty:
         raise LmlabError(f"no run folders (with run.json) in {', '.join(str(p) for p in paths)}")
     return runs

@@ -80,13 +80,30 @@ def spark(values: Sequence[float | None], width: int = 16) -> str:
 
 
 def status_word(s: RunState) -> str:
-    """running / finished / … plus what we know about the process: 'running', 'running (dead?)' …"""
+    """running / finished / … plus what we know about the process: 'running', 'running (dead?)' …, and
+    'stopped (diverged)' for a run the guard stopped."""
     if s.status == "running":
         if s.alive is False:
             return "running (dead)"
         if s.alive is None:
             return "running (?)"
+    if s.diverged and s.status in ("stopped", "failed", "finished"):  # (run.json may say "diverged" itself)
+        return f"{s.status} (diverged)"
     return s.status
+
+
+ENDED_EARLY = ("stopped", "failed", "diverged")  # statuses whose reason and resume command are shown
+OBJECTIVE_SHOWN = 6  # objective metrics in the compact column / line
+
+
+def objective_text(s: RunState, limit: int = OBJECTIVE_SHOWN) -> str:
+    """The objective's own metrics of the last train record, compactly: 'reward 0.52  kl 0.0131 …' ('' if none).
+    Grouped names (rewards/chosen, rewards/margins) keep their last part when the group is shown once."""
+    items = list(s.objective.items())
+    if not items:
+        return ""
+    parts = [f"{k} {fmt_num(v, 3)}" for k, v in items[:limit]]
+    return "  ".join(parts) + (f"  (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 def step_text(s: RunState) -> str:
@@ -120,6 +137,7 @@ def row(s: RunState, loss_history: Sequence[float | None] = ()) -> dict[str, str
         "eta": fmt_duration(s.eta_s),
         "checkpoint": ckpt_text(s),
         "disk free": fmt_bytes(s.disk_free),
+        "objective": objective_text(s, 3),
     }
 
 
@@ -136,6 +154,12 @@ def text_report(readers: Sequence[RunReader]) -> str:
         out.append(f"  lr          {cols['lr']}   grad norm {cols['grad norm']}   tok/s {cols['tok/s']}")
         last = "-" if s.last_record is None else f"{fmt_duration(time.time() - s.last_record)} ago"
         out.append(f"  checkpoint  {cols['checkpoint']}   last record {last}   disk free {cols['disk free']}")
+        if s.objective:
+            out.append(f"  objective   {objective_text(s)}")
+        if s.stop_reason and s.status in ENDED_EARLY:
+            out.append(f"  {s.status:<11} {s.stop_reason}")
+        if s.resume_command and s.status in ENDED_EARLY:
+            out.append(f"  continue    {s.resume_command}")
         if s.restarts or s.skipped:
             starts = f" (from step {', '.join(f'{x:,}' for x in s.resumed_from)})" if s.resumed_from else ""
             out.append(f"  history     {s.restarts} restart{'s' * (s.restarts != 1)}{starts}   "
@@ -147,6 +171,11 @@ def text_report(readers: Sequence[RunReader]) -> str:
 
 def json_report(readers: Sequence[RunReader]) -> str:
     return json.dumps([r.state.to_dict() for r in readers], indent=1)
+
+
+def no_runs_text(paths) -> str:
+    """What `status` prints for folders that hold no run yet (a study whose cells have not started)."""
+    return f"no runs yet in {', '.join(str(p) for p in paths)} (run folders appear here as they start)"
 
 
 def read_states(paths) -> list[RunReader]:

@@ -24,7 +24,7 @@ from textual.widgets import DataTable, Footer, Header, Label, Log, Sparkline, St
 
 from .gpu import BENIGN_THROTTLE, gpu_stats
 from .runread import RunReader, find_runs, num, read_new_lines, tail_lines
-from .status import bar, fmt_bytes, fmt_duration, fmt_num, fmt_rate, row
+from .status import ENDED_EARLY, bar, fmt_bytes, fmt_duration, fmt_num, fmt_rate, objective_text, row
 
 COLUMNS = ["run", "status", "step", "loss", "val loss / ppl", "lr", "grad norm", "tok/s", "eta", "checkpoint",
            "disk free"]
@@ -81,6 +81,7 @@ class WatchApp(App):
         self._log_offset = 0
         self._log_run: str | None = None
         self._ticks = 0
+        self.columns = list(COLUMNS)  # + "objective" once a run logs its objective's own metrics
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=True)
@@ -110,19 +111,22 @@ class WatchApp(App):
                 self.readers[key] = RunReader(p)
 
     def refresh_data(self) -> None:
-        if self._ticks % 10 == 0:  # new runs appear in a study folder
+        if self._ticks % 10 == 0 or not self.readers:  # new runs appear in a study folder
             self._discover()
         self._ticks += 1
         now = time.time()
         table = self.query_one("#runs", DataTable)
+        states = {key: r.refresh(now) for key, r in self.readers.items()}
+        if "objective" not in self.columns and any(s.objective for s in states.values()):
+            self.columns.append("objective")  # DPO / GRPO / ... runs: their rewards, kl, ... in one more column
+            table.add_column("objective", key="objective", default="")
         for key, r in self.readers.items():
-            s = r.refresh(now)
-            cells = row(s, r.loss_smooth[-48:])
+            cells = row(states[key], r.loss_smooth[-48:])
             if key in table.rows:
-                for c in COLUMNS:
+                for c in self.columns:
                     table.update_cell(key, c, cells[c])
             else:
-                table.add_row(*(cells[c] for c in COLUMNS), key=key)
+                table.add_row(*(cells[c] for c in self.columns), key=key)
         if self.selected is None and self.readers:
             self.selected = next(iter(self.readers))
         self.update_detail()
@@ -144,13 +148,21 @@ class WatchApp(App):
     def update_detail(self) -> None:
         r = self.readers.get(self.selected or "")
         if r is None:
-            self.query_one("#title", Static).update("no runs found")
+            where = ", ".join(str(p) for p in self.paths)
+            self.query_one("#title", Static).update(f"no runs yet in {escape(where)}: waiting for them to appear")
             return
         s = r.state
+        extra = ""
+        if s.stop_reason and s.status in ENDED_EARLY:
+            extra += f"\n{escape(s.status)}: {escape(s.stop_reason)}"
+        if s.resume_command and s.status in ENDED_EARLY:
+            extra += f"\ncontinue: {escape(s.resume_command)}"
+        if s.objective:
+            extra += f"\nobjective: {escape(objective_text(s))}"
         self.query_one("#title", Static).update(
             f"[b]{escape(s.name)}[/b]  {escape(s.model or '')}  step {s.step:,}"
             + (f"/{s.total_steps:,}" if s.total_steps else "")
-            + f"  elapsed {fmt_duration(s.elapsed_s)}  eta {fmt_duration(s.eta_s)}")
+            + f"  elapsed {fmt_duration(s.elapsed_s)}  eta {fmt_duration(s.eta_s)}" + extra)
         for pid, title, kind, key in PLOTS:
             if pid == "loss":
                 ys = [v for v in r.loss_smooth if v is not None]

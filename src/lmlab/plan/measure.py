@@ -74,7 +74,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     from ..train.objectives import Pretrain
     from ..train.optim import param_groups
     from ..train.step import apply_update, compute_gradients
-    from .estimate import _meta_model, load_model_config
+    from .arch import load_model_config, meta_model
 
     dev = torch.device(spec["device"])
     cpu = dev.type == "cpu"
@@ -95,7 +95,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     if any(isinstance(cfg, f.config_cls) for f in registry.FAMILIES.values()):
         model = registry.build_model(cfg).to(dev)
     else:
-        meta = _meta_model(cfg, trust)  # the same class the planner analysed, now for real
+        meta = meta_model(cfg, trust)  # the same class the planner analysed, now for real
         model = type(meta)(cfg).to(dev)
         del meta
     model.train()

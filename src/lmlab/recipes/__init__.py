@@ -10,12 +10,15 @@ effective_batch, and where known the data size `examples` and `epochs`). A multi
 `data: {...}`), so `lmlab finetune -c` runs every stage in one run folder; `load_recipe(name, stage=k)`
 returns stage k's sections alone (1-based). Neither block is a config section: both are moved into `meta`
 here, so the sections load with `lmlab.config.from_dict` unchanged. `recipe_text` prints a recipe as a
-config file (its header as comments) that `-c FILE` of every command reads.
+config file (its header as comments) that `-c FILE` of every command reads; `header_of(text)` reads that
+commented header back (`lmlab advise FILE` takes the data size from it). A config file without a `recipe:`
+block (quickstart.yaml) is described by the first sentence of its leading comment.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +54,56 @@ def _read(path: Path) -> dict[str, Any]:
 def _meta(path: Path, d: dict[str, Any]) -> dict[str, Any]:
     meta = dict(d.get("recipe") or {})
     meta.setdefault("name", path.stem)
-    if "description" not in meta:  # a plain config file: its first comment line describes it
-        first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "# ")
-        meta["description"] = first.lstrip("# ").strip()
+    if "description" not in meta:  # a plain config file: the first sentence of its leading comment
+        meta["description"] = _first_sentence(path.read_text())
     train = d.get("train") or {}
     meta.setdefault("effective_batch", int(train.get("batch_size", 8)) * int(train.get("grad_accum", 1)))
     meta["stages"] = list(d.get("stages") or [])
     return meta
+
+
+def _first_sentence(text: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    words = " ".join(ln for ln in lines if ln)
+    m = re.search(r"\.(\s|$)", words)
+    return words[:m.start() + 1] if m else words
+
+
+def header_of(text: str) -> dict[str, Any]:
+    """The `recipe:` header of a config file's text: a real `recipe:` block, or the one `recipe_text` wrote
+    as comments (`# recipe:` and its indented lines). {} when there is none or it does not parse."""
+    try:
+        d = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        d = {}
+    if isinstance(d, dict) and isinstance(d.get("recipe"), dict):
+        return dict(d["recipe"])
+    block, inside = [], False
+    for line in text.splitlines():
+        body = line[2:] if line.startswith("# ") else None
+        if body is not None and body.rstrip() == "recipe:":
+            inside = True
+        elif inside and (body is None or not body.startswith(" ")):
+            break
+        if inside:
+            block.append(body)
+    try:
+        meta = (yaml.safe_load("\n".join(block)) or {}).get("recipe") if block else None
+    except yaml.YAMLError:
+        return {}
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def commented_header(meta: dict[str, Any]) -> str:
+    """A `recipe:` header as comment lines (what `header_of` reads back)."""
+    keys = ("name", "description", "source", "effective_batch", "epochs", "examples")
+    head = {k: meta[k] for k in keys if meta.get(k) is not None}
+    text = yaml.safe_dump({"recipe": head}, sort_keys=False, allow_unicode=True, width=120)
+    return "".join(f"# {line}\n" for line in text.splitlines())
 
 
 def list_recipes() -> list[dict[str, Any]]:
@@ -144,5 +190,5 @@ def recipe_text(name: str, stage: int | None = None) -> str:
     meta, cfg = load_recipe(name, stage)
     label = meta["stages"][stage - 1].get("name", f"stage {stage}")
     head = (f"# {meta['name']}, stage {stage} of {len(meta['stages'])} ({label}): {meta.get('description', '')}\n"
-            f"# Set model.name to the previous stage's final/ folder.\n")
+            f"# Set model.name to the previous stage's final/ folder.\n") + commented_header(meta)
     return head + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True, width=120)

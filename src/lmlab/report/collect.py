@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import LmlabError
+from ..monitor.runread import last_applied, num, objective_metrics, stop_info
 
 # config keys that do not change what a run computes: runs differing only in these (and train.seed) are seeds
 # of one configuration
@@ -37,6 +38,7 @@ class Run:
     train: list[dict] = field(default_factory=list)  # one record per step (last occurrence wins), time-annotated
     evals: list[dict] = field(default_factory=list)
     swelu: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     perplexity: dict[str, dict] = field(default_factory=dict)  # from eval/*.json, later files win
     tasks: dict[str, dict] = field(default_factory=dict)
@@ -65,14 +67,40 @@ class Run:
 
     @property
     def val_loss(self) -> float | None:
-        if self.evals:
-            return self.evals[-1].get("val_loss")
-        return (self.manifest.get("summary") or {}).get("val_loss")
+        """The last measured validation loss (NaN for a diverged run); None when none was measured (a run
+        without held-out data logs null)."""
+        if self.evals:  # evaluated: its own records say, null included
+            measured = [num(e.get("val_loss")) for e in self.evals if num(e.get("val_loss")) is not None]
+            return measured[-1] if measured else None
+        return num((self.manifest.get("summary") or {}).get("val_loss"))
 
     @property
     def val_ppl(self) -> float | None:
         v = self.val_loss
-        return math.exp(min(v, 50)) if v is not None else None
+        return math.exp(min(v, 50)) if v is not None and math.isfinite(v) else v
+
+    @property
+    def train_loss(self) -> float | None:
+        """The last logged training loss (metrics.jsonl writes NaN as the string "nan": read as a float), of a log
+        window in which a step was applied (one the guard skipped whole logs NaN without diverging)."""
+        rec = last_applied(self.train)
+        return num(rec.get("loss")) if rec is not None else None
+
+    @property
+    def objective(self) -> dict[str, float]:
+        """The objective's own metrics in the last train record (rewards, kl, ...): see monitor.runread."""
+        return objective_metrics(self.train[-1]) if self.train else {}
+
+    @property
+    def diverged(self) -> bool:
+        """The run ended with a non-finite training loss, or its guard stopped it."""
+        last = self.train_loss
+        return (last is not None and not math.isfinite(last)) or stop_info(self.manifest, self.events)[2]
+
+    @property
+    def status_text(self) -> str:
+        """run.json's status, marked when the run diverged: 'failed (diverged)', 'stopped (diverged)'."""
+        return f"{self.status} (diverged)" if self.diverged and self.status != "diverged" else self.status
 
     @property
     def unigram_loss(self) -> float | None:
@@ -130,10 +158,12 @@ def load_run(path: Path | str) -> Run:
     by_kind: dict[str, dict[int, dict]] = {"train": {}, "eval": {}, "swelu": {}}
     for rec in records:
         if rec.get("kind") in by_kind:
-            by_kind[rec["kind"]][rec.get("step", 0)] = rec  # a step redone after a resume: the last one counts
+            step = num(rec.get("step"))  # a step redone after a resume: the last one counts
+            by_kind[rec["kind"]][int(step) if step is not None and math.isfinite(step) else 0] = rec
     run.train = [by_kind["train"][s] for s in sorted(by_kind["train"])]
     run.evals = [by_kind["eval"][s] for s in sorted(by_kind["eval"])]
     run.swelu = [by_kind["swelu"][s] for s in sorted(by_kind["swelu"])]
+    run.events = [rec for rec in records if rec.get("kind") == "event"]
     run.samples = _read_jsonl(path / "samples.jsonl")
     run.devices = _devices(manifest, path)
     run.energy_kwh = _energy(manifest, records)

@@ -18,9 +18,11 @@ from .collect import Run
 
 def fmt(v, digits: int = 6) -> str:
     """Numbers as the report prints them (tests parse them back): ints with thousands separators, floats to
-    `digits` significant digits, missing as an em dash."""
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    `digits` significant digits, missing as an em dash, NaN / inf (a diverged run) as nan / inf."""
+    if v is None:
         return "—"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
     if isinstance(v, bool):
         return str(v)
     if isinstance(v, int):
@@ -79,10 +81,10 @@ def build(runs: list[Run], *, title: str = "lmlab report", price: float | None =
                                                               and r.gpu_hours > 0) else None
         tpg = r.tokens / r.gpu_hours if r.tokens and r.gpu_hours > 0 else None
         tpp = r.tokens / r.params if r.tokens and r.params else None
-        last_train = r.train[-1]["loss"] if r.train else None
+        last_train = r.train_loss
         steps = r.train[-1]["step"] if r.train else None
         runs_t.rows.append([r.name, r.config.get("model", {}).get("name", r.manifest.get("model")), r.seed, r.params,
-                            r.tokens, tpp, steps, last_train, r.val_loss, r.val_ppl, r.status])
+                            r.tokens, tpp, steps, last_train, r.val_loss, r.val_ppl, r.status_text])
         cost_t.rows.append([r.name, r.wall_s / 3600, r.devices, r.gpu_hours, r.energy_kwh,
                             f"{fmt(p)} ({p_src})" if p is not None else "—", cost, tpg, gain])
         ppl_t.rows.append([r.name, *[r.perplexity.get(s, {}).get("ppl") for s in sources]])
@@ -92,18 +94,20 @@ def build(runs: list[Run], *, title: str = "lmlab report", price: float | None =
                "tokens_per_param": tpp, "steps": steps, "final_train_loss": last_train, "val_loss": r.val_loss,
                "val_ppl": r.val_ppl, "wall_s": r.wall_s, "devices": r.devices, "gpu_hours": r.gpu_hours,
                "energy_kwh": r.energy_kwh, "price_per_gpu_hour": p, "cost": cost, "tokens_per_gpu_hour": tpg,
-               "val_gain_per_gpu_hour": gain, "status": r.status}
+               "val_gain_per_gpu_hour": gain, "status": r.status, "diverged": r.diverged}
+        row.update({f"objective:{k}": v for k, v in r.objective.items()})
         row.update({f"ppl:{s}": r.perplexity.get(s, {}).get("ppl") for s in sources})
         row.update({f"{t}:{m}": r.tasks.get(t, {}).get(m) for t in tasks for m in _task_metrics(runs, t)})
         sw = _swelu_final(r)
         row.update({f"swelu:{k}": v for k, v in sw.items()})
         csv_rows.append(row)
 
+    objective_t = _objective_table(runs)
     seeds_t = _seed_table(groups, sources, tasks, runs)
     fit_t, fit_fig = _fit(runs)
     budget_ts = _budget_tables(runs)
     sections: list[tuple[str, list]] = [
-        ("Runs", [runs_t]),
+        ("Runs", [runs_t, *([objective_t] if objective_t else [])]),
         ("Training curves", [_curves_figure(runs)]),
         ("Cost and efficiency", [cost_t]),
     ]
@@ -135,6 +139,21 @@ def _ordered(keys) -> list[str]:
         if k not in out:
             out.append(k)
     return out
+
+
+def _objective_table(runs: list[Run]) -> Table | None:
+    """The objective's own metrics (DPO's rewards/*, GRPO's reward, kl, ...) of each run's last train record,
+    one column per name any run logged; None when no run has any (pretraining, SFT)."""
+    names = _ordered(k for r in runs for k in r.objective)
+    if not names:
+        return None
+    t = Table("objective", "Objective metrics (last logged)", ["run", "objective", *names],
+              note="What each run's objective logs beside its loss, as in metrics.jsonl; — where a run has no such "
+                   "metric.")
+    for r in runs:
+        t.rows.append([r.name, r.config.get("train", {}).get("objective") or r.manifest.get("objective"),
+                       *[r.objective.get(k) for k in names]])
+    return t
 
 
 def _task_metrics(runs: list[Run], task: str) -> list[str]:

@@ -45,6 +45,8 @@ def make_executor(name: str = "local", **kw):
 def run_study(study: Study, executor="local", *, echo=print, **kw) -> dict[str, str]:
     """Run every unfinished cell of `study`; returns {cell name: finished | failed | stopped | ...}."""
     ex = make_executor(executor, **kw) if isinstance(executor, str) else executor
+    if hasattr(ex, "check"):  # an executor that cannot run here says so before anything is written
+        ex.check()
     write_study_file(study)
     return ex.run(study, echo=echo)
 

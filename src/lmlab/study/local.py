@@ -23,12 +23,35 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .spec import Cell, Study
-from .state import State, cell_state, command, config_drift, outcome, prepare, tail
+from .state import State, cell_state, command, config_drift, outcome, prepare, stop_reason, tail
 
 
 def popen_launcher(cmd: list[str], env: dict[str, str], log_path: Path):
+    """The run in a session of its own: a Ctrl-C in the study's terminal reaches the study alone, which forwards
+    each stop to its runs exactly once (the same whether the signal went to the terminal's process group or to
+    the study's pid). On Linux the run also gets SIGTERM (save and stop) if the study dies without forwarding
+    anything (SIGKILL, a crash), so no run is left training without its study."""
     with open(log_path, "ab") as log:
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=_stop_with_parent(os.getpid()))
+
+
+def _stop_with_parent(parent: int):
+    """A preexec_fn: ask the kernel for SIGTERM when the parent (the study) exits (Linux PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the study died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 @dataclass
@@ -79,15 +102,23 @@ class LocalExecutor:
                     if stop.requested and results[r.cell.name] == "failed":
                         results[r.cell.name] = "stopped"  # ended by our stop before its loop began: resumable
                     msg = f"{results[r.cell.name]:<9} {r.cell.name}"
+                    if results[r.cell.name] in ("stopped", "diverged") and stop_reason(r.cell.run_dir):
+                        msg += f" ({stop_reason(r.cell.run_dir)})"
                     if results[r.cell.name] == "failed":
                         msg += f" (exit {rc}; {r.log})\n{tail(r.log)}"
                     echo(msg)
                 if stop.requested:
-                    if not stop.forwarded:
+                    if stop.forwarded < stop.count:  # each stop once to every run we started
+                        again = stop.forwarded > 0
                         for r in running:
-                            if r.proc is not None:
-                                r.proc.send_signal(signal.SIGTERM)
-                        stop.forwarded = True
+                            if r.proc is not None and r.proc.poll() is None:
+                                _signal(r.proc, signal.SIGINT if again else signal.SIGTERM)
+                        names = ", ".join(r.cell.name for r in running if r.proc is not None)
+                        if names:
+                            echo(f"stopping  {names}: " + ("asked again, they stop now; waiting for them to exit"
+                                                           if again else "each saves its state at the end of its "
+                                                           "step; waiting for them"))
+                        stop.forwarded = stop.count
                     if not any(r.proc is not None for r in running):
                         break
                     time.sleep(self.poll_s)
@@ -182,15 +213,31 @@ def _visible_of(pid: int | None) -> list[int]:
     return []
 
 
+def _signal(proc, sig: int) -> None:
+    """`sig` to a run's own process (torchrun passes it on to its workers: they must not get it twice)."""
+    try:
+        proc.send_signal(sig)
+    except (OSError, ProcessLookupError):
+        pass
+
+
 class _Stop:
-    """SIGTERM: forward SIGTERM to every run (each checkpoints and stops), wait for them, return.
-    SIGINT (Ctrl-C): the terminal already sent it to the runs; wait for them to checkpoint and stop."""
+    """SIGINT, SIGTERM or SIGHUP, to the study's pid or to its terminal's process group: every run is asked to
+    save and stop (SIGTERM: the trainer checkpoints at the end of its step), and the study waits for them. A
+    second signal is forwarded too (SIGINT: the trainer stops at once, from its last checkpoint) and the study
+    still waits for its runs to exit, so none is left running without it."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self):
-        self.requested, self.forwarded, self._old = False, False, {}
+        self.count, self.forwarded, self._old = 0, 0, {}
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -198,11 +245,7 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT:
-            self.forwarded = True  # the runs share our terminal's process group
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
+        self.count += 1
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():

@@ -15,6 +15,7 @@ first, then as `slurm_<key>`). `cluster="debug"` or `"local"` runs the same jobs
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,13 +107,24 @@ class SlurmExecutor:
         self.cluster, self.folder, self.max_parallel = cluster, folder, max_parallel
         self.parameters, self.wait, self.python = dict(parameters or {}), wait, python
 
-    def executor(self, study: Study, cell: Cell):
+    def check(self) -> None:
+        """Refuse, before anything is written, where jobs cannot go to Slurm: submitit missing, or (the cluster
+        left to submitit to pick, or "slurm") no `sbatch` on PATH. `cluster="local"`/`"debug"` run the jobs here
+        on purpose (tests); without Slurm nothing falls back to them silently."""
         try:
-            import submitit
+            import submitit  # noqa: F401
         except ImportError:
-            raise LmlabError("the slurm executor needs submitit: pip install submitit") from None
-        folder = Path(self.folder or Path(study.out_dir) / ".slurm" / "%j")
-        ex = submitit.AutoExecutor(folder=folder, cluster=self.cluster)
+            raise LmlabError("--executor slurm: needs submitit: pip install 'lmlab[study]'") from None
+        if self.cluster in (None, "slurm") and shutil.which("sbatch") is None:
+            raise LmlabError("--executor slurm: Slurm is not available on this machine (no sbatch on PATH); run "
+                             "the study from a Slurm login node, or here with --executor local")
+
+    def executor(self, study: Study, cell: Cell):
+        self.check()
+        import submitit
+
+        ex = submitit.AutoExecutor(folder=Path(self.folder or Path(study.out_dir) / ".slurm" / "%j"),
+                                   cluster=self.cluster)
         gpus = len(cell.gpus) if cell.gpus is not None else cell.gpus_per_run
         params = {"name": f"{study.name}", "nodes": cell.nodes, "tasks_per_node": 1, "gpus_per_node": gpus,
                   "timeout_min": 24 * 60}

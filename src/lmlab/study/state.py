@@ -132,11 +132,19 @@ def command(cell: Cell, state: State, out_dir: Path, *, nproc: int, nodes: int =
 
 
 def outcome(run_dir: Path, returncode: int) -> str:
-    """finished | stopped | failed, after a cell's process exited."""
+    """finished | stopped | diverged | failed, after a cell's process exited. A run the guard stopped (exit 3,
+    run.json `stopped` with its state saved) is stopped; one whose weights went non-finite is diverged."""
     status = (_read_json(Path(run_dir) / "run.json") or {}).get("status")
     if returncode == 0 and status in ("finished", "stopped"):
         return status
+    if status in ("stopped", "diverged"):
+        return status
     return "failed"
+
+
+def stop_reason(run_dir: Path) -> str:
+    """run.json's `stop_reason` ('' when none)."""
+    return str((_read_json(Path(run_dir) / "run.json") or {}).get("stop_reason") or "")
 
 
 def tail(path: Path, n: int = 15) -> str:

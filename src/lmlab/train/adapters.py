@@ -15,13 +15,47 @@ The adapter initialisation is drawn from `train.seed`, so a run and its resumpti
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence the known noise of loading a model and giving it adapters, at its source, for the duration:
+    transformers' "Loading weights" progress bar, bitsandbytes' log line when its optional `kernels` package is
+    missing (a CPU fallback is used), transformers' FutureWarning that peft's call of `is_gradient_checkpointing`
+    is deprecated. Errors, and every other warning, pass as before."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    bnb = logging.getLogger("bitsandbytes")
+    level = bnb.level
+    bnb.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        bnb.setLevel(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def add_adapters(model: nn.Module, cfg) -> nn.Module:
+    with quiet_loading():
+        return _add_adapters(model, cfg)
+
+
+def _add_adapters(model: nn.Module, cfg) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     from ..models.lora import lora_targets
@@ -129,7 +163,6 @@ def load_run_model(run, merge: bool = False):
     logits equal base + adapters. A QLoRA run's adapters go onto the unquantised base."""
     from pathlib import Path
 
-    from peft import PeftModel
     from safetensors.torch import load_file
 
     from ..config import load_config
@@ -138,6 +171,8 @@ def load_run_model(run, merge: bool = False):
     from . import checkpoint as ckpt
     from .setup import build_model
 
+    with quiet_loading():
+        from peft import PeftModel
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{run}: not an lmlab run folder (no config.yaml)")
@@ -147,7 +182,8 @@ def load_run_model(run, merge: bool = False):
         return load_model(str(final)).eval(), load_tokenizer(str(final))
     if (final / "adapter_config.json").is_file():
         tokenizer = load_tokenizer(str(final))
-        model = PeftModel.from_pretrained(build_model(cfg, tokenizer), str(final))
+        with quiet_loading():
+            model = PeftModel.from_pretrained(build_model(cfg, tokenizer), str(final))
     else:
         latest = ckpt.latest_checkpoint(run / "checkpoints")
         if latest is None:
@@ -169,3 +205,15 @@ def load_run_model(run, merge: bool = False):
     if merge and isinstance(model, PeftModel):
         model = model.merge_and_unload()
     return model, tokenizer
+
+
+def base_label(path: str) -> str:
+    """What a base folder is called in a new run's name: a run folder's name, also for its final/, merged/ and
+    exports/step-N/ folders; any other folder's own name."""
+    from pathlib import Path
+
+    p = Path(path).resolve()
+    for run in (p, p.parent, p.parent.parent):
+        if is_run_folder(run) and (run == p or p.name in ("final", "merged") or p.parent.name == "exports"):
+            return run.name
+    return p.name

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from ..errors import LmlabError
@@ -98,10 +99,12 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, trainer_state
 
 @contextlib.contextmanager
 def _space_errors(final: Path):
-    """A write that fails for want of space becomes one line; the previous checkpoint is untouched."""
+    """A write that fails for want of space becomes one line; the previous checkpoint is untouched. The
+    writers say it their own way: OSError (ENOSPC, EFBIG past a file-size limit), torch's zip writer a
+    RuntimeError, safetensors a SafetensorError ("I/O error: File too large")."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, SafetensorError) as e:
         if not _out_of_space(e):
             raise
         raise LmlabError(f"disk full while saving {final.name} ({first_line(e)}); the previous checkpoint is "
@@ -110,11 +113,11 @@ def _space_errors(final: Path):
 
 def _out_of_space(e: BaseException) -> bool:
     """A write that failed for want of space: ENOSPC/EFBIG/EDQUOT, or torch's zip writer reporting the short
-    write it got (a RuntimeError 'unexpected pos')."""
+    write it got (a RuntimeError 'unexpected pos'), or safetensors' I/O error in words."""
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
     text = str(e)
-    return "unexpected pos" in text or "No space left" in text or "File too large" in text
+    return any(w in text for w in ("unexpected pos", "No space left", "File too large", "Disk quota exceeded"))
 
 
 def _size(path: Path) -> int:

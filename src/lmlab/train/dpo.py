@@ -8,9 +8,9 @@ For a pair (x, y_w chosen, y_l rejected), with log π(y|x) summed over the reply
     loss = −log σ(r_w − r_l)                              the sigmoid loss, β = finetune.dpo_beta
 
 Reference (finetune.dpo_reference=auto): for LoRA / QLoRA the same model with its adapters switched off
-(no second copy in memory); for full fine-tuning a frozen copy of the starting weights, taken before the first
-step (and before a checkpoint is restored, so a resumed run keeps the same reference). It runs in eval mode
-(no dropout), without gradients.
+(no second copy in memory); for full fine-tuning a frozen copy of the starting weights, taken in `setup` once
+the strategy has placed and wrapped the policy (a copy of its shards under FSDP) and before a checkpoint is
+restored, so a resumed run keeps the same reference. It runs in eval mode (no dropout), without gradients.
 
 Metrics (sums over pairs; the trainer divides by the number of pairs): rewards/chosen, rewards/rejected,
 rewards/margins (r_w − r_l), rewards/accuracies (r_w > r_l); on the held-out pairs as val_rewards/….
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data.chat import IGNORE
+from ..data.examples import RowStream, chat_format, format_lines, pad_id, source_specs, summary_lines, val_slices
 from ..errors import ConfigError
-from .objectives import Batch, Objective, ObjectiveData
-from .sft import RowStream, chat_format, source_specs, summary_lines
+from .objectives import Batch, Objective, ObjectiveData, upcast_half
 
 SIDES = ("chosen", "rejected")
 
@@ -37,10 +37,41 @@ SIDES = ("chosen", "rejected")
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(b,) summed log-probabilities of the labelled tokens; `labels` (b, l) unshifted, -100 where none."""
     targets = labels[:, 1:]
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (b, l-1, V)
+    logp = torch.log_softmax(upcast_half(logits[:, :-1]), dim=-1)  # (b, l-1, V), fp32 or wider
     mask = targets != IGNORE
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (b, l-1)
     return (picked * mask).sum(-1)
+
+
+def frozen_copy(model: torch.nn.Module, rt, reshard_after_forward: bool = True) -> torch.nn.Module:
+    """An eval-mode copy of `model` without gradients. A model sharded by FSDP2 (which refuses deepcopy) is copied
+    shard by shard: the same architecture built on the meta device, sharded the same way
+    (lmlab.train.strategy.shard), then each rank's local shards and the buffers copied in."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    from . import strategy
+
+    with torch.device("meta"):
+        ref = type(model)._from_config(model.config)
+    strategy.shard(ref, rt, reshard_after_forward=reshard_after_forward)
+    ref.to_empty(device=rt.device)
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    with torch.no_grad():
+        for (name, a), (other, b) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+            if name != other or local(a).shape != local(b).shape:
+                raise RuntimeError(f"reference copy: {name} and {other} do not match")  # a sharding that differs
+            local(b).copy_(local(a))
+        for (_, a), (_, b) in zip(model.named_buffers(), ref.named_buffers(), strict=True):
+            local(b).copy_(local(a))
+    for a, b in zip(model.modules(), ref.modules(), strict=True):  # settings chosen after construction
+        if hasattr(a, "scan_backend"):
+            b.scan_backend = a.scan_backend
+    return ref.eval().requires_grad_(False)
 
 
 def dpo_terms(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
@@ -70,15 +101,15 @@ def _both(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 class DPO(Objective):
     name = "dpo"
     unit = "pairs"
+    reference: torch.nn.Module | None = None  # set by setup() for full fine-tuning
 
     def data(self, cfg, tokenizer, rt) -> ObjectiveData:
         from ..data.preference import collate_pairs, encode_pair, load_preference
 
         ft, t = cfg.finetune, cfg.train
-        fmt = chat_format(cfg, tokenizer)
+        fmt = self.format = chat_format(cfg, tokenizer)
         data = load_preference(source_specs(cfg), val_fraction=cfg.data.val_fraction,
-                             seed=cfg.data.split_seed_for(t.seed),
-                               on_error=ft.on_error)
+                               seed=cfg.data.split_seed_for(t.seed), on_error=ft.on_error)
         max_len = min(ft.max_len or cfg.data.seq_len, cfg.data.seq_len)
 
         def encode(pairs):
@@ -88,17 +119,13 @@ class DPO(Objective):
         train, val = encode(data.train), encode(data.val)
         if not train:
             raise ConfigError(f"finetune.max_len: no preference pair fits in {max_len} tokens")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id(tokenizer)
         stream = RowStream(len(train), t.batch_size, lambda idx: collate_pairs([train[i] for i in idx], pad),
                            seed=t.seed, rank=rt.rank, world_size=rt.world_size, what="preference pairs")
 
         def val_batches() -> Iterator[Batch]:
-            b, w = t.batch_size, rt.world_size
-            for i in range(t.eval_batches):
-                lo = (i * w + rt.rank) * b
-                if lo >= len(val):
-                    break
-                yield collate_pairs(val[lo: lo + b], pad)
+            for r in val_slices(len(val), t.batch_size, t.eval_batches, rt.rank, rt.world_size):
+                yield collate_pairs(val[r.start: r.stop], pad)
 
         from ..data.tokenizer import tokenizer_fingerprint
 
@@ -107,7 +134,9 @@ class DPO(Objective):
                     "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "data_fingerprint": fingerprint}
         lines = [f"data      {len(train):,} train / {len(val):,} held-out preference pairs, template {fmt.name}, "
                  f"β={ft.dpo_beta:g}, reference: {self._reference_kind()}"]
-        lines += summary_lines(data.summary)
+        lines += summary_lines(data.summary, "pairs") + format_lines(fmt) + stream.note("preference pairs")
+        if not val:
+            lines.append("WARNING   no held-out pairs (data.val_fraction): validation loss is not measured")
         tokenizer.chat_template = fmt.inference_template()
         return ObjectiveData(stream, val_batches, manifest, lines)
 
@@ -122,11 +151,15 @@ class DPO(Objective):
     def check_model(self, model) -> None:
         if self.cfg.finetune.dpo_reference != "auto":
             raise ConfigError(f"finetune.dpo_reference: {self.cfg.finetune.dpo_reference!r}; allowed: auto")
+        if self.cfg.finetune.method != "full" and not hasattr(model, "disable_adapter"):
+            raise ConfigError(f"finetune.method={self.cfg.finetune.method}: the model carries no adapters")
+
+    def setup(self, model, wrapped, rt) -> None:
+        """The frozen reference of full fine-tuning: a copy of the policy as placed (and sharded) by the strategy,
+        before any step or restored checkpoint. Adapter runs need none (the base with adapters off)."""
         self.reference = None
         if self.cfg.finetune.method == "full":
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        elif not hasattr(model, "disable_adapter"):
-            raise ConfigError(f"finetune.method={self.cfg.finetune.method}: the model carries no adapters")
+            self.reference = frozen_copy(model, rt, reshard_after_forward=self.cfg.train.fsdp_reshard)
 
     def _reference_logps(self, model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         core = getattr(model, "module", model)  # under DDP

@@ -30,9 +30,9 @@ from ..eval.perplexity import perplexity, validation_loss
 from ..runtime import Runtime, setup_runtime
 from . import checkpoint as ckpt
 from . import strategy
-from .guard import APPLY, DeviceGuard, Guard, Verdict, skips_on_device
+from .guard import APPLY, DeviceGuard, Guard, LastGood, Verdict, skips_on_device
 from .objectives import Objective, make_objective
-from .optim import lr_at
+from .optim import lr_at, warmup_steps
 from .run import Run, open_run
 from .setup import Parts, build
 from .step import apply_update, compute_gradients, discard_update
@@ -51,14 +51,17 @@ class TrainState:
     skipped: int = 0  # steps the guard did not apply
     lr_scale: float = 1.0  # lowered by each guard rollback
     stale_evals: int = 0  # evaluations in a row without a new best (early stopping)
+    guard: dict | None = None  # the guard's state at the last save (None: a checkpoint older than it)
 
 
-def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=None, force: bool = False) -> Path:
+def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=None, force: bool = False,
+          rewrite_config: bool = False) -> Path:
     """Run (or continue, if `run_dir` has a checkpoint) a training run. Returns the run folder.
 
     `preflight(cfg, rt, model) -> str`, when given, adds a line before the first step (the CLI passes the
     planner's memory check, `lmlab.plan.estimate.memory_line`). A resume whose tokenizer, data, world size or
-    tokens per step differ from the run's is refused unless `force`."""
+    tokens per step differ from the run's is refused unless `force`. `rewrite_config` (a resume with changed
+    settings) saves `cfg` as the run's config.yaml, once the run's lock is taken and the checks passed."""
     rt = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.threads)
     clean = False
     try:
@@ -79,21 +82,28 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=Non
         if run_dir is not None and latest is not None and not force:
             check_same_run(Path(run_dir), manifest, resharded=cfg.train.strategy == "fsdp")
         with open_run(cfg, rt, run_dir, tokenizer=parts.tokenizer, manifest=manifest, echo=echo,
-                      resumed_from=_step_of(latest) if run_dir else None) as run:
+                      resumed_from=_step_of(latest) if run_dir else None, rewrite_config=rewrite_config) as run:
             state = restore(cfg, rt, parts, latest)
             announce(cfg, rt, parts, run, state, latest)
             if preflight is not None and rt.is_main:
                 run.sink.say(preflight(cfg, rt, parts.model))
             with system_stats(cfg, rt, run):
                 try:
-                    run.status = loop(cfg, rt, parts, objective, run, state, protect=(latest,) if latest else ())
+                    status = loop(cfg, rt, parts, objective, run, state, protect=(latest,) if latest else ())
                 except TrainingDiverged:
                     clean = True  # every rank stops at the same step (the guard judges all-reduced values)
                     raise
-            if run.status == "finished":
+            if status == "finished":  # finished only once exported: a run without final/ is not
                 whole = strategy.unsharded_model(parts.model, rt)  # collective when the model is sharded
                 if rt.is_main:
-                    finish(cfg, rt, dataclasses.replace(parts, model=whole), run, state)
+                    status = finish(cfg, rt, dataclasses.replace(parts, model=whole), run, state)
+                status = rt.all_gather_object(status)[0]
+            run.status = status
+            if status == "diverged":
+                clean = True
+                raise TrainingDiverged(f"the weights are not finite at step {state.step} (train.guard=off lets "
+                                       f"non-finite steps through); nothing exported: lower train.lr and start "
+                                       f"again, or train with train.guard=skip")
         clean = True  # finished or stopped (a signal, seen by every rank at the same step)
         return run.dir
     finally:
@@ -109,6 +119,15 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
     # DeepSpeed's engine steps for itself
     fast = DeviceGuard(guard, rt.device) if guard.policy == "skip" and p.scaler is None and skips_on_device(
         p.optimizer) and t.strategy != "deepspeed" else None
+    if s.guard is not None:
+        (fast or guard).load_state_dict(s.guard)
+    elif s.step > 0 and guard.policy != "off":
+        run.sink.say("guard     this checkpoint holds no guard state (written by an older lmlab): the spike "
+                     "window starts empty")
+    # the state before the last applied update, for a stop or rollback (deepspeed: its partitions are its own)
+    last_good = LastGood(p.model, p.optimizer) if guard.policy != "off" and t.guard_keep and \
+        t.strategy != "deepspeed" else None
+    guards = _Guards(guard, fast, last_good)
     window = _Window()
     p.model.train()
     with _StopFlag() as stop, run.sink.progress(total, s.step):
@@ -123,6 +142,8 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
                                   grad_clip=t.grad_clip, wrapped=p.wrapped)
             if fast is not None:  # decided on the device; what it did is read back at the next log step
                 bad = fast.check(s.step + 1, r.loss, r.grad_norm)
+                if last_good is not None:
+                    last_good.keep(bad, s.step)
                 apply_update(p.optimizer, skip=bad)
                 verdict, applied = APPLY, bad == 0
             elif p.scaler is not None and bool(torch.isfinite(r.loss)) and not bool(torch.isfinite(r.grad_norm)):
@@ -132,6 +153,8 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
                 verdict = guard.check(s.step + 1, r.loss, r.grad_norm)
                 applied = verdict.apply
                 if applied:
+                    if last_good is not None:
+                        last_good.keep(None, s.step)
                     apply_update(p.optimizer, p.scaler)
                 else:
                     discard_update(p.optimizer, p.scaler)
@@ -140,8 +163,8 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
                                    f"{verdict.reason}", action=verdict.action, reason=verdict.reason,
                                    loss=float(r.loss), grad_norm=float(r.grad_norm))
                     if verdict.action == "rollback":
-                        s = rollback(cfg, rt, p, run, s)
-                        continue
+                        if rollback(cfg, rt, p, run, s, last_good):
+                            continue  # back to a checkpoint (deepspeed): its step, the data stream goes on
             s.step += 1
             run.step = s.step
             s.tokens += p.plan.tokens_per_step
@@ -151,7 +174,7 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
                                                                                    t.save_every))):
                 verdict = _settle(fast, run, s)
             if verdict.action == "stop":
-                _diverged(cfg, rt, p, run, s, protect, verdict)
+                _diverged(cfg, rt, p, run, s, protect, verdict, guards, window, lr)
             if s.step % t.log_every == 0 or last:
                 log_train(run, rt, p, s, window, lr)
             else:
@@ -162,15 +185,17 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
                 if t.early_stop_patience and s.stale_evals >= t.early_stop_patience and not last:
                     run.sink.event("early_stop", s.step, f"early stop at step {s.step}: no validation gain of "
                                    f"{t.early_stop_min_delta:g} in {s.stale_evals} evaluations", best=s.best_val)
-                    _save(cfg, rt, p, run, s, protect)
+                    if fast is not None and (verdict := _settle(fast, run, s)).action == "stop":
+                        _diverged(cfg, rt, p, run, s, protect, verdict, guards, window, lr)
+                    _save(cfg, rt, p, run, s, protect, guards)
                     return "finished"
             if rt.is_main and t.sample_every and s.step % t.sample_every == 0 and not last:
                 write_samples(p.model, p.tokenizer, cfg, s.step, run.dir, rt)
             stopping = _stop_requested(stop, rt)
             if s.step % t.save_every == 0 or last or stopping:
                 if fast is not None and (verdict := _settle(fast, run, s)).action == "stop":  # stopping: news
-                    _diverged(cfg, rt, p, run, s, protect, verdict)
-                _save(cfg, rt, p, run, s, protect)
+                    _diverged(cfg, rt, p, run, s, protect, verdict, guards, window, lr)
+                _save(cfg, rt, p, run, s, protect, guards)
                 window.restart()
             if stopping and not last:
                 run.sink.event("stopped", s.step)
@@ -191,14 +216,43 @@ def _settle(fast: DeviceGuard, run: Run, s: TrainState) -> Verdict:
     return verdict
 
 
+@dataclass
+class _Guards:
+    """The loop's guard (the host's), the device guard when it decides instead, and the last good state."""
+
+    host: Guard
+    device: DeviceGuard | None
+    last_good: LastGood | None
+
+    def state_dict(self) -> dict:
+        return (self.device or self.host).state_dict()
+
+    def clear_streak(self) -> None:
+        (self.device or self.host).clear_streak()
+
+
 def _diverged(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState, protect: tuple[Path, ...],
-              verdict: Verdict) -> None:
-    """The guard's stop: save the last good state and raise with the resume command."""
-    _save(cfg, rt, p, run, s, protect)
+              verdict: Verdict, guards: _Guards, window: _Window, lr: float) -> None:
+    """The guard's stop: back to the last good state (the one before the last applied update: its next loss was
+    judged good), save it as the checkpoint of this step, and raise with the resume command; run.json says
+    `stopped`, why, and how to continue."""
+    back = guards.last_good is not None and guards.last_good.restore()
+    kept = f"the state after step {guards.last_good.step}" if back else "the current state"
+    guards.clear_streak()  # a resume counts bad steps afresh
+    if window.logged != s.step:  # the skipped count up to the stop, where status reads it
+        log_train(run, rt, p, s, window, lr)
+    _save(cfg, rt, p, run, s, protect, guards)
     when = f"at step {s.step}" if verdict.step in (None, s.step) else \
         f"at step {verdict.step} (read back at step {s.step}; nothing was applied in between)"
-    raise TrainingDiverged(f"{verdict.reason} {when}; the last good weights are saved: lmlab resume {run.dir} "
-                           f"train.lr={cfg.train.lr / 2:g}")
+    command = f"lmlab resume {run.dir} train.lr={cfg.train.lr / 2:g}"
+    run.status = "stopped"
+    if rt.is_main:
+        from .. import runs
+
+        runs.write_manifest(run.dir, stop_reason=f"guard stop {when}: {verdict.reason}", resume_command=command,
+                            skipped_steps=s.skipped)
+    raise TrainingDiverged(f"{verdict.reason} {when}; the last good weights ({kept}, the newest whose next loss "
+                           f"was good) are saved as step {s.step}: {command}")
 
 
 class _Window:
@@ -209,6 +263,7 @@ class _Window:
         self.metrics: dict[str, torch.Tensor] = {}
         self.grad_norm = torch.tensor(float("nan"))  # the last applied step's
         self.steps, self.tokens, self.t0 = 0, 0, time.perf_counter()
+        self.logged = -1  # the step of the last train record
 
     def add(self, r, tokens: int, applied: bool | torch.Tensor) -> None:
         """`applied`: a bool, or a 0-d bool tensor on the device (the device guard's verdict, not read here)."""
@@ -237,15 +292,21 @@ def log_train(run: Run, rt: Runtime, p: Parts, s: TrainState, w: _Window, lr: fl
     sw = swelu_values(p.model)
     if sw:
         run.sink.log("swelu", s.step, **{f"{n}.{k}": v for n, d in sw.items() for k, v in d.items()})
-    run.sink.update(s.step, loss=loss, lr=lr, tok_s=tok_s)
+    run.sink.update(s.step, loss=loss, lr=lr, tok_s=tok_s, metrics=extra)
+    more = "".join(f" {k} {v:.4g}" for k, v in extra.items())
     run.sink.text(f"step {s.step}/{p.plan.total_steps} loss {loss:.4f} lr {lr:.3g} grad_norm {grad_norm:.3f} "
-                  f"tok/s {tok_s:,.0f}")
-    w.loss, w.metrics, w.steps = torch.zeros(()), {}, 0
+                  f"tok/s {tok_s:,.0f}{more}")
+    w.loss, w.metrics, w.steps, w.logged = torch.zeros(()), {}, 0, s.step
     w.restart()
 
 
 def evaluate(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: TrainState) -> None:
     res = validation_loss(p.model, objective, p.data.val(), rt)
+    if res is None:  # no held-out targets: no value (not a perfect one), no best, no early stop
+        if "no_val" not in run.warned:
+            run.warned.add("no_val")
+            run.sink.say("WARNING   no validation targets: validation loss is not measured (data.val_fraction)")
+        return
     best = s.best_val
     s.last_val = res["val_loss"]  # the same on every rank (all-reduced), so every rank decides the same
     s.stale_evals = 0 if best is None or s.last_val < best - cfg.train.early_stop_min_delta else s.stale_evals + 1
@@ -256,8 +317,11 @@ def evaluate(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run,
     run.sink.note(f"step {s.step:>6}  val_loss {s.last_val:.4f}  ppl {ppl:,.2f}")
 
 
-def _save(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState, protect: tuple[Path, ...]) -> None:
+def _save(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState, protect: tuple[Path, ...],
+          guards: _Guards | None = None) -> None:
     root = run.dir / "checkpoints"
+    if guards is not None:
+        s.guard = guards.state_dict()
     state = {"state": asdict(s), "optimizer": p.optimizer.state_dict(),
              "scaler": p.scaler.state_dict() if p.scaler is not None else None,
              "loader": p.data.train.state_dict()}
@@ -285,8 +349,19 @@ def restore(cfg: Config, rt: Runtime, p: Parts, latest: Path | None) -> TrainSta
     return TrainState(**state["state"])
 
 
-def rollback(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState) -> TrainState:
-    """Back to the last checkpoint's weights, optimizer and RNG with a lower LR; the data stream goes on."""
+def rollback(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState, last_good: LastGood | None) -> bool:
+    """Back to the last good state (the one before the last applied update, kept in memory) with a lower LR;
+    the step counts as skipped and the data stream goes on. Where none is kept (deepspeed, train.guard_keep=false),
+    back to the last checkpoint's weights, optimizer and RNG, and its step (then True: the loop goes on from
+    there)."""
+    scale = s.lr_scale * cfg.train.guard_lr_factor
+    if last_good is not None:
+        to = last_good.step if last_good.restore() else s.step  # nothing applied since the start: as it is
+        s.lr_scale = scale
+        run.sink.event("rollback", s.step + 1, f"rolled back to the state before step {to + 1}'s update, LR × "
+                       f"{scale:g}", to_step=to, lr_scale=scale)
+        run.sink.say(f"guard     rolled back to the state after step {to} (the last good one); LR now × {scale:g}")
+        return False
     latest = latest_valid_checkpoint(run.dir / "checkpoints", run.sink.say)
     if latest is None:
         raise TrainingDiverged(f"the guard asked for a rollback at step {s.step + 1} but no checkpoint exists "
@@ -294,12 +369,14 @@ def rollback(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState) -> Tra
     position = p.data.train.state_dict()
     back = restore(cfg, rt, p, latest)
     p.data.train.load_state_dict(position)
-    back.lr_scale = s.lr_scale * cfg.train.guard_lr_factor
-    back.skipped = s.skipped
-    run.sink.event("rollback", back.step, f"rolled back to {latest.name}, LR × {back.lr_scale:g}",
-                   checkpoint=latest.name, lr_scale=back.lr_scale)
-    run.sink.say(f"guard     rolled back to {latest.name}; LR now × {back.lr_scale:g}")
-    return back
+    skipped, guard = s.skipped, s.guard
+    for f in dataclasses.fields(TrainState):
+        setattr(s, f.name, getattr(back, f.name))
+    s.lr_scale, s.skipped, s.guard = scale, skipped, guard
+    run.sink.event("rollback", s.step, f"rolled back to {latest.name}, LR × {scale:g}", checkpoint=latest.name,
+                   to_step=s.step, lr_scale=scale)
+    run.sink.say(f"guard     rolled back to {latest.name}; LR now × {scale:g}")
+    return True
 
 
 RESUME_KEYS = {"tokenizer_fingerprint": "the tokenizer", "data_fingerprint": "the data",
@@ -370,6 +447,10 @@ def _step_of(path: Path | None) -> int:
 def announce(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState, latest: Path | None) -> None:
     for line in p.plan.lines(cfg, rt) + p.data.lines:
         run.sink.say(line)
+    t = cfg.train
+    if (used := warmup_steps(t.warmup_steps, p.plan.total_steps)) < t.warmup_steps:
+        run.sink.say(f"WARNING   train.warmup_steps={t.warmup_steps} is more than a tenth of the run's "
+                     f"{p.plan.total_steps:,} steps: warming up over {used:,}")
     run.sink.say(f"run       {run.dir}")
     if latest is not None:
         run.sink.say(f"resumed   from {latest.name} (step {s.step:,}, {s.tokens:,} tokens)")
@@ -382,9 +463,19 @@ def announce(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState, latest
                        total_steps=p.plan.total_steps)
 
 
-def finish(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState) -> None:
+def finish(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState) -> str:
+    """Samples, the export, the summary: "finished"; or "diverged" (nothing exported, no samples) when the
+    weights are not finite (train.guard=off lets non-finite steps through)."""
     from ..models.export import export
 
+    if not finite_weights(p.model):
+        reason = f"the weights are not finite at step {s.step}"
+        run.sink.say(f"samples   none: {reason} (the run diverged); nothing exported")
+        run.sink.event("diverged", s.step, f"diverged: {reason}", reason=reason)
+        from .. import runs
+
+        runs.write_manifest(run.dir, stop_reason=f"diverged: {reason} (train.guard=off)", skipped_steps=s.skipped)
+        return "diverged"
     samples = write_samples(p.model, p.tokenizer, cfg, s.step, run.dir, rt)
     final = export(p.model, p.tokenizer, run.dir / "final")
     base = p.data.baseline_ppl()
@@ -404,6 +495,7 @@ def finish(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState) -> None:
     run.sink.say(f"exported  {final}  (AutoModelForCausalLM.from_pretrained works on it)")
     for sample in samples[:2]:
         run.sink.say(f"sample    {sample['prompt']!r} → {sample['completion'][:160]!r}")
+    return "finished"
 
 
 @contextlib.contextmanager
@@ -422,14 +514,25 @@ def system_stats(cfg: Config, rt: Runtime, run: Run):
         yield
 
 
+def finite_weights(model) -> bool:
+    """Whether every parameter is finite (one host synchronisation)."""
+    with torch.no_grad():
+        flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def swelu_values(model) -> dict[str, dict[str, float]]:
     mods = model.swelu_modules() if hasattr(model, "swelu_modules") else {}
     return {name: {"k": float(m.k.detach()), "lam": float(m.lam.detach())} for name, m in mods.items()}
 
 
 def write_samples(model, tokenizer, cfg: Config, step: int, run_dir: Path, rt: Runtime) -> list[dict]:
-    """Generations on the fixed prompts, with their own RNG (the training RNG is not touched)."""
+    """Generations on the fixed prompts, with their own RNG (the training RNG is not touched); none from a model
+    whose weights are not finite (a diverged run: sampling would draw from NaN probabilities)."""
     from ..generate import SamplingConfig, generate
+
+    if not finite_weights(model):
+        return []
 
     gen = torch.Generator(device=rt.device).manual_seed(cfg.train.seed + step)
     sc = SamplingConfig(max_new_tokens=cfg.train.sample_tokens, temperature=0.8, top_k=50,

@@ -88,9 +88,14 @@ def model_logits(model, batch: Batch) -> torch.Tensor:
     return model(batch["input_ids"]).logits
 
 
+def upcast_half(x: torch.Tensor) -> torch.Tensor:
+    """fp16 / bf16 raised to fp32 for a softmax or a loss; fp32 and fp64 kept as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Summed fp32 cross-entropy over every target that is not -100."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+    """Summed cross-entropy over every target that is not -100, in fp32 for half-precision logits (fp64 stays)."""
+    return F.cross_entropy(upcast_half(logits).reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
                            reduction="sum", label_smoothing=label_smoothing)
 
 
@@ -124,8 +129,8 @@ class Pretrain(Objective):
     name = "pretrain"
 
     def data(self, cfg, tokenizer, rt) -> ObjectiveData:
+        from ..data.corpus import build_corpus
         from ..data.loader import TokenBatches, eval_batches
-        from .setup import build_corpus
 
         corpus = build_corpus(cfg, tokenizer, rt)
         t, d = cfg.train, cfg.data
@@ -156,6 +161,14 @@ def unigram_baseline(corpus) -> float:
     from ..data.shards import unigram_entropy
 
     return math.exp(unigram_entropy(np.asarray(corpus.val), corpus.vocab_size, ref=np.asarray(corpus.train)))
+
+
+def held_out_batches(cfg, tokenizer, rt) -> tuple[Objective, list[Batch]]:
+    """The run's objective (train.objective of `cfg`) and its validation batches, rebuilt exactly as the trainer
+    built them: the same sources, split, template and encoding, this rank's share. `tokenizer` is the run's own
+    (`<run>/tokenizer` or its export). Objectives that need a reference model (dpo) get it from `setup`."""
+    objective = make_objective(cfg)
+    return objective, list(objective.data(cfg, tokenizer, rt).val())
 
 
 # ------------------------------------------------------------------------------------------- registry

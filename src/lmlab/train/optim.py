@@ -1,4 +1,11 @@
-"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules."""
+"""The optimizer (`train.optimizer`) with weight decay on matrices only, and the learning-rate schedules.
+
+    adamw   torch AdamW: decoupled weight decay (p ← p − lr·wd·p, apart from the gradient); fused on CUDA
+    sgd     torch SGD with heavy-ball momentum `train.momentum` (0: plain SGD); its weight decay is SGD's own,
+            coupled: wd·p is added to the gradient before the momentum (classic L2), on the same groups
+
+Both leave biases, norms and the listed scalars/vectors without decay (`param_groups`).
+"""
 
 from __future__ import annotations
 
@@ -33,14 +40,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   eps: float, device: torch.device) -> torch.optim.AdamW:
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+                   eps: float, device: torch.device, *, kind: str = "adamw",
+                   momentum: float = 0.0) -> torch.optim.Optimizer:
+    """`kind` adamw (fused on CUDA: the device guard skips it without a host synchronisation) or sgd."""
+    groups = param_groups(model, weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if kind != "adamw":
+        raise ValueError(f"unknown optimizer {kind!r}; one of {', '.join(OPTIMIZERS)}")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
+
+
+def make_optimizer_from(model: nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer `train.*` (a TrainConfig) asks for."""
+    return make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, device, kind=t.optimizer,
+                          momentum=t.momentum)
+
+
+def warmup_steps(warmup: int, total: int) -> int:
+    """The warm-up actually used: `train.warmup_steps`, at most a tenth of the run (at least 1 step when asked
+    for), so a short run is not spent warming up."""
+    return min(warmup, max(1, total // 10)) if warmup > 0 else 0
 
 
 def lr_at(step: int, *, lr: float, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """LR for optimizer step `step` (0-based): linear warmup, then cosine / linear decay / constant."""
+    """LR for optimizer step `step` (0-based): linear warmup (capped by `warmup_steps`), then cosine / linear
+    decay / constant."""
+    warmup = warmup_steps(warmup, total)
     if warmup > 0 and step < warmup:
         return lr * (step + 1) / warmup
     if schedule == "constant":

@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import runs
@@ -42,11 +42,14 @@ class Run:
     resuming: bool
     status: str = "failed"
     step: int = 0  # the loop's current step, for records written from other threads (system stats)
+    warned: set[str] = field(default_factory=set)  # warnings said once per run
 
 
 @contextmanager
 def open_run(cfg: Config, rt: Runtime, run_dir: Path | None, *, tokenizer, manifest: dict,
-             resumed_from: int | None = None, echo=print) -> Iterator[Run]:
+             resumed_from: int | None = None, echo=print, rewrite_config: bool = False) -> Iterator[Run]:
+    """`rewrite_config`: a resume with changed settings saves `cfg` as config.yaml, after the lock is taken (a
+    refused resume leaves the folder as it was)."""
     resuming = run_dir is not None
     if run_dir is None:
         name = rt.all_gather_object(cfg.run.name or runs.default_name(cfg.model.name))[0]  # rank 0's, everywhere
@@ -66,8 +69,9 @@ def open_run(cfg: Config, rt: Runtime, run_dir: Path | None, *, tokenizer, manif
               resuming)
 
     def describe() -> None:
-        if not resuming:  # config.yaml last: with it in place, the folder holds a run (run.if_exists=resume)
-            tokenizer.save_pretrained(run_dir / "tokenizer")
+        if not resuming or rewrite_config:  # config.yaml last: with it, the folder holds a run (if_exists=resume)
+            if not resuming:
+                tokenizer.save_pretrained(run_dir / "tokenizer")
             save_config(cfg, run_dir / "config.yaml")
         runs.start_manifest(run_dir, resumed_from=resumed_from)
         runs.write_manifest(run_dir, name=run_dir.name, model=cfg.model.name, objective=cfg.train.objective,

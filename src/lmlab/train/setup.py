@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..data.chat import TEMPLATES
+from ..data.corpus import build_corpus  # noqa: F401  (its home is lmlab.data.corpus; kept importable from here)
 from ..errors import ConfigError
 from ..models import registry
 from ..runtime import Runtime
@@ -23,6 +25,7 @@ from .objectives import Objective, ObjectiveData
 from .optim import make_optimizer
 
 DEFAULT_STEPS = 1000
+TEMPLATE_TOKENS = {tok for t in TEMPLATES.values() for tok in t.special}  # what a base may grow by
 
 
 @dataclass
@@ -103,7 +106,8 @@ def build(cfg: Config, rt: Runtime, objective: Objective, saved_tokenizer: Path 
     model.to(rt.device)
     t = cfg.train
     model = strategy.prepare(model, cfg, rt)  # compile; fsdp shards before the optimizer sees the parameters
-    optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, rt.device)
+    optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, rt.device, kind=t.optimizer,
+                               momentum=t.momentum)
     strategy.attach(model, optimizer, cfg)
     wrapped = strategy.wrap(model, cfg, rt, optimizer)
     objective.setup(model, wrapped, rt)
@@ -128,15 +132,6 @@ def build_tokenizer(cfg: Config, rt: Runtime, saved: Path | None = None):
     return rt.main_first(lambda: load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size))  # rank 0 trains/caches
 
 
-def build_corpus(cfg: Config, tokenizer, rt: Runtime):
-    from ..data.shards import prepare_corpus
-
-    kw = dict(val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed_for(cfg.train.seed),
-              text_field=cfg.data.text_field,
-              max_docs=cfg.data.max_docs)
-    return rt.main_first(lambda: prepare_corpus(cfg.data.source, tokenizer, **kw))  # rank 0 builds the cache
-
-
 def build_model(cfg: Config, tokenizer) -> torch.nn.Module:
     """A fresh lmlab model sized to the tokenizer, or a pretrained HF model (folder or hub id)."""
     kind = registry.describe_kind(cfg.model.name)
@@ -155,9 +150,32 @@ def build_model(cfg: Config, tokenizer) -> torch.nn.Module:
         from .adapters import resolve_base
 
         name = resolve_base(name)
-    model = load_model(name, trust_remote_code=cfg.model.trust_remote_code)
+    from .adapters import quiet_loading
+
+    with quiet_loading():
+        model = load_model(name, trust_remote_code=cfg.model.trust_remote_code)
     n_emb = model.get_input_embeddings().weight.shape[0]
     if vocab > n_emb:
-        raise ConfigError(f"data.tokenizer: {vocab} tokens but {cfg.model.name} has only {n_emb} embeddings; "
-                          f"use the model's own tokenizer (data.tokenizer={cfg.model.name})")
+        extra = set(tokenizer.convert_ids_to_tokens(list(range(n_emb, vocab))))
+        if not extra <= TEMPLATE_TOKENS:
+            raise ConfigError(f"data.tokenizer: {vocab} tokens but {cfg.model.name} has only {n_emb} embeddings; "
+                              f"use the model's own tokenizer (data.tokenizer={cfg.model.name})")
+        grow_embeddings(model, vocab)  # a chat template's special tokens (lmlab.data.examples.chat_format)
     return model
+
+
+def grow_embeddings(model: torch.nn.Module, n: int) -> None:
+    """Resize the input embeddings (and an untied output head) to `n` rows; every new row is the mean of the
+    existing rows, so a new token starts as an average one and the same base always grows the same way."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    untied = out is not None and out.weight is not inp.weight
+    old = inp.weight.shape[0]
+    with torch.no_grad():
+        means = [inp.weight.mean(0)] + ([out.weight.mean(0)] if untied else [])
+    model.resize_token_embeddings(n, mean_resizing=False)
+    layers = [model.get_input_embeddings()] + ([model.get_output_embeddings()] if untied else [])
+    with torch.no_grad():
+        for layer, mean in zip(layers, means):
+            layer.weight[old:] = mean
+            if getattr(layer, "bias", None) is not None and layer.bias.shape[0] == n:
+                layer.bias[old:] = layer.bias[:old].mean()

@@ -12,6 +12,13 @@ stage's output.
         data: {source: pairs.jsonl}
         train: {objective: dpo, lr: 5e-6, max_steps: 200}
 
+Any objective can follow any other: SFT → DPO (or IPO, SimPO, ORPO, KTO) as above, or SFT → GRPO:
+
+      - name: grpo
+        data: {source: arithmetic}                  # prompts (lmlab.data.prompts)
+        train: {objective: grpo, lr: 5e-4, max_steps: 200}
+        rl: {num_generations: 8}
+
 A stage's sections override the shared ones key by key; `key=value` overrides from the command line apply to
 every stage, last. Stage i > 0 starts from stage i − 1's model (its final/ folder, or the base with its LoRA
 adapters merged) and tokenizer. The run folder:
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -82,14 +90,22 @@ def stage_configs(spec: dict, overrides: list[str] = ()) -> list[tuple[str, Conf
     return out
 
 
-def train_stages(path: str | Path, overrides: list[str] = (), *, echo=print) -> Path:
-    """Run (or continue) the stages of the spec at `path`; returns the run folder."""
+def train_stages(path: str | Path, overrides: list[str] = (), *, echo=print, preflight=None) -> Path:
+    """Run (or continue) the stages of the spec at `path`; returns the run folder. `preflight` as for
+    `lmlab.train.loop.train` (the planner's memory line before each stage)."""
     from .. import runs
 
     spec = load_spec(path)
     stages = stage_configs(spec, overrides)
     first = stages[0][1]
-    name = first.run.name or runs.default_name(first.model.name) + "-stages"
+    if first.run.name:
+        name = first.run.name
+    elif Path(first.model.name).is_dir():  # named after the run it continues, not after "final"
+        from .adapters import base_label
+
+        name = f"{base_label(first.model.name)}-stages-{time.strftime('%Y%m%d-%H%M%S')}"
+    else:
+        name = runs.default_name(first.model.name) + "-stages"
     run_dir = Path(first.run.out_dir) / name
     saved = run_dir / SPEC
     if saved.is_file():
@@ -100,19 +116,19 @@ def train_stages(path: str | Path, overrides: list[str] = (), *, echo=print) -> 
     else:
         runs.create_run_dir(first.run.out_dir, name)
         atomic_write_text(saved, yaml.safe_dump({"spec": spec, "overrides": list(overrides)}, sort_keys=False))
-    return _run(run_dir, stages, echo)
+    return _run(run_dir, stages, echo, preflight)
 
 
-def resume_stages(run_dir: str | Path, *, echo=print) -> Path:
+def resume_stages(run_dir: str | Path, *, echo=print, preflight=None) -> Path:
     """Continue a multi-stage run folder with the spec it was started with."""
     run_dir = Path(run_dir)
     if not (run_dir / SPEC).is_file():
         raise ConfigError(f"{run_dir}: not a multi-stage run (no {SPEC})")
     saved = yaml.safe_load((run_dir / SPEC).read_text())
-    return _run(run_dir, stage_configs(saved["spec"], saved["overrides"]), echo)
+    return _run(run_dir, stage_configs(saved["spec"], saved["overrides"]), echo, preflight)
 
 
-def _run(run_dir: Path, stages: list[tuple[str, Config]], echo) -> Path:
+def _run(run_dir: Path, stages: list[tuple[str, Config]], echo, preflight=None) -> Path:
     from .adapters import resolve_base
     from .loop import train
 
@@ -138,11 +154,11 @@ def _run(run_dir: Path, stages: list[tuple[str, Config]], echo) -> Path:
             record["status"] = "running"
             _write_summary(run_dir, summary)
             if status == "new":
-                train(cfg, echo=echo)
+                train(cfg, echo=echo, preflight=preflight)
             else:
                 from ..config import load_config
 
-                train(load_config(stage_dir / "config.yaml"), stage_dir, echo=echo)
+                train(load_config(stage_dir / "config.yaml"), stage_dir, echo=echo, preflight=preflight)
         manifest = json.loads((stage_dir / "run.json").read_text())
         record.update(status=manifest.get("status"), **{k: manifest.get("summary", {}).get(k)
                                                          for k in ("step", "val_loss", "final")})

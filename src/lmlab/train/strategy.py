@@ -151,6 +151,9 @@ def check_deepspeed(cfg: Config, rt: Runtime):
                           f"{cfg.finetune.method} (adapters) runs under train.strategy=ddp")
     if rt.device.type not in ("cpu", "cuda"):
         raise ConfigError(f"train.device: deepspeed runs on cuda or cpu, not {rt.device.type}")
+    if cfg.train.optimizer != "adamw":  # the ZeRO path is built and tested around lmlab's AdamW
+        raise ConfigError(f"train.optimizer: deepspeed drives adamw only, not {cfg.train.optimizer}; use "
+                          f"train.optimizer=adamw, or train.strategy=ddp / fsdp for {cfg.train.optimizer}")
     if rt.precision == "fp16":
         raise ConfigError("train.precision: deepspeed runs in bf16 or fp32, not fp16 (DeepSpeed's loss scaler would "
                           "bypass the trainer's guard); use train.precision=bf16")

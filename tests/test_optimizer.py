@@ -1,0 +1,102 @@
+"""`train.optimizer`: sgd (heavy-ball momentum, coupled L2 weight decay on the decay group only) against a
+hand-written update; sgd through the trainer resumes bitwise; what refuses or skips it (deepspeed, the device
+guard)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmlab.config import Config, load_config
+from lmlab.errors import ConfigError
+from lmlab.models import build_config, build_model
+from lmlab.train import checkpoint as ckpt
+from lmlab.train.guard import skips_on_device
+from lmlab.train.loop import train
+from lmlab.train.optim import make_optimizer, make_optimizer_from, param_groups
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return build_model(build_config("mamba-swelu-tiny", vocab_size=64,
+                                    overrides=dict(d_model=16, n_layers=1, dense_hidden=16)))
+
+
+def test_sgd_is_the_hand_written_momentum_update_with_l2_on_the_decay_group_only():
+    lr, wd, mu = 0.05, 0.1, 0.9
+    model, ref = _tiny(), _tiny()
+    opt = make_optimizer(model, lr, wd, (0.9, 0.95), 1e-8, torch.device("cpu"), kind="sgd", momentum=mu)
+    assert isinstance(opt, torch.optim.SGD) and not skips_on_device(opt)
+    decays = {id(p): g["weight_decay"] for g in param_groups(ref, wd) for p in g["params"]}
+    assert set(decays.values()) == {wd, 0.0}
+    bufs: dict[int, torch.Tensor] = {}
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        for m in (model, ref):
+            m.zero_grad(set_to_none=True)
+            out = m(ids[:, :-1]).logits
+            torch.nn.functional.cross_entropy(out.reshape(-1, 64), ids[:, 1:].reshape(-1)).backward()
+        opt.step()
+        with torch.no_grad():  # d = g + wd·p; buf = d (first step), then mu·buf + d; p -= lr·buf
+            for p in ref.parameters():
+                d = p.grad + decays[id(p)] * p
+                bufs[id(p)] = d.clone() if id(p) not in bufs else mu * bufs[id(p)] + d
+                p -= lr * bufs[id(p)]
+    for (name, a), b in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
+    assert any(not torch.equal(a, b) for a, b in zip(_tiny().parameters(), model.parameters(), strict=True))
+
+
+def test_make_optimizer_from_reads_train_optimizer_and_momentum():
+    t = Config().train
+    t.optimizer, t.momentum = "sgd", 0.5
+    opt = make_optimizer_from(_tiny(), t, torch.device("cpu"))
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.5
+    t.optimizer = "adamw"
+    assert isinstance(make_optimizer_from(_tiny(), t, torch.device("cpu")), torch.optim.AdamW)
+
+
+def test_deepspeed_refuses_sgd_in_one_line_naming_the_key():
+    from lmlab.runtime import Runtime
+    from lmlab.train.strategy import check_deepspeed
+
+    cfg = Config()
+    cfg.train.strategy, cfg.train.optimizer = "deepspeed", "sgd"
+    with pytest.raises(ConfigError, match="train.optimizer: deepspeed drives adamw only, not sgd"):
+        check_deepspeed(cfg, Runtime(device=torch.device("cpu"), precision="fp32"))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from lmlab.data.tokenizer import train_bpe
+
+    out = tmp_path_factory.mktemp("tok")
+    train_bpe("stdlib", 512, out, max_chars=300_000)
+    return out
+
+
+@pytest.mark.slow
+def test_sgd_through_the_trainer_resumes_bitwise(tok, tmp_path):
+    cfg = load_config(None, [
+        "model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2", "model.dense_hidden=32",
+        "data.source=stdlib", "data.max_docs=40", f"data.tokenizer={tok}", "data.seq_len=32",
+        "train.batch_size=4", "train.max_steps=10", "train.save_every=4", "train.eval_every=5",
+        "train.eval_batches=2", "train.log_every=2", "train.threads=2", "train.sample_tokens=2",
+        "train.progress=false", "train.warmup_steps=1", "train.lr=0.05", "train.optimizer=sgd",
+        "train.momentum=0.9", "train.system_every=0", f"run.out_dir={tmp_path}", "run.name=sgd"])
+    whole = train(cfg, echo=lambda *a: None)
+    state = torch.load(whole / "checkpoints/step-00000008/trainer.pt", weights_only=True)["optimizer"]
+    assert all(set(s) == {"momentum_buffer"} for s in state["state"].values())
+    assert state["param_groups"][0]["momentum"] == 0.9
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoints/step-00000008")
+    (resumed / "checkpoints/best.json").unlink(missing_ok=True)
+    train(load_config(resumed / "config.yaml"), resumed, echo=lambda *a: None)
+    assert ckpt.latest_checkpoint(resumed / "checkpoints").name == "step-00000010"
+    a, b = (load_file(str(r / "final/model.safetensors")) for r in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((resumed / "run.json").read_text())["status"] == "finished"
