@@ -6,8 +6,6 @@ from torch import nn
 from lmlab.models import build_config, build_model
 from lmlab.models.swelu import SWELU
 
-torch.set_num_threads(2)
-
 
 def test_silu_ablation_has_no_swelu_parameters():
     base = build_model(build_config("mamba-swelu-tiny"), device="meta")

@@ -4,14 +4,13 @@ import argparse
 import json
 
 import pytest
-import torch
 import yaml
 
 from lmlab.config import from_dict, save_config, validate
 from lmlab.errors import ConfigError
 from lmlab.plan.advise import BAD, GOOD, INFO, WARN, advise, advise_spec, judge, pretrain_lr_of
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 M124 = 124_000_000
 
 

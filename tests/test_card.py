@@ -5,13 +5,12 @@ import json
 import sys
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
 
 from lmlab.cli import main
 from lmlab.config import load_config
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")

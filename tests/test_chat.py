@@ -15,7 +15,7 @@ from lmlab.commands.chat import ChatSession, _ReplyStream, respond, stop_strings
 from lmlab.data.chat import ChatFormat
 from lmlab.generate import SamplingConfig, generate
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 SYSTEM = "You are a helpful assistant."
 
 

@@ -21,14 +21,7 @@ from lmlab.data.chat import (
 from lmlab.data.instruct import DataSummary
 from lmlab.errors import ConfigError, DataError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module, then the session's count again."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 
 
 EOS = "<|endoftext|>"

@@ -120,6 +120,7 @@ def test_a_multi_stage_folder_opens_as_its_last_finished_stage(tmp_path):
     assert loaded.config.vocab_size == 64 and len(tok) == 64
 
 
+@pytest.mark.slow
 def test_a_reader_that_leaves_early_ends_the_command_quietly():
     """`lmlab doctor runs/* | head`: the pipe closes; no BrokenPipeError traceback, exit 0."""
     import subprocess

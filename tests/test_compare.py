@@ -12,7 +12,7 @@ from lmlab.data.chat import ChatFormat
 from lmlab.errors import DataError
 from lmlab.generate import SamplingConfig
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,6 @@ from lmlab.generate import SamplingConfig, generate
 from lmlab.models import build_config, build_model, hf
 from lmlab.models.common import LMOutput
 
-torch.set_num_threads(2)
-
 FAMILIES = {
     "mamba-swelu": dict(name="mamba-swelu-tiny", overrides=dict(d_model=32, dense_hidden=32, scan_backend="ref")),
     "inl-attention": dict(name="inl-tiny", overrides=dict(d_model=32, n_heads=2, ff_dim=32)),

@@ -10,14 +10,7 @@ import torch
 from lmlab.config import load_config
 from lmlab.train.dpo import dpo_terms, sequence_logps
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module's tiny runs, then the session's count again."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 
 
 def test_loss_and_rewards_match_the_formula():

@@ -122,6 +122,7 @@ def test_lora_trainable_count_is_peft_count(tmp_path):
     ("inl-tiny", 256, 8, False),  # traced on the meta device
     ("mamba-swelu-tiny", 512, 16, True),  # activation checkpointing, one checkpoint per layer
 ])
+@pytest.mark.slow
 def test_memory_model_matches_measured_cpu_peak(name, seq, batch, ckpt):
     """The planner's total for a CPU against the peak resident memory of a real training step."""
     try:
@@ -166,6 +167,7 @@ def test_cli_plan_json_and_hardware_table(capsys):
         "inl-tiny", overrides={"n_iterations": 2})
 
 
+@pytest.mark.slow
 def test_cli_measure_reports_both(capsys):
     assert main(["estimate", "--model", "mamba-swelu-tiny", "--seq-len", "64", "--batch", "2", "--measure",
                  "--device", "cpu", "--json"]) == 0

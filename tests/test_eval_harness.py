@@ -15,7 +15,7 @@ pytest.importorskip("lm_eval")
 from lmlab.eval.harness import TASKS, evaluate_tasks, fixture_path, parse_tasks  # noqa: E402
 from lmlab.eval.perplexity_sources import source_perplexity, token_perplexity  # noqa: E402
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 LIMIT = 8
 
 

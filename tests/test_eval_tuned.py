@@ -5,12 +5,11 @@ models are scored on both splits; a split that cannot be rebuilt says so in its 
 import json
 
 import pytest
-import torch
 
 from lmlab.cli import main
 from lmlab.config import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 MAMBA = ["model.d_model=32", "model.n_layers=2", "model.dense_hidden=32"]
 COMMON = ["data.seq_len=64", "data.val_fraction=0.2", "train.batch_size=4", "train.eval_batches=2",
@@ -18,12 +17,6 @@ COMMON = ["data.seq_len=64", "data.val_fraction=0.2", "train.batch_size=4", "tra
           "train.warmup_steps=0", "train.lr=3e-3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

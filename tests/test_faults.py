@@ -265,6 +265,7 @@ def _main_first_worker(rank: int, port: int, case: str, out: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["ok", "user", "bug"])
+@pytest.mark.slow
 def test_a_failure_on_rank_0_alone_reaches_every_rank(tmp_path, case):
     import torch.multiprocessing as mp
 

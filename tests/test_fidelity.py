@@ -18,7 +18,7 @@ from lmlab.models.common import lm_loss
 from lmlab.models.originals import convert, inl_state_dict, mamba_swelu_state_dict
 from lmlab.models.registry import parameter_count
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 ASSETS = Path(__file__).parent / "assets" / "fidelity"
 TOL = 1e-6
 

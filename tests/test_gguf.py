@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from lmlab.cli import main
 from lmlab.config import load_config
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 PROMPTS = ["def __init__(self", "if __name__", "self."]
 BASE = ["model.name=llama-tiny", "model.hidden_size=64", "model.intermediate_size=128", "data.source=stdlib",
         "data.max_docs=60", "data.seq_len=64", "train.batch_size=8", "train.eval_batches=2", "train.log_every=5",

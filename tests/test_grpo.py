@@ -23,7 +23,7 @@ import torch
 from lmlab.config import load_config
 from lmlab.train.grpo import group_advantages, grpo_terms, token_logps
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 HERE = Path(__file__).resolve()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONUNBUFFERED": "1"}

@@ -8,8 +8,6 @@ from lmlab import _compat
 from lmlab.errors import ConfigError
 from lmlab.models import INLConfig, INLForCausalLM, build_config, build_model, registry
 
-torch.set_num_threads(2)
-
 V = 101  # not a power of two, nor are the sequence lengths below
 
 

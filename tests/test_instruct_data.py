@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import lmlab.data.stdlib_instruct as sti
 from lmlab.data.instruct import (
@@ -25,14 +24,7 @@ from lmlab.data.instruct import (
 )
 from lmlab.errors import ConfigError, DataError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module, then the session's count again."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 
 
 FIX = Path(__file__).parent / "fixtures" / "instruct"

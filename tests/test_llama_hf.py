@@ -11,8 +11,6 @@ from lmlab import hub
 from lmlab.errors import ConfigError
 from lmlab.models import build_config, build_model, hf, registry
 
-torch.set_num_threads(2)
-
 # Exact counts (meta device, tied embeddings), as printed by bench/model_table.py.
 LLAMA_COUNTS = {
     "llama-tiny": 950_912,

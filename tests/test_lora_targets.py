@@ -20,12 +20,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 
 
 def _model(key: str):
@@ -143,7 +138,7 @@ from lmlab.models import build_config, build_model
 from lmlab.models.export import export
 from lmlab.train.adapters import add_adapters, quiet_loading
 from lmlab.train.setup import build_model as build_base
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 tok = load_tokenizer(sys.argv[1])
 out = sys.argv[2]
 model = build_model(build_config("llama-tiny", vocab_size=len(tok)))

@@ -17,7 +17,7 @@ from lmlab.train.kto import kto_terms
 from lmlab.train.orpo import log1mexp, orpo_terms
 from lmlab.train.simpo import simpo_terms
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 PAIR_METRICS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected"}
 

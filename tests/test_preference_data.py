@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -15,14 +14,7 @@ from lmlab.data.instruct import SourceSpec, split_hash
 from lmlab.data.preference import PreferencePair, collate_pairs, encode_pair, load_preference, read_pairs, row_to_pair
 from lmlab.errors import DataError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module, then the session's count again."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 
 
 FIX = Path(__file__).parent / "fixtures" / "instruct"

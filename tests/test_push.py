@@ -4,12 +4,11 @@ recorders, so the tests see the repository id, the private flag and the exact fi
 import json
 
 import pytest
-import torch
 
 from lmlab.cli import main
 from lmlab.config import load_config
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 COMMON = ["data.source=stdlib", "data.max_docs=20", "train.batch_size=4", "train.eval_every=1000",
           "train.eval_batches=1", "train.log_every=2", "train.threads=1", "train.progress=false",
           "train.sample_tokens=2", "train.warmup_steps=0"]

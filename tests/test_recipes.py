@@ -15,7 +15,7 @@ from lmlab.config import from_dict, load_config, validate
 from lmlab.errors import ConfigError
 from lmlab.recipes import adapt_to_devices, effective_batch, list_recipes, load_recipe, recipe_text
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 
 QUICKSTART = ("quickstart", "quickstart-sft")  # the quickstart's own settings, not fine-tuning presets
 TUNING = [r["name"] for r in list_recipes() if r["name"] not in QUICKSTART]
@@ -211,6 +211,7 @@ def e2e_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", SFT_DPO)
+@pytest.mark.slow
 def test_recipe_runs_end_to_end_and_keeps_its_numbers(name, e2e_data, tmp_path):
     pytest.importorskip("lmlab.train.sft")
     meta, d = load_recipe(name)

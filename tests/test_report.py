@@ -11,14 +11,13 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 pytest.importorskip("matplotlib")
 
 from lmlab.report import build_report  # noqa: E402
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 T0 = 1_700_000_000.0
 ALPHA, A = 0.1, 10.0  # final val loss = A · tokens^(−ALPHA)
 

@@ -94,6 +94,7 @@ def _listener():
 
 
 @pytest.mark.parametrize("module", ["socket", "_socket"])
+@pytest.mark.slow
 def test_no_socket_reaches_the_host(module):
     srv, thread, hits = _listener()
     port = srv.getsockname()[1]

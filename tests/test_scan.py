@@ -279,6 +279,7 @@ def test_no_compiler_on_path_falls_back_in_a_fresh_process(tmp_path):
     assert not list((tmp_path / "cache").glob("**/*.so"))
 
 
+@pytest.mark.slow
 def test_compiler_without_openmp_builds_serial_kernel_concurrently(tmp_path):
     """A compiler that rejects -fopenmp (e.g. Apple clang): the serial flag set builds and is used, silently.
     Two processes build into the same empty cache at once: both work and exactly one .so is left."""

@@ -34,6 +34,7 @@ if DEVICE == "cuda":
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the driver of the interpreted run")
+@pytest.mark.slow
 def test_interpreted():
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     tests_dir = os.path.dirname(__file__)

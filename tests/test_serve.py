@@ -31,7 +31,7 @@ from lmlab.generate import SamplingConfig, generate  # noqa: E402
 from lmlab.serve.app import Engine, create_app  # noqa: E402
 from lmlab.serve.scheduler import Failed, Finished, Params, Scheduler  # noqa: E402
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 SYSTEM = "You are a helpful assistant."
 PROMPTS = ["def parse(", "import os\n", "The ", "class Foo:\n    def ", "# Copyright", "return self.",
            "for i in range(", "x = "]

@@ -14,14 +14,7 @@ from lmlab.data.chat import IGNORE, ChatFormat, pack
 from lmlab.errors import ConfigError, DataError
 from lmlab.train.sft import SFT, RowStream, packed_logits, to_batch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module's tiny runs, then the session's count again."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 
 
 MAMBA = ["model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2", "model.dense_hidden=32"]

@@ -4,13 +4,12 @@ finished stages."""
 import json
 
 import pytest
-import torch
 import yaml
 
 from lmlab.errors import ConfigError
 from lmlab.train.stages import resume_stages, train_stages
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 
 
 def test_two_stages_chain_and_rerun_skips(tmp_path):

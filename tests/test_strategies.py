@@ -272,6 +272,7 @@ def test_compile_keeps_the_selective_scan_out_of_the_graph():
 
 
 # ------------------------------------------------------------------------------------------------ planner
+@pytest.mark.slow
 def test_planner_memory_per_rank_by_strategy_and_the_cheapest_that_fits():
     """INL-LLM "3B" (1.70B) on 6 × RTX 4090 in bf16: DDP cannot hold it; ZeRO-2 (fsdp_reshard=false) can."""
     from lmlab.config import Config

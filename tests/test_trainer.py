@@ -228,6 +228,7 @@ def test_document_masking_refused_for_a_model_that_cannot_reset(tok, tmp_path):
     ("train.lr=inf", "train.lr: must be a finite number, got inf"),
     ("train.guard=maybe", "train.guard: invalid value 'maybe'"),
 ])
+@pytest.mark.slow
 def test_bad_values_stop_the_cli_with_one_line_and_leave_nothing(tmp_path, override, message):
     out = subprocess.run([sys.executable, "-m", "lmlab.cli", "pretrain", "model.name=mamba-swelu-tiny", override,
                           f"run.out_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
