@@ -138,7 +138,7 @@ from lmlab.models import build_config, build_model
 from lmlab.models.export import export
 from lmlab.train.adapters import add_adapters, quiet_loading
 from lmlab.train.setup import build_model as build_base
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
+torch.set_num_threads(1)
 tok = load_tokenizer(sys.argv[1])
 out = sys.argv[2]
 model = build_model(build_config("llama-tiny", vocab_size=len(tok)))
