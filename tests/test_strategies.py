@@ -42,11 +42,13 @@ def _worker(spec: dict) -> None:
     from lmlab.runtime import setup_runtime
 
     rt = setup_runtime("cpu", "fp32", threads=1)
+    clean = False
     try:
         for run in spec.get("runs", [spec]):
             _train(run, rt)
+        clean = True
     finally:
-        rt.shutdown()
+        rt.shutdown(clean)  # as the trainer does: a barrier before the group goes (gloo's teardown race at exit)
 
 
 def _train(spec: dict, rt) -> None:
