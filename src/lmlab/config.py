@@ -99,6 +99,9 @@ class TrainConfig:
     zero_stage: int = 2  # deepspeed: 1 (optimizer state sharded) or 2 (+ gradients)
     offload_optimizer: bool = False  # deepspeed: optimizer state and step in CPU memory
     compile: bool = False  # torch.compile each block (the selective scan stays out of the graph)
+    chunked_loss: str = "auto"  # LM head + loss a chunk of tokens at a time, the full logits never stored:
+    #                             auto (when a micro-batch's logits exceed loss_chunk_mb) | on | off
+    loss_chunk_mb: int = 256  # fp32 logits per chunk of the chunked loss, in MiB
 
 
 @dataclass
@@ -206,6 +209,7 @@ CHOICES = {
     "finetune.overlong": ("truncate", "drop"),
     "finetune.on_error": ("skip", "fail"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.chunked_loss": ("auto", "on", "off"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.strategy": ("ddp", "fsdp", "deepspeed"),
     "train.zero_stage": (1, 2),

@@ -85,6 +85,39 @@ def read_manifest(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+CHECKPOINTS = "checkpoints"  # <run>/checkpoints/step-XXXXXXXX/
+MANIFEST = "MANIFEST.json"  # written last into a checkpoint folder: a folder without it is an interrupted save
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """The folder of step `step`'s checkpoint under `root` (<run>/checkpoints): the one spelling of the name."""
+    return Path(root) / f"step-{step:08d}"
+
+
+def step_of(folder: str | Path) -> int | None:
+    """The step a `step-XXXXXXXX` folder name stands for, or None for any other name."""
+    prefix, _, digits = Path(folder).name.partition("-")
+    return int(digits) if prefix == "step" and digits.isdigit() else None
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under `root` (<run>/checkpoints), oldest step first."""
+    try:
+        found = [(step_of(p), p) for p in Path(root).iterdir() if p.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None) if is_complete(p)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1] if ckpts else None
+
+
 STAGES_SPEC, STAGES_DIR = "stages.yaml", "stages"  # the multi-stage layout (lmlab.train.stages)
 
 

@@ -33,8 +33,7 @@ from safetensors.torch import load_model, save_model
 
 from ..errors import LmlabError
 from ..fsutil import atomic_dir, atomic_write_text, first_line
-
-MANIFEST = "MANIFEST.json"
+from ..runs import MANIFEST, is_complete, latest_checkpoint, list_checkpoints, step_dir  # noqa: F401  (one owner: runs)
 
 
 def _sha256(path: Path) -> str:
@@ -66,10 +65,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:08d}"
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, trainer_state: dict, *, rt) -> Path:
@@ -162,21 +157,6 @@ def _save_sharded(root: Path, step: int, model, optimizer, trainer_state: dict, 
         rt.main_first(write_rest, others=False)
     rt.barrier()  # rank 0 has renamed it into place
     return final
-
-
-def is_complete(path: Path) -> bool:
-    return (path / MANIFEST).is_file()
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.glob("step-*") if p.is_dir() and is_complete(p)), key=lambda p: p.name)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    ckpts = list_checkpoints(root)
-    return ckpts[-1] if ckpts else None
 
 
 def verify(path: Path) -> dict:
