@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# session-wide fixtures kept in their own modules: a tokenizer trained once on the stdlib, run folders the real
+# trainer wrote
+pytest_plugins = ["fixture_tokenizer", "fixture_runs"]
+
 torch.set_num_threads(2)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

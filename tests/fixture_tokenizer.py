@@ -1,0 +1,1 @@
+"""Session-scoped tokenizer fixtures (a tokenizer trained once on the Python standard library)."""
