@@ -146,14 +146,39 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_bf16() -> str | None:
+    """The bf16 matrix hardware of this CPU ("AMX", "AVX512-BF16"), or None where bf16 on the CPU is emulated
+    (slower than fp32). Read from /proc/cpuinfo's flags (Linux); torch's own probe elsewhere."""
+    flags: set[str] = set()
+    try:
+        for line in open("/proc/cpuinfo"):  # noqa: SIM115 - read to the first flags line only
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    if not flags:
+        try:
+            flags = {"avx512_bf16"} if torch.backends.cpu.get_cpu_capability() == "AVX512_BF16" else set()
+        except AttributeError:
+            return None
+    if "amx_bf16" in flags:
+        return "AMX"
+    return "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
 def pick_precision(name: str, device: torch.device) -> str:
-    """auto: fp32 on CPU/MPS, bf16 on GPUs that support it, fp16 (with loss scaling) on older GPUs."""
+    """auto: fp32 on CPU/MPS, bf16 on GPUs that support it, fp16 (with loss scaling) on older GPUs. On CPU,
+    bf16 runs the matmuls under autocast (the scan, SWELU's exp/pow and the loss stay fp32): faster than fp32
+    where the CPU has bf16 hardware (`cpu_bf16`), so `lmlab doctor` and the planner suggest it there."""
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if name == "fp16" and device.type == "cpu":
-        raise ConfigError("train.precision: fp16 is not supported on CPU; use fp32 (or bf16, slow on CPU)")
+        hint = (f"this CPU has bf16 hardware ({cpu_bf16()}): train.precision=bf16 is faster than fp32" if cpu_bf16()
+                else "this CPU has no bf16 hardware, so fp32 is the fast choice")
+        raise ConfigError(f"train.precision: fp16 is not supported on CPU; use fp32 or bf16 ({hint})")
     return name
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as hf_init
 
+from . import kernels_cpu
 from . import scan as scan_lib
 
 
@@ -174,6 +175,11 @@ class MambaMixer(nn.Module):
     def _conv(self, x: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
         return causal_conv(self.conv1d, x, seq_idx)
 
+    def _fused_conv(self, x: torch.Tensor) -> bool:
+        """Whether the fused C++ conv + SiLU runs (CPU, fp32/bf16, a plain Conv1d): the same result as
+        `_conv` + SiLU (the reference, which runs otherwise), read and written in the matmuls' (b, l, d) layout."""
+        return (x.device.type == "cpu" and type(self.conv1d) is nn.Conv1d and kernels_cpu.usable(x))
+
     def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None,
                 seq_idx: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (b, l, d_model) → (b, l, d_model). With `cache`, fills this layer's state (prefill).
@@ -184,17 +190,25 @@ class MambaMixer(nn.Module):
         b, l, _ = hidden.shape
         if cache is not None and len(cache.ssm) > self.layer_idx:
             return self._step_many(hidden, cache, mask)
-        xz = self.in_proj(hidden).transpose(1, 2)  # (b, 2·d_inner, l)
-        x, z = xz.chunk(2, dim=1)
-        keep = None if mask is None else mask[:, None, :].to(x.dtype)  # (b, 1, l)
-        if keep is not None:
-            x = x * keep
-        if cache is not None:
-            cache.conv.append(conv_state_after(x, self.d_conv))
-        u = F.silu(self._conv(x, seq_idx))  # (b, d_inner, l)
-        if keep is not None:
-            u = u * keep
-        dBC = self.x_proj(u.transpose(1, 2))  # (b, l, dt_rank + 2n)
+        xz = self.in_proj(hidden)  # (b, l, 2·d_inner)
+        x_rows, z_rows = xz.chunk(2, dim=-1)
+        x, z = x_rows.transpose(1, 2), z_rows.transpose(1, 2)  # (b, d_inner, l) views
+        if mask is None and self._fused_conv(x):
+            if cache is not None:
+                cache.conv.append(conv_state_after(x, self.d_conv))
+            u_rows = kernels_cpu.conv_silu(x_rows, self.conv1d.weight, self.conv1d.bias, seq_idx)  # (b, l, d_inner)
+            u = u_rows.transpose(1, 2)
+        else:
+            keep = None if mask is None else mask[:, None, :].to(x.dtype)  # (b, 1, l)
+            if keep is not None:
+                x = x * keep
+            if cache is not None:
+                cache.conv.append(conv_state_after(x, self.d_conv))
+            u = F.silu(self._conv(x, seq_idx))  # (b, d_inner, l)
+            if keep is not None:
+                u = u * keep
+            u_rows = u.transpose(1, 2)
+        dBC = self.x_proj(u_rows)  # (b, l, dt_rank + 2n)
         dt, B, C = torch.split(dBC, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt).transpose(1, 2)  # (b, d_inner, l), Δ before softplus
         A = -torch.exp(self.A_log.float())

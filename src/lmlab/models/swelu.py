@@ -68,7 +68,23 @@ class _SWELUFunction(torch.autograd.Function):
 
 
 def swelu(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """SWELU with scalar tensors k > 0 and λ. Finite forward and backward everywhere, z = 0 included."""
+    """SWELU with scalar tensors k > 0 and λ. Finite forward and backward everywhere, z = 0 included.
+
+    On CPU the fused C++ kernel (`kernels_cpu.swelu_fused`: one pass forward, one backward, fp32 arithmetic for
+    bf16 inputs too) runs; elsewhere, or without a C++ compiler, `swelu_torch`, its reference."""
+    if z.device.type == "cpu":
+        from . import kernels_cpu
+
+        if kernels_cpu.usable(z):
+            return kernels_cpu.swelu_fused(z, k, lam)
+    return swelu_torch(z, k, lam)
+
+
+def swelu_torch(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """SWELU through torch ops with the derivatives written out (the reference of the fused CPU kernel). Half
+    precision inputs compute in fp32 (the slope near 0 and exp/pow need it) and return in their own dtype."""
+    if z.dtype in (torch.float16, torch.bfloat16):
+        return _SWELUFunction.apply(z.float(), k.float(), lam.float()).to(z.dtype)
     return _SWELUFunction.apply(z, k.to(z.dtype), lam.to(z.dtype))
 
 

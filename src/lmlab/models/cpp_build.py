@@ -1,0 +1,79 @@
+"""Building lmlab's C++ CPU kernels: compiled once per source, compiler, flags and CPU, cached on disk, loaded with
+ctypes (no Python headers, no torch C++ API: the kernels take raw pointers, so any g++ or clang++ builds them).
+
+    lib = build("kernels_cpu", Path(__file__).with_name("kernels_cpu.cpp").read_text())
+
+Flag sets are tried in order; the first that compiles wins. -ffast-math is for compiling only: linked with it,
+GCC < 13 would add crtfastmath.o, which flushes denormals for the whole process at load time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+FLAG_SETS = (
+    (["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"], ["-fopenmp", "-lmvec"]),
+    (["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"], ["-fopenmp"]),
+    (["-O3", "-ffast-math", "-fno-finite-math-only", "-fopenmp"], ["-fopenmp"]),
+    (["-O3"], []),  # no OpenMP (e.g. Apple clang): single-threaded
+)
+
+
+def cache_dir(name: str) -> Path:
+    root = os.environ.get("LMLAB_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmlab")
+    return Path(root) / name
+
+
+def cpu_fingerprint() -> str:
+    """The flags line of /proc/cpuinfo (what -march=native depends on), else the platform string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.platform() + platform.processor()
+
+
+def build(name: str, source: str) -> ctypes.CDLL:
+    """Compile `source` into a shared library (or reuse the cached one) and load it; RuntimeError with every
+    compiler message if no flag set works."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    out_dir = cache_dir(name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for cflags, lflags in FLAG_SETS:
+        tag = " ".join(cflags + lflags)
+        key = hashlib.sha256("\n".join([source, cxx, tag, cpu_fingerprint()]).encode())
+        so = out_dir / f"{name}_{key.hexdigest()[:16]}.so"
+        if not so.exists():
+            with tempfile.TemporaryDirectory() as tmp:
+                src, obj, tmp_so = Path(tmp) / f"{name}.cpp", Path(tmp) / f"{name}.o", Path(tmp) / f"{name}.so"
+                src.write_text(source)
+                for cmd in ([cxx, *cflags, "-std=c++17", "-fPIC", "-c", str(src), "-o", str(obj)],
+                            [cxx, "-shared", str(obj), "-o", str(tmp_so), *lflags]):
+                    res = subprocess.run(cmd, capture_output=True, text=True)
+                    if res.returncode != 0:
+                        errors.append(f"{tag}: {res.stderr.strip()[:300]}")
+                        break
+                else:
+                    part = so.with_suffix(f".{os.getpid()}.part")
+                    shutil.copyfile(tmp_so, part)
+                    os.replace(part, so)  # atomic: concurrent builders never see half a file
+            if not so.exists():
+                continue
+        try:
+            return ctypes.CDLL(str(so))
+        except OSError as e:
+            errors.append(f"{tag}: {e}")
+    raise RuntimeError(f"could not build {name}: " + " | ".join(errors))

@@ -1,0 +1,242 @@
+// Fused CPU kernels for the element-wise parts of a MambaSWELU step (lmlab.models.kernels_cpu loads them).
+//
+//   swelu_fwd / swelu_bwd      SWELU(z) = λ·sign(z)·(1 − exp(−|z|^k)) and its three derivatives in one pass each
+//   conv_silu_fwd / _bwd       causal depthwise conv over time + bias + SiLU, on (b, l, d) rows, documents kept apart
+//
+// Everything computes in fp32 (the inputs and outputs may be bf16). Reductions (dk, dλ, the conv's weight and bias
+// gradients) are summed per fixed block of elements / rows and the blocks are added in order, so the results do not
+// depend on the number of threads. Built by lmlab.models.cpp_build with the same flags as the selective scan.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) {
+    uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(uint16_t* p, int64_t i, float v) {  // round to nearest even, as torch does
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) {  // NaN stays NaN
+        p[i] = static_cast<uint16_t>((bits >> 16) | 0x40);
+        return;
+    }
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    p[i] = static_cast<uint16_t>(bits >> 16);
+}
+
+constexpr int64_t SWELU_BLOCK = 4096;  // elements per partial sum of dk, dλ
+constexpr int64_t CONV_ROWS = 64;      // (b, t) rows per partial sum of the conv's dw, dbias
+
+inline int threads_for(int requested) { return requested > 0 ? requested : 1; }
+
+// ------------------------------------------------------------------------------------------------ SWELU
+template <typename T>
+void swelu_fwd(const T* z, T* y, int64_t n, float k, float lam, int nthreads) {
+#pragma omp parallel for num_threads(threads_for(nthreads)) schedule(static)
+    for (int64_t blk = 0; blk < n; blk += SWELU_BLOCK) {
+        const int64_t end = blk + SWELU_BLOCK < n ? blk + SWELU_BLOCK : n;
+        for (int64_t i = blk; i < end; ++i) {
+            const float v = load(z, i);
+            const float a = std::fabs(v);
+            const float safe = a > 0.f ? a : 1.f;
+            const float ak = a > 0.f ? std::exp(k * std::log(safe)) : 0.f;
+            const float s = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
+            store(y, i, lam * s * (1.f - std::exp(-ak)));
+        }
+    }
+}
+
+// gz = g·λ·k·max(a, eps)^(k−1)·e^(−a^k); dk = Σ g·λ·s·e^(−a^k)·a^k·ln a (0 at a = 0); dλ = Σ g·s·(1 − e^(−a^k))
+template <typename T, typename G>
+void swelu_bwd(const T* z, const G* g, G* gz, int64_t n, float k, float lam, float eps, double* partial,
+               int need_gz, int nthreads) {
+    const float eps_slope = std::exp((k - 1.f) * std::log(eps));  // max(a, eps)^(k−1) below eps
+#pragma omp parallel for num_threads(threads_for(nthreads)) schedule(static)
+    for (int64_t blk = 0; blk < n; blk += SWELU_BLOCK) {
+        const int64_t end = blk + SWELU_BLOCK < n ? blk + SWELU_BLOCK : n;
+        float sk = 0.f, sl = 0.f;
+        for (int64_t i = blk; i < end; ++i) {
+            const float v = load(z, i), gi = load(g, i);
+            const float a = std::fabs(v);
+            const float safe = a > 0.f ? a : 1.f;
+            const float la = std::log(safe);  // 0 at a = 0
+            const float ak = a > 0.f ? std::exp(k * la) : 0.f;
+            const float e = std::exp(-ak);
+            const float s = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
+            if (need_gz) {
+                const float pow_km1 = a >= eps ? ak / safe : eps_slope;
+                store(gz, i, gi * lam * k * pow_km1 * e);
+            }
+            sk += gi * s * e * ak * la;
+            sl += gi * s * (1.f - e);
+        }
+        partial[2 * (blk / SWELU_BLOCK)] = static_cast<double>(sk) * lam;
+        partial[2 * (blk / SWELU_BLOCK) + 1] = sl;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ conv + SiLU
+// x (b, l, d) with strides (sxb, sxl, 1); wt (K, d) the taps transposed (tap j looks back K−1−j steps);
+// bias (d) or null; seq (b, l) int64 document ids or null; out (b, l, d) contiguous. Whether a tap counts depends on
+// the row alone (its source position and document), so the inner loops run over channels and vectorise.
+inline bool tap_counts(const int64_t* seq, int64_t b, int64_t l, int64_t from, int64_t to) {
+    return from >= 0 && from < l && (!seq || seq[b * l + from] == seq[b * l + to]);
+}
+
+template <typename T>
+inline void conv_row(const T* x, const float* wt, const float* bias, const int64_t* seq, int64_t b, int64_t t,
+                     int64_t l, int64_t d, int64_t K, int64_t sxb, int64_t sxl, float* acc) {
+    for (int64_t c = 0; c < d; ++c) acc[c] = bias ? bias[c] : 0.f;
+    for (int64_t j = 0; j < K; ++j) {
+        const int64_t src = t - (K - 1 - j);
+        if (!tap_counts(seq, b, l, src, t)) continue;
+        const T* xs = x + b * sxb + src * sxl;
+        const float* w = wt + j * d;
+        for (int64_t c = 0; c < d; ++c) acc[c] += w[c] * load(xs, c);
+    }
+}
+
+template <typename T, typename O>
+void conv_silu_fwd(const T* x, const float* wt, const float* bias, const int64_t* seq, O* out, int64_t B,
+                   int64_t l, int64_t d, int64_t K, int64_t sxb, int64_t sxl, int nthreads) {
+#pragma omp parallel num_threads(threads_for(nthreads))
+    {
+        std::vector<float> acc(static_cast<size_t>(d));
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < B * l; ++row) {
+            conv_row(x, wt, bias, seq, row / l, row % l, l, d, K, sxb, sxl, acc.data());
+            O* o = out + row * d;
+            for (int64_t c = 0; c < d; ++c) store(o, c, acc[c] / (1.f + std::exp(-acc[c])));
+        }
+    }
+}
+
+// gu (b, l, d) contiguous → gx (b, l, d) contiguous; gw (K, d) and gbias (d) are summed per block of CONV_ROWS rows,
+// and the blocks added in order.
+template <typename T, typename G>
+void conv_silu_bwd(const T* x, const float* wt, const float* bias, const int64_t* seq, const G* gu, G* gx,
+                   float* gw, float* gbias, int64_t B, int64_t l, int64_t d, int64_t K, int64_t sxb, int64_t sxl,
+                   int nthreads) {
+    const int64_t rows = B * l;
+    std::vector<float> gpre(static_cast<size_t>(rows * d));
+#pragma omp parallel num_threads(threads_for(nthreads))
+    {
+        std::vector<float> acc(static_cast<size_t>(d));
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; ++row) {
+            conv_row(x, wt, bias, seq, row / l, row % l, l, d, K, sxb, sxl, acc.data());
+            float* gp = gpre.data() + row * d;
+            for (int64_t c = 0; c < d; ++c) {
+                const float p = acc[c], sg = 1.f / (1.f + std::exp(-p));
+                gp[c] = load(gu, row * d + c) * sg * (1.f + p * (1.f - sg));
+            }
+        }
+    }
+    // gx[t] = Σ_j w_j · gpre[t + K−1−j], where that output position is in the same document as t
+#pragma omp parallel num_threads(threads_for(nthreads))
+    {
+        std::vector<float> acc(static_cast<size_t>(d));
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; ++row) {
+            const int64_t b = row / l, t = row % l;
+            for (int64_t c = 0; c < d; ++c) acc[c] = 0.f;
+            for (int64_t j = 0; j < K; ++j) {
+                const int64_t o = t + (K - 1 - j);
+                if (!tap_counts(seq, b, l, o, t)) continue;
+                const float* gp = gpre.data() + (b * l + o) * d;
+                const float* w = wt + j * d;
+                for (int64_t c = 0; c < d; ++c) acc[c] += w[c] * gp[c];
+            }
+            for (int64_t c = 0; c < d; ++c) store(gx, row * d + c, acc[c]);
+        }
+    }
+    const int64_t nblocks = (rows + CONV_ROWS - 1) / CONV_ROWS;
+    std::vector<float> partial(static_cast<size_t>(nblocks * (K + 1) * d), 0.f);
+#pragma omp parallel for num_threads(threads_for(nthreads)) schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+        float* pw = partial.data() + blk * (K + 1) * d;
+        const int64_t end = (blk + 1) * CONV_ROWS < rows ? (blk + 1) * CONV_ROWS : rows;
+        for (int64_t row = blk * CONV_ROWS; row < end; ++row) {
+            const int64_t b = row / l, o = row % l;
+            const float* gp = gpre.data() + row * d;
+            for (int64_t j = 0; j < K; ++j) {
+                const int64_t src = o - (K - 1 - j);
+                if (!tap_counts(seq, b, l, src, o)) continue;
+                const T* xs = x + b * sxb + src * sxl;
+                float* pj = pw + j * d;
+                for (int64_t c = 0; c < d; ++c) pj[c] += gp[c] * load(xs, c);
+            }
+            float* pb = pw + K * d;
+            for (int64_t c = 0; c < d; ++c) pb[c] += gp[c];
+        }
+    }
+    std::vector<double> sum(static_cast<size_t>(d));
+    for (int64_t j = 0; j <= K; ++j) {
+        float* dst = j < K ? gw + j * d : gbias;
+        if (!dst) continue;
+        for (int64_t c = 0; c < d; ++c) sum[c] = 0.0;
+        for (int64_t blk = 0; blk < nblocks; ++blk) {
+            const float* src = partial.data() + (blk * (K + 1) + j) * d;
+            for (int64_t c = 0; c < d; ++c) sum[c] += src[c];
+        }
+        for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<float>(sum[c]);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+// dtype codes: 0 = float32, 1 = bfloat16 (as uint16 bits)
+void lmlab_swelu_fwd(int dt, const void* z, void* y, int64_t n, float k, float lam, int nthreads) {
+    if (dt == 0) swelu_fwd(static_cast<const float*>(z), static_cast<float*>(y), n, k, lam, nthreads);
+    else swelu_fwd(static_cast<const uint16_t*>(z), static_cast<uint16_t*>(y), n, k, lam, nthreads);
+}
+
+void lmlab_swelu_bwd(int dt, int gdt, const void* z, const void* g, void* gz, int64_t n, float k, float lam,
+                     float eps, double* partial, int need_gz, int nthreads) {
+    if (dt == 0 && gdt == 0)
+        swelu_bwd(static_cast<const float*>(z), static_cast<const float*>(g), static_cast<float*>(gz), n, k, lam, eps,
+                  partial, need_gz, nthreads);
+    else if (dt == 1 && gdt == 1)
+        swelu_bwd(static_cast<const uint16_t*>(z), static_cast<const uint16_t*>(g), static_cast<uint16_t*>(gz), n, k,
+                  lam, eps, partial, need_gz, nthreads);
+    else if (dt == 0 && gdt == 1)
+        swelu_bwd(static_cast<const float*>(z), static_cast<const uint16_t*>(g), static_cast<uint16_t*>(gz), n, k,
+                  lam, eps, partial, need_gz, nthreads);
+    else
+        swelu_bwd(static_cast<const uint16_t*>(z), static_cast<const float*>(g), static_cast<float*>(gz), n, k, lam,
+                  eps, partial, need_gz, nthreads);
+}
+
+void lmlab_conv_silu_fwd(int dt, const void* x, const float* wt, const float* bias, const int64_t* seq, void* out,
+                         int64_t B, int64_t l, int64_t d, int64_t K, int64_t sxb, int64_t sxl, int nthreads) {
+    if (dt == 0)
+        conv_silu_fwd(static_cast<const float*>(x), wt, bias, seq, static_cast<float*>(out), B, l, d, K, sxb, sxl,
+                      nthreads);
+    else
+        conv_silu_fwd(static_cast<const uint16_t*>(x), wt, bias, seq, static_cast<uint16_t*>(out), B, l, d, K, sxb,
+                      sxl, nthreads);
+}
+
+void lmlab_conv_silu_bwd(int dt, const void* x, const float* wt, const float* bias, const int64_t* seq,
+                         const void* gu, void* gx, float* gw, float* gbias, int64_t B, int64_t l, int64_t d, int64_t K,
+                         int64_t sxb, int64_t sxl, int nthreads) {
+    if (dt == 0)
+        conv_silu_bwd(static_cast<const float*>(x), wt, bias, seq, static_cast<const float*>(gu),
+                      static_cast<float*>(gx), gw, gbias, B, l, d, K, sxb, sxl, nthreads);
+    else
+        conv_silu_bwd(static_cast<const uint16_t*>(x), wt, bias, seq, static_cast<const uint16_t*>(gu),
+                      static_cast<uint16_t*>(gx), gw, gbias, B, l, d, K, sxb, sxl, nthreads);
+}
+}

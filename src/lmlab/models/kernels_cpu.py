@@ -1,0 +1,169 @@
+"""Fused CPU paths for the element-wise parts of a MambaSWELU step (C++ source: kernels_cpu.cpp).
+
+    swelu_fused(z, k, λ)                  SWELU forward in one pass, its backward (dz, dk, dλ) in one pass;
+                                          the reference is `lmlab.models.swelu._SWELUFunction` (torch ops)
+    conv_silu(x, weight, bias, seq_idx)   SiLU(causal depthwise conv(x) + bias) over (b, l, d) rows, reading x in
+                                          place from the in_proj output and writing the (b, l, d) layout the
+                                          x_proj matmul reads; the reference is `mamba.causal_conv` + SiLU
+
+Both compute in fp32 whatever the input dtype (fp32 or bf16, the latter under CPU autocast): SWELU's steep
+slope near 0 and its exp/pow keep fp32 precision, and only the stored result is rounded to bf16. The tests hold
+each to its reference, values and gradients (tests/test_kernels_cpu.py); `LMLAB_DISABLE_CPP_KERNELS=1` turns them
+off (the references run instead), as a missing C++ compiler does, with one warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from .cpp_build import build
+
+_lib = None
+_error: str | None = None
+_lock = threading.Lock()
+_off = threading.local()  # reference(): this thread runs the torch reference paths
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_SWELU_BLOCK = 4096  # as in kernels_cpu.cpp
+_EPS = 1e-6  # lmlab.models.swelu._EPS: where the slope for k < 1 is clamped
+
+
+def available() -> bool:
+    """Build (once, cached on disk) and load the kernels; False, with one warning, if that fails."""
+    global _lib, _error
+    if _lib is not None:
+        return True
+    if _error is not None:
+        return False
+    with _lock:
+        if _lib is None and _error is None:
+            if os.environ.get("LMLAB_DISABLE_CPP_KERNELS"):
+                _error = "disabled by LMLAB_DISABLE_CPP_KERNELS"
+            else:
+                try:
+                    lib = build("kernels_cpu", Path(__file__).with_name("kernels_cpu.cpp").read_text())
+                    _declare(lib)
+                    _lib = lib
+                except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
+                    _error = str(e)
+                    warnings.warn(f"lmlab: fused C++ CPU kernels unavailable ({_error}); using the torch "
+                                  "reference paths", RuntimeWarning, stacklevel=3)
+    return _lib is not None
+
+
+def _declare(lib) -> None:
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.lmlab_swelu_fwd.argtypes = [i32, p, p, i64, f32, f32, i32]
+    lib.lmlab_swelu_bwd.argtypes = [i32, i32, p, p, p, i64, f32, f32, f32, p, i32, i32]
+    lib.lmlab_conv_silu_fwd.argtypes = [i32, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
+    lib.lmlab_conv_silu_bwd.argtypes = [i32, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
+    for fn in (lib.lmlab_swelu_fwd, lib.lmlab_swelu_bwd, lib.lmlab_conv_silu_fwd, lib.lmlab_conv_silu_bwd):
+        fn.restype = None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the fused kernels run on these tensors: CPU, fp32 or bf16, the library built, not `reference()`."""
+    return (not getattr(_off, "on", False) and all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors)
+            and available())
+
+
+@contextlib.contextmanager
+def reference():
+    """Within it (this thread), models run the torch reference paths instead of the fused kernels."""
+    before = getattr(_off, "on", False)
+    _off.on = True
+    try:
+        yield
+    finally:
+        _off.on = before
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+# ------------------------------------------------------------------------------------------------ SWELU
+class _SWELUFused(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, k, lam):
+        z = z.contiguous()
+        kf, lf = float(k), float(lam)
+        y = torch.empty_like(z)
+        _lib.lmlab_swelu_fwd(_DTYPES[z.dtype], _ptr(z), _ptr(y), z.numel(), kf, lf, torch.get_num_threads())
+        ctx.save_for_backward(z, k, lam)
+        ctx.kl = kf, lf
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        z, k, lam = ctx.saved_tensors
+        kf, lf = ctx.kl
+        g = g.contiguous()
+        if g.dtype not in _DTYPES:
+            g = g.float()
+        gz = torch.empty_like(g) if ctx.needs_input_grad[0] else None
+        blocks = max(1, math.ceil(z.numel() / _SWELU_BLOCK))
+        partial = torch.zeros(2 * blocks, dtype=torch.float64)
+        _lib.lmlab_swelu_bwd(_DTYPES[z.dtype], _DTYPES[g.dtype], _ptr(z), _ptr(g), _ptr(gz), z.numel(), kf, lf,
+                             _EPS, _ptr(partial), int(gz is not None), torch.get_num_threads())
+        sums = partial.view(blocks, 2).tolist()  # added in block order: the same on any thread count
+        gk = torch.tensor(math.fsum(s[0] for s in sums), dtype=k.dtype).reshape(k.shape)
+        glam = torch.tensor(math.fsum(s[1] for s in sums), dtype=lam.dtype).reshape(lam.shape)
+        if gz is not None and gz.dtype != z.dtype:
+            gz = gz.to(z.dtype)
+        return (gz, gk if ctx.needs_input_grad[1] else None, glam if ctx.needs_input_grad[2] else None)
+
+
+@torch.compiler.disable  # a ctypes call: kept out of compiled graphs
+def swelu_fused(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """SWELU with scalar k > 0 and λ (fp32 parameters) on a CPU fp32/bf16 tensor z; the result has z's dtype."""
+    return _SWELUFused.apply(z, k, lam)
+
+
+# ------------------------------------------------------------------------------------------------ conv + SiLU
+class _ConvSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx):
+        b, l, d = x.shape
+        if x.stride(2) != 1:
+            x = x.contiguous()
+        wt = weight.detach().float().reshape(d, -1).t().contiguous()  # (K, d)
+        bf = None if bias is None else bias.detach().float().contiguous()
+        seq = None if seq_idx is None else seq_idx.to(torch.int64).contiguous()
+        out = torch.empty(b, l, d, dtype=x.dtype)
+        _lib.lmlab_conv_silu_fwd(_DTYPES[x.dtype], _ptr(x), _ptr(wt), _ptr(bf), _ptr(seq), _ptr(out), b, l, d,
+                                 wt.shape[0], x.stride(0), x.stride(1), torch.get_num_threads())
+        ctx.save_for_backward(x, wt, bf, seq)
+        ctx.shapes = weight.shape, weight.dtype, None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, gu):
+        x, wt, bf, seq = ctx.saved_tensors
+        w_shape, w_dtype, b_dtype = ctx.shapes
+        b, l, d = x.shape
+        gu = gu.to(x.dtype).contiguous()
+        gx = torch.empty(b, l, d, dtype=x.dtype)
+        gw = torch.empty_like(wt)
+        gb = None if bf is None else torch.empty_like(bf)
+        _lib.lmlab_conv_silu_bwd(_DTYPES[x.dtype], _ptr(x), _ptr(wt), _ptr(bf), _ptr(seq), _ptr(gu), _ptr(gx),
+                                 _ptr(gw), _ptr(gb), b, l, d, wt.shape[0], x.stride(0), x.stride(1),
+                                 torch.get_num_threads())
+        gweight = gw.t().reshape(w_shape).to(w_dtype)
+        return gx, gweight, None if gb is None else gb.to(b_dtype), None
+
+
+@torch.compiler.disable
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(causal depthwise conv + bias) of x (b, l, d) (channels contiguous; any batch/time strides), with
+    weight (d, 1, K) as nn.Conv1d holds it. With seq_idx (b, l), taps never cross a document start.
+    Returns (b, l, d) contiguous in x's dtype."""
+    return _ConvSiLU.apply(x, weight, bias, seq_idx)

@@ -1,0 +1,155 @@
+"""The fused CPU kernels against their torch references: values and gradients, fp32 and bf16, documents kept
+apart, the same result on any thread count, and the whole model with and without them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.models import build_config, build_model, kernels_cpu
+from lmlab.models.mamba import causal_conv
+from lmlab.models.swelu import swelu, swelu_torch
+
+pytestmark = pytest.mark.skipif(not kernels_cpu.available(), reason="no C++ compiler: the fused kernels are off")
+
+
+def _grads(fn, inputs, g):
+    out = fn(*inputs)
+    return out, torch.autograd.grad(out, [t for t in inputs if t.requires_grad], g)
+
+
+@pytest.mark.parametrize("k", [0.4, 1.0, 2.5])
+def test_swelu_matches_the_reference_values_and_gradients(k):
+    torch.manual_seed(0)
+    z = torch.randn(3, 70, 129) * 2
+    z[0, 0, :5] = 0.0  # the slope at 0 (clamped for k < 1) and dk's limit there
+    z[1, 1, :3] = torch.tensor([1e-8, -1e-7, 3e-6])
+    z.requires_grad_(True)
+    kt, lam = torch.tensor(k, requires_grad=True), torch.tensor(1.3, requires_grad=True)
+    g = torch.randn(z.shape)
+    y1, (gz1, gk1, gl1) = _grads(kernels_cpu.swelu_fused, (z, kt, lam), g)
+    y2, (gz2, gk2, gl2) = _grads(swelu_torch, (z, kt, lam), g)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gz1, gz2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gk1, gk2, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gl1, gl2, rtol=1e-4, atol=1e-4)
+    assert gz1.abs().sum() > 0 and torch.isfinite(gz1).all()
+
+
+def test_swelu_in_bf16_computes_in_fp32():
+    """A bf16 input gives the fp32 result rounded once (not bf16 arithmetic throughout)."""
+    torch.manual_seed(1)
+    z = torch.randn(8, 4096).bfloat16().requires_grad_(True)
+    k, lam = torch.tensor(0.7, requires_grad=True), torch.tensor(1.1, requires_grad=True)
+    y = kernels_cpu.swelu_fused(z, k, lam)
+    assert y.dtype == torch.bfloat16
+    ref = swelu_torch(z.detach().float(), k.detach(), lam.detach())
+    torch.testing.assert_close(y.float(), ref.bfloat16().float(), rtol=0, atol=0)
+    g = torch.randn(z.shape).bfloat16()
+    gz, gk, gl = torch.autograd.grad(y, (z, k, lam), g)
+    zf = z.detach().float().requires_grad_(True)
+    gzr, gkr, glr = torch.autograd.grad(swelu_torch(zf, k, lam), (zf, k, lam), g.float())
+    assert gz.dtype == torch.bfloat16 and gk.dtype == torch.float32
+    torch.testing.assert_close(gz.float(), gzr.bfloat16().float(), rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(gk, gkr, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gl, glr, rtol=1e-4, atol=1e-3)
+
+
+def test_the_module_uses_the_fused_kernel_on_cpu_and_the_reference_when_asked(monkeypatch):
+    calls = []
+    real = kernels_cpu.swelu_fused
+    monkeypatch.setattr(kernels_cpu, "swelu_fused", lambda *a: calls.append(1) or real(*a))
+    z, k, lam = torch.randn(10), torch.tensor(1.0), torch.tensor(1.0)
+    swelu(z, k, lam)
+    assert calls == [1]
+    with kernels_cpu.reference():
+        swelu(z, k, lam)
+    assert calls == [1]
+
+
+def _conv_ref(x_rows, conv, seq_idx):
+    return F.silu(causal_conv(conv, x_rows.transpose(1, 2), seq_idx)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("documents", [False, True])
+def test_conv_silu_matches_the_reference(bias, documents):
+    torch.manual_seed(2)
+    b, l, d, K = 3, 41, 20, 4
+    conv = torch.nn.Conv1d(d, d, K, groups=d, padding=K - 1, bias=bias)
+    xz = torch.randn(b, l, 2 * d, requires_grad=True)  # the mixer reads x in place from in_proj's output
+    x = xz[..., :d]
+    seq = None
+    if documents:
+        seq = torch.zeros(b, l, dtype=torch.long)
+        seq[0, 10:] = 1
+        seq[0, 12:] = 2  # a two-token document: taps must not reach back over it
+        seq[2, 1:] = 1
+    g = torch.randn(b, l, d)
+    params = [xz, conv.weight] + ([conv.bias] if bias else [])
+    u1 = kernels_cpu.conv_silu(x, conv.weight, conv.bias, seq)
+    u2 = _conv_ref(x, conv, seq)
+    torch.testing.assert_close(u1, u2, rtol=1e-5, atol=1e-6)
+    assert u1.is_contiguous() and u1.shape == (b, l, d)
+    for a, r in zip(torch.autograd.grad(u1, params, g), torch.autograd.grad(u2, params, g)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+        assert a.abs().sum() > 0
+
+
+def test_conv_silu_bf16_is_the_fp32_result_rounded():
+    torch.manual_seed(3)
+    conv = torch.nn.Conv1d(16, 16, 4, groups=16, padding=3)
+    x = torch.randn(2, 30, 16).bfloat16()
+    u = kernels_cpu.conv_silu(x, conv.weight, conv.bias)
+    ref = _conv_ref(x.float(), conv, None).detach()
+    assert u.dtype == torch.bfloat16
+    torch.testing.assert_close(u.float(), ref.bfloat16().float(), rtol=0, atol=0.02)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    torch.manual_seed(4)
+    z = torch.randn(70_000, requires_grad=True)
+    conv = torch.nn.Conv1d(64, 64, 4, groups=64, padding=3)
+    x = torch.randn(4, 300, 64, requires_grad=True)
+    k, lam = torch.tensor(0.8, requires_grad=True), torch.tensor(1.0, requires_grad=True)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = kernels_cpu.swelu_fused(z, k, lam)
+            u = kernels_cpu.conv_silu(x, conv.weight, conv.bias)
+            outs.append([y, u, *torch.autograd.grad(y.sum() + (u * u).sum(), (z, k, lam, x, conv.weight, conv.bias))])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_model_with_fused_kernels_matches_the_reference_paths(packed):
+    """mamba-swelu-tiny's logits and every parameter's gradient, fused kernels on vs the torch references."""
+    torch.manual_seed(5)
+    model = build_model(build_config("mamba-swelu-tiny")).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 49))
+    seq = torch.tensor([[0] * 20 + [1] * 28, [0] * 48]) if packed else None
+
+    def run():
+        logits = model(ids[:, :-1], seq_idx=seq).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+        return logits, torch.autograd.grad(loss, list(model.parameters()))
+
+    fused_logits, fused_grads = run()
+    with kernels_cpu.reference():
+        ref_logits, ref_grads = run()
+    torch.testing.assert_close(fused_logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for (name, _), a, r in zip(model.named_parameters(), fused_grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=2e-4, atol=1e-6, msg=name)
+
+
+def test_missing_compiler_falls_back_to_the_reference(monkeypatch):
+    monkeypatch.setattr(kernels_cpu, "_lib", None)
+    monkeypatch.setattr(kernels_cpu, "_error", "no C++ compiler found")
+    assert not kernels_cpu.usable(torch.zeros(1))
+    z = torch.randn(50)
+    torch.testing.assert_close(swelu(z, torch.tensor(1.0), torch.tensor(1.0)),
+                               swelu_torch(z, torch.tensor(1.0), torch.tensor(1.0)))
