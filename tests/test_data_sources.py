@@ -10,7 +10,8 @@ import types
 import pytest
 
 from lmlab.data import cache_dir
-from lmlab.data.sources import iter_documents, parse_hf, source_fingerprint, stdlib_files
+from lmlab.data.rows import parse_hf
+from lmlab.data.sources import iter_documents, source_fingerprint, stdlib_files
 from lmlab.errors import DataError
 
 

@@ -10,18 +10,11 @@ from pathlib import Path
 import pytest
 
 import lmlab.data.stdlib_instruct as sti
-from lmlab.data.instruct import (
-    SourceSpec,
-    detect_format,
-    held_out_count,
-    in_val,
-    load_instruct,
-    oasst_best_path,
-    oasst_trees,
-    read_source,
-    split_hash,
-    split_held_out,
-)
+from lmlab.data.instruct import load_instruct, read_source
+from lmlab.data.mixture import held_out_count, in_val, split_hash, split_held_out
+from lmlab.data.normalise import detect_format
+from lmlab.data.oasst import oasst_best_path, oasst_trees
+from lmlab.data.records import SourceSpec
 from lmlab.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)

@@ -147,8 +147,8 @@ def test_the_model_with_fused_kernels_matches_the_reference_paths(packed):
 
 
 def test_missing_compiler_falls_back_to_the_reference(monkeypatch):
-    monkeypatch.setattr(kernels_cpu, "_lib", None)
-    monkeypatch.setattr(kernels_cpu, "_error", "no C++ compiler found")
+    monkeypatch.setattr(kernels_cpu.LIBRARY, "lib", None)
+    monkeypatch.setattr(kernels_cpu.LIBRARY, "error", "no C++ compiler found")
     assert not kernels_cpu.usable(torch.zeros(1))
     z = torch.randn(50)
     torch.testing.assert_close(swelu(z, torch.tensor(1.0), torch.tensor(1.0)),

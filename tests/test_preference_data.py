@@ -3,6 +3,7 @@ prompt shared and the labels on the reply (and its end-of-turn) only, checked to
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lmlab.data.chat import IGNORE, ChatFormat
-from lmlab.data.instruct import SourceSpec, split_hash
+from lmlab.data.mixture import split_hash
 from lmlab.data.preference import PreferencePair, collate_pairs, encode_pair, load_preference, read_pairs, row_to_pair
+from lmlab.data.records import SourceSpec
 from lmlab.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
@@ -89,3 +91,30 @@ def test_encode_pair_token_by_token_and_collate():
     assert conv(cut.rejected_ids) == ["five", "5"] and conv(cut.chosen_ids) == ["4", EOS]
     assert encode_pair(pair, fmt, max_len=7, overlong="drop") is None
     assert encode_pair(pair, fmt, max_len=5) is None
+
+
+def test_preference_and_unpaired_sources_mix_as_instruction_sources_do(tmp_path):
+    """finetune.weights and finetune.max_examples mean the same for every loader (one mixture code): a weight
+    repeats a source's training items, a cap keeps the same seeded sample, in file order, of any kind of row."""
+    from lmlab.data.instruct import load_instruct
+    from lmlab.data.unpaired import load_unpaired
+
+    n = 7
+    files = {"instruct": [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(n)],
+             "pairs": [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(n)],
+             "unpaired": [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(n)]}
+    load = {"instruct": load_instruct, "pairs": load_preference, "unpaired": load_unpaired}
+    question = {"instruct": lambda x: x.messages[0]["content"], "pairs": lambda x: x.prompt[0]["content"],
+                "unpaired": lambda x: x.prompt[0]["content"]}
+    kept = {}
+    for kind, rows in files.items():
+        path = tmp_path / f"{kind}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        weighted = load[kind]([SourceSpec(str(path), weight=2.5)], val_fraction=0.0, seed=3)
+        assert len(weighted.train) == 2 * n + round(0.5 * n), kind
+        capped = load[kind]([SourceSpec(str(path), max_examples=4)], val_fraction=0.0, seed=3)
+        st = capped.summary.sources[str(path)]
+        assert st.kept == 4 and st.dropped["over max_examples"] == n - 4, kind
+        assert st.first_error["over max_examples"] == f"{path} (cap 4)", kind
+        kept[kind] = sorted(question[kind](x) for x in capped.train)
+    assert kept["pairs"] == kept["unpaired"] == kept["instruct"] != [f"q{i}" for i in range(4)]

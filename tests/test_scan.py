@@ -9,6 +9,7 @@ fresh processes (no compiler on PATH; a compiler without OpenMP, two processes b
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -185,14 +186,16 @@ def test_backend_names_and_chunks_are_the_kernels_constants():
 
 
 def test_scan_modules_do_not_import_each_other_back():
-    """scan.py dispatches to the backends; the backend modules import nothing of lmlab (no import cycle)."""
+    """scan.py dispatches to the backends; the backend modules import nothing of lmlab but the C++ builder,
+    which imports nothing of lmlab (no import cycle)."""
     import ast
-    import pathlib
 
-    for name in ("scan_cpu.py", "scan_triton.py"):
+    for name in ("scan_cpu.py", "scan_triton.py", "cpp_build.py"):
         tree = ast.parse((pathlib.Path(S.__file__).parent / name).read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module == "cpp_build":
+                assert name == "scan_cpu.py", name
+            elif isinstance(node, ast.ImportFrom):
                 assert node.level == 0 and not node.module.startswith("lmlab"), (name, node.module)
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("lmlab") for a in node.names), name
@@ -209,8 +212,8 @@ def test_auto_is_the_compiled_kernel_here():
 def test_missing_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
     from lmlab.models import scan_cpu
 
-    monkeypatch.setattr(scan_cpu, "_lib", None)
-    monkeypatch.setattr(scan_cpu, "_lib_error", None)
+    monkeypatch.setattr(scan_cpu.LIBRARY, "lib", None)
+    monkeypatch.setattr(scan_cpu.LIBRARY, "error", None)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
     monkeypatch.setenv("LMLAB_CACHE", str(tmp_path))
     kw = make_inputs(1, 2, 9, 4, True, False)
@@ -222,6 +225,35 @@ def test_missing_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
         warnings.simplefilter("error")
         S.selective_scan(**kw, backend="cpu")  # no second warning
         assert S.resolve_backend("auto", "cpu") == "chunked"
+
+
+def test_kernel_source_is_package_data_and_keys_the_build_cache(monkeypatch, tmp_path):
+    """The C++ source ships as scan_cpu.cpp beside the module; the compiler is handed exactly that text, and an
+    edited source builds anew (a new cache key) instead of loading the library built from the old one."""
+    from lmlab.models import scan_cpu
+    from lmlab.models.cpp_build import FLAG_SETS
+
+    source = scan_cpu.cpp_source()
+    assert 'extern "C" void scan_fwd_f32' in source and "#include" not in pathlib.Path(scan_cpu.__file__).read_text()
+    (tmp_path / "log").mkdir()
+    fake = tmp_path / "c++"  # keeps each source it is handed; writes an empty (unloadable) output
+    fake.write_text('#!/bin/sh\nprev=""\nfor a in "$@"; do\n  case "$a" in *.cpp) cp "$a" "$LOG/$$.cpp";; esac\n'
+                    '  [ "$prev" = -o ] && out="$a"\n  prev="$a"\ndone\n: > "$out"\n')
+    fake.chmod(0o755)
+    for key, value in (("CXX", fake), ("LMLAB_CACHE", tmp_path / "cache"), ("LOG", tmp_path / "log")):
+        monkeypatch.setenv(key, str(value))
+
+    def build() -> set[str]:
+        with pytest.raises(RuntimeError, match="could not build scan_cpu"):
+            scan_cpu._compile()
+        return {p.name for p in (tmp_path / "cache").rglob("*.so")}
+
+    first = build()
+    assert len(first) == len(FLAG_SETS)
+    assert {p.read_text() for p in (tmp_path / "log").iterdir()} == {source}
+    assert build() == first  # same source: the cached builds are reused
+    monkeypatch.setattr(scan_cpu, "cpp_source", lambda: source + "// edited\n")
+    assert len(build() - first) == len(FLAG_SETS)
 
 
 # Run in a fresh process: builds (or fails to build) the kernel from scratch, trains a tiny model a step with
@@ -270,11 +302,14 @@ def _result(proc: subprocess.Popen) -> dict:
 
 
 def test_no_compiler_on_path_falls_back_in_a_fresh_process(tmp_path):
-    """A machine without any C++ compiler: one warning, `auto` = chunked, training still matches ref."""
+    """A machine without any C++ compiler: one warning from the scan, `auto` = chunked, training still matches
+    ref."""
     (tmp_path / "bin").mkdir()
     res = _result(_child({"PATH": str(tmp_path / "bin"), "LMLAB_CACHE": str(tmp_path / "cache")}))
     assert res["auto"] == "chunked"
-    assert len(res["warnings"]) == 1 and "no C++ compiler" in res["warnings"][0], res["warnings"]
+    scan = [w for w in res["warnings"] if "selective scan" in w]
+    assert len(scan) == 1 and "no C++ compiler" in scan[0], res["warnings"]
+    assert all("no C++ compiler" in w for w in res["warnings"]), res["warnings"]  # other kernels: the same cause
     assert res["max_err"] < 1e-3
     assert not list((tmp_path / "cache").glob("**/*.so"))
 
@@ -282,7 +317,7 @@ def test_no_compiler_on_path_falls_back_in_a_fresh_process(tmp_path):
 @pytest.mark.slow
 def test_compiler_without_openmp_builds_serial_kernel_concurrently(tmp_path):
     """A compiler that rejects -fopenmp (e.g. Apple clang): the serial flag set builds and is used, silently.
-    Two processes build into the same empty cache at once: both work and exactly one .so is left."""
+    Two processes build into the same empty cache at once: both work and exactly one .so per library is left."""
     import shutil
 
     real = shutil.which("c++") or shutil.which("g++")
@@ -297,7 +332,9 @@ def test_compiler_without_openmp_builds_serial_kernel_concurrently(tmp_path):
     for res in map(_result, procs):
         assert res["auto"] == "cpu" and res["warnings"] == [] and res["max_err"] < 1e-3, res
     built = sorted(p.name for p in (tmp_path / "cache").rglob("*") if p.is_file())
-    assert len(built) == 1 and built[0].endswith(".so"), built
+    libraries = [name.rsplit("_", 1)[0] for name in built]  # scan_cpu, and any other kernels the model builds
+    assert "scan_cpu" in libraries and len(set(libraries)) == len(libraries), built
+    assert all(name.endswith(".so") for name in built), built
 
 
 def tiny_model(backend):

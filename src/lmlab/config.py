@@ -7,42 +7,61 @@ bad value raises ConfigError naming the key and the allowed values (the CLI prin
 `model.*` keys other than `name` and `trust_remote_code` are overrides of the model family's config
 (e.g. `model.d_model=512`, `model.activation=silu`) and are checked against that family.
 The resolved config is saved as `config.yaml` in every run folder and reloaded by `lmlab resume`.
+
+Each key is written once below: its type (a `Literal` for a choice of values), its default and its help text
+(`doc`). `keys()` lists them; `lmlab <command> --help` and the short flags that alias keys are generated from
+them (lmlab.commands._common).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from .errors import ConfigError
 
+Device = Literal["auto", "cpu", "cuda", "mps"]  # train.device and every command's --device
+Template = Literal["auto", "tokenizer", "plain", "chatml", "llama3"]  # finetune.template, chat/serve --template
+Method = Literal["full", "lora", "qlora"]  # finetune.method, estimate --method
+
+
+def doc(default: Any, help: str) -> Any:
+    """A config key's default and its help text (shown by `lmlab <command> --help`); a list default is copied
+    for each Config."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
 
 @dataclass
 class ModelConfig:
-    name: str = "mamba-swelu-tiny"
-    trust_remote_code: bool = False
+    name: str = doc("mamba-swelu-tiny", "a named size (lmlab models), a model folder, a run folder or a hub id")
+    trust_remote_code: bool = doc(False, "allow a hub model's own Python code")
     overrides: dict[str, Any] = field(default_factory=dict)  # family-specific keys (model.d_model=…)
 
 
 @dataclass
 class DataConfig:
-    source: Any = "stdlib"  # a string or a list of strings: stdlib, files, folders, globs, .jsonl, hf:NAME
-    text_field: str = "text"
-    tokenizer: str = "stdlib-bpe"  # embedded default, a tokenizer folder/file, or a hub id
-    vocab_size: int = 4096  # only for the embedded stdlib-bpe tokenizer
-    seq_len: int = 256
-    val_fraction: float = 0.02
-    max_docs: int | None = None
-    document_masking: bool = False  # reset the model's state at document boundaries inside packed rows
-    split_seed: int | None = None  # seed of the train/validation split (default train.seed); fix it so runs with
-    #                                different train.seed are validated on the same documents (studies)
+    source: Any = doc("stdlib", "a string or a list of them: stdlib, files, folders, globs, .jsonl, .parquet, "
+                                "hf:NAME (fine-tuning: instruction or preference files, stdlib-instruct)")
+    text_field: str = doc("text", "the text field of .jsonl / .parquet / hub rows")
+    tokenizer: str = doc("stdlib-bpe", "the embedded default, a tokenizer folder or file, or a hub id")
+    vocab_size: int = doc(4096, "vocabulary of the embedded stdlib-bpe tokenizer (only)")
+    seq_len: int = doc(256, "tokens per training sequence")
+    val_fraction: float = doc(0.02, "documents held out for validation")
+    max_docs: int | None = doc(None, "read at most this many documents (null: all)")
+    document_masking: bool = doc(False, "reset the model's state at document boundaries inside packed rows")
+    split_seed: int | None = doc(None, "seed of the train/validation split (null: train.seed); fix it so runs with "
+                                       "different train.seed are validated on the same documents (studies)")
 
     def split_seed_for(self, train_seed: int) -> int:
         return train_seed if self.split_seed is None else self.split_seed
@@ -50,87 +69,97 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int | None = None  # the budget: exactly one of max_steps, max_tokens, token_ratio
-    max_tokens: int | None = None
-    token_ratio: float | None = None  # tokens per parameter: 20 (Chinchilla), 100 (LLaMA-style)
-    batch_size: int = 8  # sequences per device per micro-step
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # final LR = lr × min_lr_ratio (cosine, linear)
-    schedule: str = "cosine"
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    optimizer: str = "adamw"  # adamw (decoupled weight decay) | sgd (momentum, no decay on norms/biases either)
-    momentum: float = 0.9  # sgd only: heavy-ball momentum (0: plain SGD)
-    grad_clip: float = 1.0  # 0 disables clipping
-    activation_checkpointing: bool = False  # recompute each layer in the backward: less memory, ~1/3 more compute
-    precision: str = "auto"  # auto: fp32 on CPU, bf16 on GPUs that support it, fp16 + loss scaling otherwise
-    device: str = "auto"
-    seed: int = 1337
-    threads: int | None = None  # torch CPU threads (None: leave torch's default)
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int = 20
-    save_every: int = 500
-    keep_last: int = 3
-    sample_every: int = 0  # 0: samples only at the end
-    sample_prompts: list[str] = field(default_factory=lambda: ["def ", "The "])
-    sample_tokens: int = 48
-    progress: bool = True
-    early_stop_patience: int = 0  # stop after this many evaluations without a new best val loss (0 = off)
-    early_stop_min_delta: float = 0.0  # what counts as a new best: lower by more than this
-    system_every: float = 10.0  # seconds between system-stat records (CPU, RAM, GPUs); 0 turns them off
-    objective: str = "pretrain"  # what is optimised: pretrain (next token); see lmlab.train.objectives
-    guard: str = "skip"  # a non-finite or spiking step: skip | rollback | stop | off (lmlab.train.guard)
-    guard_window: int = 128  # steps of loss / gradient-norm history a spike is measured against
-    guard_warmup: int = 64  # steps in the window before spikes are judged (non-finite values always are)
-    guard_sigma: float = 6.0  # a spike: above mean + sigma·std of the window
-    guard_max_skips: int = 10  # bad steps in a row before a skipping run stops
-    guard_max_rollbacks: int = 3
-    guard_lr_factor: float = 0.5  # LR multiplier after each rollback
-    guard_keep: bool = True  # keep the last good state in memory (one copy of the trainable weights and optimizer
-    #                          state) for stop and rollback; false: a stop saves the current state, a rollback
-    #                          goes to the last checkpoint
-    strategy: str = "ddp"  # several ranks: ddp | fsdp (FSDP2, sharded) | deepspeed (ZeRO 1-2); lmlab.train.strategy
-    fsdp_reshard: bool = True  # fsdp: free gathered weights after each block's forward (False: ZeRO-2-like)
-    zero_stage: int = 2  # deepspeed: 1 (optimizer state sharded) or 2 (+ gradients)
-    offload_optimizer: bool = False  # deepspeed: optimizer state and step in CPU memory
-    compile: bool = False  # torch.compile each block (the selective scan stays out of the graph)
-    chunked_loss: str = "auto"  # LM head + loss a chunk of tokens at a time, the full logits never stored:
-    #                             auto (when a micro-batch's logits exceed loss_chunk_mb) | on | off
-    loss_chunk_mb: int = 256  # fp32 logits per chunk of the chunked loss, in MiB
+    max_steps: int | None = doc(None, "the budget in optimizer steps (set one of max_steps, max_tokens, "
+                                      "token_ratio)")
+    max_tokens: int | None = doc(None, "the budget in training tokens")
+    token_ratio: float | None = doc(None, "the budget in tokens per parameter: 20 (Chinchilla), 100 (LLaMA-style)")
+    batch_size: int = doc(8, "sequences per device per micro-step")
+    grad_accum: int = doc(1, "micro-steps per optimizer step")
+    lr: float = doc(3e-4, "peak learning rate, reached after warmup_steps")
+    min_lr_ratio: float = doc(0.1, "final LR = lr × min_lr_ratio (cosine, linear)")
+    schedule: Literal["cosine", "linear", "constant"] = doc("cosine", "LR schedule after the warmup")
+    warmup_steps: int = doc(100, "steps of linear LR warmup")
+    weight_decay: float = doc(0.1, "decoupled weight decay (not on norms and biases)")
+    beta1: float = doc(0.9, "AdamW β1")
+    beta2: float = doc(0.95, "AdamW β2")
+    eps: float = doc(1e-8, "AdamW ε")
+    optimizer: Literal["adamw", "sgd"] = doc("adamw", "adamw (decoupled weight decay) or sgd (momentum, no decay "
+                                                      "on norms/biases either)")
+    momentum: float = doc(0.9, "sgd only: heavy-ball momentum (0: plain SGD)")
+    grad_clip: float = doc(1.0, "gradient-norm clipping (0 disables)")
+    activation_checkpointing: bool = doc(False, "recompute each layer in the backward: less memory, ~1/3 more "
+                                                "compute")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
+        "auto", "auto: fp32 on CPU, bf16 on GPUs that support it, fp16 + loss scaling otherwise")
+    device: Device = doc("auto", "auto: the GPU when there is one, else the CPU")
+    seed: int = doc(1337, "seed of the weights' initialisation, the data order and sampling")
+    threads: int | None = doc(None, "torch CPU threads (null: torch's default)")
+    log_every: int = doc(10, "steps between metric records")
+    eval_every: int = doc(200, "steps between validation passes")
+    eval_batches: int = doc(20, "batches per validation pass")
+    save_every: int = doc(500, "steps between checkpoints")
+    keep_last: int = doc(3, "checkpoints kept (older ones are deleted)")
+    sample_every: int = doc(0, "steps between text samples (0: only at the end)")
+    sample_prompts: list[str] = doc(["def ", "The "], "prompts of the text samples")
+    sample_tokens: int = doc(48, "new tokens per sample")
+    progress: bool = doc(True, "show a progress bar")
+    early_stop_patience: int = doc(0, "stop after this many evaluations without a new best val loss (0: off)")
+    early_stop_min_delta: float = doc(0.0, "what counts as a new best: lower by more than this")
+    system_every: float = doc(10.0, "seconds between system-stat records (CPU, RAM, GPUs); 0 turns them off")
+    objective: str = doc("pretrain", "what is optimised: pretrain (next token), sft, dpo, ipo, simpo, orpo, kto, "
+                                     "grpo (lmlab.train.objectives)")
+    guard: Literal["skip", "rollback", "stop", "off"] = doc(
+        "skip", "what a non-finite or spiking step does (lmlab.train.guard)")
+    guard_window: int = doc(128, "steps of loss / gradient-norm history a spike is measured against")
+    guard_warmup: int = doc(64, "steps in the window before spikes are judged (non-finite values always are)")
+    guard_sigma: float = doc(6.0, "a spike: above mean + sigma·std of the window")
+    guard_max_skips: int = doc(10, "bad steps in a row before a skipping run stops")
+    guard_max_rollbacks: int = doc(3, "rollbacks before the run stops")
+    guard_lr_factor: float = doc(0.5, "LR multiplier after each rollback")
+    guard_keep: bool = doc(True, "keep the last good state in memory (one copy of the trainable weights and "
+                                 "optimizer state) for stop and rollback; false: a stop saves the current state, "
+                                 "a rollback goes to the last checkpoint")
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = doc(
+        "ddp", "several ranks: ddp, fsdp (FSDP2, sharded) or deepspeed (ZeRO 1-2); lmlab.train.strategy")
+    fsdp_reshard: bool = doc(True, "fsdp: free gathered weights after each block's forward (false: ZeRO-2-like)")
+    zero_stage: Literal[1, 2] = doc(2, "deepspeed: 1 (optimizer state sharded) or 2 (+ gradients)")
+    offload_optimizer: bool = doc(False, "deepspeed: optimizer state and step in CPU memory")
+    compile: bool = doc(False, "torch.compile each block (the selective scan stays out of the graph)")
+    chunked_loss: Literal["auto", "on", "off"] = doc(
+        "auto", "LM head + loss a chunk of tokens at a time, the full logits never stored; auto: when a "
+                "micro-batch's logits exceed loss_chunk_mb")
+    loss_chunk_mb: int = doc(256, "fp32 logits per chunk of the chunked loss, in MiB (> 0)")
 
 
 @dataclass
 class FinetuneConfig:
     """Instruction and preference tuning (train.objective sft or dpo); model.name is the base to tune."""
 
-    method: str = "full"  # full | lora | qlora (4-bit NF4 base + LoRA)
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=list)  # module-name suffixes; empty: the family's defaults
-    template: str = "auto"  # auto | tokenizer | plain | chatml | llama3
-    system_prompt: str | None = None
-    train_on: str = "assistant"  # assistant: loss on assistant tokens only; all: every token
-    packing: bool = True  # several examples per row, kept apart (state resets / block-diagonal attention)
-    max_len: int | None = None  # longest example in tokens (default data.seq_len)
-    overlong: str = "truncate"  # truncate | drop
-    on_error: str = "skip"  # a malformed example: skip (counted) | fail
-    weights: list[float] = field(default_factory=list)  # per data.source, for mixing (default: equal)
-    max_examples: list[int] = field(default_factory=list)  # per data.source cap (default: none)
-    dpo_beta: float = 0.1
-    dpo_reference: str = "auto"  # auto: the base with adapters off (LoRA) or a frozen copy (full)
-    ipo_tau: float = 0.1  # ipo: the regulariser τ; the loss is (h − 1/(2τ))² on length-averaged log-ratios
-    simpo_beta: float = 2.0  # simpo: reward scale β on length-averaged log-probabilities (no reference)
-    simpo_gamma: float = 1.0  # simpo: target margin γ (γ/β = 0.5 with the default β)
-    orpo_lambda: float = 0.1  # orpo: weight λ of the odds-ratio term beside the NLL of the chosen reply
-    kto_beta: float = 0.1  # kto: β of the implicit reward β·(log π − log π_ref)
-    kto_desirable_weight: float = 1.0  # kto: λ_D, weight of desirable examples
-    kto_undesirable_weight: float = 1.0  # kto: λ_U, weight of undesirable examples
+    method: Method = doc("full", "full, lora, or qlora (4-bit NF4 base + LoRA)")
+    lora_rank: int = doc(16, "LoRA rank r")
+    lora_alpha: float = doc(32.0, "LoRA α (updates are scaled by α / r)")
+    lora_dropout: float = doc(0.05, "dropout on the LoRA input")
+    lora_targets: list[str] = doc([], "module-name suffixes to adapt (empty: the family's defaults)")
+    template: Template = doc("auto", "chat template; chatml/llama3 add their special tokens when the tokenizer "
+                                     "lacks them (the model's embeddings grow to match)")
+    system_prompt: str | None = doc(None, "system prompt of examples that have none")
+    train_on: Literal["assistant", "all"] = doc("assistant", "assistant: loss on assistant tokens only; all: every "
+                                                             "token")
+    packing: bool = doc(True, "several examples per row, kept apart (state resets / block-diagonal attention)")
+    max_len: int | None = doc(None, "longest example in tokens (null: data.seq_len)")
+    overlong: Literal["truncate", "drop"] = doc("truncate", "what happens to an example longer than max_len")
+    on_error: Literal["skip", "fail"] = doc("skip", "a malformed example: skip (counted) or fail")
+    weights: list[float] = doc([], "per data.source, for mixing (empty: equal)")
+    max_examples: list[int] = doc([], "per data.source cap (empty: none)")
+    dpo_beta: float = doc(0.1, "dpo: β of the sigmoid loss")
+    dpo_reference: Literal["auto"] = doc("auto", "auto: the base with adapters off (LoRA) or a frozen copy (full)")
+    ipo_tau: float = doc(0.1, "ipo: the regulariser τ; the loss is (h − 1/(2τ))² on length-averaged log-ratios")
+    simpo_beta: float = doc(2.0, "simpo: reward scale β on length-averaged log-probabilities (no reference)")
+    simpo_gamma: float = doc(1.0, "simpo: target margin γ (γ/β = 0.5 with the default β)")
+    orpo_lambda: float = doc(0.1, "orpo: weight λ of the odds-ratio term beside the NLL of the chosen reply")
+    kto_beta: float = doc(0.1, "kto: β of the implicit reward β·(log π − log π_ref)")
+    kto_desirable_weight: float = doc(1.0, "kto: λ_D, weight of desirable examples")
+    kto_undesirable_weight: float = doc(1.0, "kto: λ_U, weight of undesirable examples")
 
 
 @dataclass
@@ -138,48 +167,54 @@ class RLConfig:
     """Reinforcement learning with verifiable rewards (train.objective=grpo, lmlab.train.grpo): data.source holds
     the prompts (arithmetic, a question/answer .jsonl, stdlib-functions; lmlab.data.prompts)."""
 
-    num_generations: int = 8  # G: completions sampled per prompt (a group); train.batch_size counts prompts
-    max_completion_length: int = 32  # new tokens per completion at most
-    temperature: float = 1.0  # sampling temperature of the rollouts
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    beta: float = 0.0  # KL coefficient to a frozen reference (0: no reference model is built; GRPO paper: 0.04)
-    epsilon: float = 0.2  # clip range below 1 of the probability ratio (PPO / GRPO)
-    epsilon_high: float | None = None  # clip range above 1 (DAPO's clip-higher: 0.28); default: epsilon
-    scale_rewards: str = "group"  # group: advantages / group std (GRPO) | batch: / batch std | none (Dr. GRPO)
-    loss_type: str = "dapo"  # dapo: token-level mean | grpo: per-sequence mean | dr_grpo: / (G·max length)
-    iterations: int = 1  # μ: optimizer steps on each rollout batch (>1: the clipped ratio matters)
-    reward_funcs: list[str] = field(default_factory=lambda: ["format", "answer"])  # built-ins or module:function
-    reward_weights: list[float] = field(default_factory=list)  # one per reward function (default: all 1)
-    format_regex: str = r"^\s*-?\d+\s*$"  # format reward: 1 when the whole completion matches
-    answer_regex: str = ""  # answer reward: the answer is group 1 of this regex's first match (default: the
-    #                         whole completion, stripped); equal to the reference answer (as numbers if both are)
-    arithmetic_digits: int = 2  # data.source=arithmetic: operand digits
-    arithmetic_ops: str = "+"  # data.source=arithmetic: operators to draw from, of + - *
-    arithmetic_prompts: int = 5000  # data.source=arithmetic: distinct generated problems (before the split)
-    sandbox_timeout: float = 2.0  # code reward: wall-clock seconds per completion
-    sandbox_cpu: float = 2.0  # code reward: CPU seconds (RLIMIT_CPU)
-    sandbox_memory_mb: int = 512  # code reward: address space (RLIMIT_AS)
-    sandbox_workers: int = 2  # code reward: completions run at once (one process each)
-    log_completions: int = 8  # completions (with their rewards) written to samples_grpo.jsonl per log step
+    num_generations: int = doc(8, "G: completions sampled per prompt (a group); train.batch_size counts prompts")
+    max_completion_length: int = doc(32, "new tokens per completion at most")
+    temperature: float = doc(1.0, "sampling temperature of the rollouts")
+    top_k: int = doc(0, "top-k sampling of the rollouts (0: off)")
+    top_p: float = doc(1.0, "nucleus sampling of the rollouts (1: off)")
+    beta: float = doc(0.0, "KL coefficient to a frozen reference (0: no reference model is built; GRPO paper: 0.04)")
+    epsilon: float = doc(0.2, "clip range below 1 of the probability ratio (PPO / GRPO)")
+    epsilon_high: float | None = doc(None, "clip range above 1 (DAPO's clip-higher: 0.28); null: epsilon")
+    scale_rewards: Literal["group", "batch", "none"] = doc(
+        "group", "group: advantages / group std (GRPO); batch: / batch std; none (Dr. GRPO)")
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = doc(
+        "dapo", "dapo: token-level mean; grpo: per-sequence mean; dr_grpo: / (G·max length)")
+    iterations: int = doc(1, "μ: optimizer steps on each rollout batch (>1: the clipped ratio matters)")
+    reward_funcs: list[str] = doc(["format", "answer"], "built-in reward functions or module:function")
+    reward_weights: list[float] = doc([], "one per reward function (empty: all 1)")
+    format_regex: str = doc(r"^\s*-?\d+\s*$", "format reward: 1 when the whole completion matches")
+    answer_regex: str = doc("", "answer reward: the answer is group 1 of this regex's first match (empty: the "
+                                "whole completion, stripped); equal to the reference answer (as numbers if both "
+                                "are)")
+    arithmetic_digits: int = doc(2, "data.source=arithmetic: operand digits")
+    arithmetic_ops: str = doc("+", "data.source=arithmetic: operators to draw from, of + - *")
+    arithmetic_prompts: int = doc(5000, "data.source=arithmetic: distinct generated problems (before the split)")
+    sandbox_timeout: float = doc(2.0, "code reward: wall-clock seconds per completion")
+    sandbox_cpu: float = doc(2.0, "code reward: CPU seconds (RLIMIT_CPU)")
+    sandbox_memory_mb: int = doc(512, "code reward: address space in MiB (RLIMIT_AS)")
+    sandbox_workers: int = doc(2, "code reward: completions run at once (one process each)")
+    log_completions: int = doc(8, "completions (with their rewards) written to samples_grpo.jsonl per log step")
 
 
 @dataclass
 class RunConfig:
-    name: str | None = None  # default: <model>-<yyyymmdd-hhmmss>
-    out_dir: str = "runs"
-    if_exists: str = "refuse"  # the folder out_dir/name exists: refuse | resume (continue it: restarts under torchrun)
+    name: str | None = doc(None, "the run folder's name (null: <model>-<yyyymmdd-hhmmss>)")
+    out_dir: str = doc("runs", "parent folder of the run folder")
+    if_exists: Literal["refuse", "resume"] = doc(
+        "refuse", "the folder out_dir/name exists: refuse, or resume it (restarts under torchrun)")
 
 
 @dataclass
 class LogConfig:
     """Optional copies of the run's records in Weights & Biases and trackio (lmlab.monitor.trackers)."""
 
-    wandb: bool = False  # needs `pip install 'lmlab[wandb]'`
-    wandb_project: str = "lmlab"
-    wandb_mode: str = "offline"  # offline: files in the run folder, nothing sent (wandb sync later) | online | disabled
-    trackio: bool = False  # needs `pip install 'lmlab[trackio]'`; local SQLite storage (TRACKIO_DIR)
-    trackio_project: str = "lmlab"
+    wandb: bool = doc(False, "copy the records to Weights & Biases (pip install 'lmlab[wandb]')")
+    wandb_project: str = doc("lmlab", "the W&B project")
+    wandb_mode: Literal["offline", "online", "disabled"] = doc(
+        "offline", "offline: files in the run folder, nothing sent (wandb sync later)")
+    trackio: bool = doc(False, "copy the records to trackio, local SQLite storage in TRACKIO_DIR (pip install "
+                               "'lmlab[trackio]')")
+    trackio_project: str = doc("lmlab", "the trackio project")
 
 
 @dataclass
@@ -199,25 +234,75 @@ class Config:
         return d
 
 
-CHOICES = {
-    "train.schedule": ("cosine", "linear", "constant"),
-    "train.guard": ("skip", "rollback", "stop", "off"),
-    "train.optimizer": ("adamw", "sgd"),
-    "finetune.method": ("full", "lora", "qlora"),
-    "finetune.template": ("auto", "tokenizer", "plain", "chatml", "llama3"),
-    "finetune.train_on": ("assistant", "all"),
-    "finetune.overlong": ("truncate", "drop"),
-    "finetune.on_error": ("skip", "fail"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.chunked_loss": ("auto", "on", "off"),
-    "train.device": ("auto", "cpu", "cuda", "mps"),
-    "train.strategy": ("ddp", "fsdp", "deepspeed"),
-    "train.zero_stage": (1, 2),
-    "run.if_exists": ("refuse", "resume"),
-    "rl.scale_rewards": ("group", "batch", "none"),
-    "rl.loss_type": ("dapo", "grpo", "dr_grpo"),
-    "log.wandb_mode": ("offline", "online", "disabled"),
-}
+# --------------------------------------------------------------------------------------------------- the keys
+@dataclass(frozen=True)
+class Key:
+    """One config key: what `lmlab <command> --help` lists and what a flag aliasing it is typed by."""
+
+    name: str  # section.key
+    type: Any  # the resolved annotation
+    default: Any
+    help: str
+    choices: tuple | None  # a Literal's values
+
+    def shown_default(self) -> str:
+        return show(self.default)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def keys() -> dict[str, Key]:
+    """Every config key (`section.key`, in the dataclasses' order) except the family-specific `model.*` ones."""
+    out, cfg = {}, Config()
+    for sec in dataclasses.fields(Config):
+        obj = getattr(cfg, sec.name)
+        hints = _hints(type(obj))
+        for f in dataclasses.fields(obj):
+            if f.name == "overrides":
+                continue
+            tp = hints[f.name]
+            choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+            out[f"{sec.name}.{f.name}"] = Key(f"{sec.name}.{f.name}", tp, getattr(obj, f.name),
+                                              f.metadata.get("help", ""), choices)
+    return out
+
+
+def show(value: Any) -> str:
+    """A value as it is written after `key=` on the command line (YAML)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if isinstance(value, str):
+        plain = value != "" and value == value.strip() and isinstance(yaml.safe_load(value), str) \
+            and not any(c in value for c in ",[]{}#")
+        return value if plain else repr(value)
+    return str(value)
+
+
+def coerce(key: str, value: Any) -> Any:
+    """`value` (a string from the command line, or a YAML value) as config key `key`'s type; ConfigError if it
+    is not one. A string is read as YAML unless the key takes text (a name, a path, a choice of words)."""
+    k = keys().get(key)
+    if k is None:
+        raise ConfigError(f"{key}: unknown key")
+    if isinstance(value, str) and not _takes_text(k.type):
+        value = _parse_scalar(value)
+    return _coerce(key, value, k.type)
+
+
+def _takes_text(tp: Any) -> bool:
+    if tp is str or tp is Any:
+        return True
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and any(_takes_text(a) for a in typing.get_args(tp))
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -228,6 +313,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, bool) and all(isinstance(a, str) for a in allowed):
+            # YAML reads off/on/no/yes as booleans: a choice spelled so is meant as text
+            value = next((a for a in allowed if yaml.safe_load(a) is value), value)
+        try:
+            v = _coerce(key, value, type(allowed[0]))
+        except ConfigError:
+            v = value
+        if isinstance(v, bool) or v not in allowed:
+            raise ConfigError(f"{key}: invalid value {value!r}; allowed: {', '.join(map(str, allowed))}")
+        return v
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -285,11 +382,6 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        if isinstance(value, bool):  # YAML reads off/on/no/yes as booleans: a choice spelled so is meant as text
-            spelled = [c for c in CHOICES.get(key, ()) if isinstance(c, str)
-                       and isinstance(yaml.safe_load(c), bool) and yaml.safe_load(c) is value]
-            if spelled:
-                return spelled[0]
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
 
@@ -304,7 +396,7 @@ def _apply_section(obj: Any, section: str, values: dict[str, Any]) -> None:
         if key not in fields or key == "overrides":
             allowed = ", ".join(k for k in fields if k != "overrides")
             raise ConfigError(f"{full}: unknown key; allowed: {allowed}")
-        setattr(obj, key, _coerce(full, value, fields[key].type))
+        setattr(obj, key, _coerce(full, value, _hints(type(obj))[key]))
 
 
 def _parse_scalar(text: str) -> Any:
@@ -373,10 +465,11 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Value checks that need no compute. The model name and overrides are checked too."""
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
+    for key in (k for k in keys().values() if k.choices):  # set in code, a value never went through _coerce
+        section, name = key.name.split(".")
         value = getattr(getattr(cfg, section), name)
-        _check(value in allowed, key, f"invalid value {value!r}; allowed: {', '.join(map(str, allowed))}")
+        _check(not isinstance(value, bool) and value in key.choices, key.name,
+               f"invalid value {value!r}; allowed: {', '.join(map(str, key.choices))}")
     t, d, ft = cfg.train, cfg.data, cfg.finetune
     rl = cfg.rl
     for name, section in (("train", t), ("data", d), ("finetune", ft), ("rl", rl)):
@@ -416,6 +509,7 @@ def validate(cfg: Config) -> None:
     _check(t.early_stop_patience >= 0 and t.early_stop_min_delta >= 0, "train.early_stop_patience/min_delta",
            "must be >= 0")
     _check(t.system_every >= 0, "train.system_every", f"must be >= 0 (0 turns it off), got {t.system_every}")
+    _check(t.loss_chunk_mb >= 1, "train.loss_chunk_mb", f"must be > 0 (MiB), got {t.loss_chunk_mb}")
     _check(t.sample_tokens >= 1, "train.sample_tokens", f"must be >= 1, got {t.sample_tokens}")
     _check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps}")
     _check(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-HELP = "score a fine-tuning setup (config, recipe or run) against the rules of thumb: LR, batch, steps, warmup"
-
 STYLE = {"good": "green", "warn": "yellow", "bad": "red", "n/a": "dim"}
 
 
 def add_arguments(p) -> None:
+    from ._common import add_config_flags, add_hardware_flags
+
     p.add_argument("subject", help="config file, run folder, or recipe name (see `lmlab recipes`)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5")
-    p.add_argument("--hardware", help="GPU model (rtx4090, a100-80, h100, ...): judges the batch by its memory and "
-                                      "checks that the micro batch fits")
-    p.add_argument("--gpus", type=int, help="devices the run uses (default 1, or the run's own)")
+    add_config_flags(p, config_file=False, overrides_help="dotted overrides of the subject, e.g. train.lr=1e-5 "
+                                                          "(every key is listed below)")
+    add_hardware_flags(p, price=False, hardware_help="judges the batch by its memory and checks that the micro "
+                                                     "batch fits", gpus_help="devices the run uses (default 1, or "
+                                                                             "the run's own)")
     p.add_argument("--examples", type=int, help="training examples, for the epochs rule (default: the recipe's or "
                                                 "the run's count)")
     p.add_argument("--pretrain-lr", type=float,

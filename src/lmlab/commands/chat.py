@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-HELP = "chat with a run or model: streaming, template-aware, with history, system prompt, /reset and /exit"
+from ._common import add_device_flag, add_sampling_flags, add_template_flag, sampling_config
 
 COMMANDS_HELP = "/reset clears the history · /system TEXT sets the system prompt · /exit quits"
 
@@ -22,35 +22,11 @@ COMMANDS_HELP = "/reset clears the history · /system TEXT sets the system promp
 def add_arguments(p) -> None:
     p.add_argument("model", help="run folder (its final/ model or latest checkpoint), model folder, or hub id")
     p.add_argument("--system", help="system prompt (kept across /reset)")
-    p.add_argument("--template", default="auto",
-                   help="chat template: auto (the tokenizer's own, else plain), tokenizer, plain, chatml, llama3")
-    add_sampling_args(p, temperature=0.7)
+    add_template_flag(p)
+    add_sampling_flags(p, max_new_tokens=256, temperature=0.7)
+    add_device_flag(p)
     p.add_argument("--jsonl", action="store_true",
                    help="non-interactive: print one JSON object per turn ({\"user\", \"assistant\"})")
-
-
-def add_sampling_args(p, temperature: float) -> None:
-    p.add_argument("-n", "--max-new-tokens", type=int, default=256, help="longest reply in tokens")
-    p.add_argument("-t", "--temperature", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
-    p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-
-
-def sampling_from_args(args):
-    from ..errors import ConfigError
-    from ..generate import SamplingConfig
-
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    if not 0 < args.top_p <= 1:
-        raise ConfigError(f"--top-p: must be in (0, 1], got {args.top_p}")
-    if args.temperature < 0 or args.top_k < 0:
-        raise ConfigError("--temperature and --top-k: must not be negative")
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
-                          top_k=args.top_k, top_p=args.top_p)
 
 
 # ------------------------------------------------------------------------------------------------ replying
@@ -263,7 +239,7 @@ def _scripted(session: ChatSession, jsonl: bool) -> None:
 def run(args) -> int:
     from ..inference import load_for_inference
 
-    sampling = sampling_from_args(args)
+    sampling = sampling_config(args)
     model, tok = load_for_inference(args.model, args.device)
     session = ChatSession(model, tok, template=args.template, system=args.system, sampling=sampling, seed=args.seed)
     if sys.stdin.isatty() and not args.jsonl:

@@ -17,9 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from .chat import add_sampling_args, respond, sampling_from_args
-
-HELP = "answer the same prompts with two models (base vs tuned) side by side; score optional reference answers"
+from ._common import add_device_flag, add_sampling_flags, sampling_config
+from .chat import respond
 
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
@@ -38,8 +37,8 @@ def add_arguments(p) -> None:
     p.add_argument("--system", help="system prompt given to both models")
     p.add_argument("--labels", nargs=2, metavar=("BASE", "TUNED"), default=("base", "tuned"),
                    help="column names (default: base tuned)")
-    add_sampling_args(p, temperature=0.0)
-    p.set_defaults(max_new_tokens=64)
+    add_sampling_flags(p, max_new_tokens=64, temperature=0.0)
+    add_device_flag(p)
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
 
 
@@ -186,7 +185,7 @@ def render_table(rows: list[dict], labels: tuple[str, str], out) -> None:
 
 def run(args) -> int:
     prompts = read_prompts(args.prompts)
-    sampling = sampling_from_args(args)
+    sampling = sampling_config(args)
     rows = compare(args.base, args.tuned, prompts, sampling, system=args.system, device=args.device, seed=args.seed)
     labels = tuple(args.labels)
     if args.json:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-HELP = "diagnose runs: divergence, spikes, stalls, overfitting, slow or starved GPUs, checkpoints, disk"
-
 
 def add_arguments(p) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or folders holding runs")

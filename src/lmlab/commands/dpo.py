@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from .finetune import add_tuning_args, tuning_config
 
-HELP = "preference-tune a model with DPO on chosen/rejected pairs (full, LoRA or QLoRA)"
 OBJECTIVES = ("dpo", "ipo", "simpo", "orpo", "kto")  # the preference objectives this command trains
 
 
 def add_arguments(p) -> None:
-    add_tuning_args(p, "preference pairs (data.source): prompt/chosen/rejected jsonl, chat pairs, oasst trees; "
-                       "for kto: prompt/completion/label rows")
+    add_tuning_args(p, "preference pairs: prompt/chosen/rejected jsonl, chat pairs, oasst trees; for kto: "
+                       "prompt/completion/label rows")
     p.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="train.objective (default: the -c file's, if it names one of these, else dpo)")
 

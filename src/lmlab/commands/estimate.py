@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-HELP = "plan a training run: parameters, memory per GPU (does it fit?), FLOPs, time and cost"
-
 EPILOG = """examples:
   lmlab estimate --model mamba-swelu-124m --hardware h100 --token-ratio 100 --batch 16
   lmlab estimate --model inl-3b --hardware all --batch 1 --checkpointing
@@ -16,8 +14,8 @@ EPILOG = """examples:
 def add_arguments(p) -> None:
     import argparse
 
-    from ..plan.estimate import METHODS, OPTIMIZERS, PRECISIONS
-    from ..plan.hardware import HARDWARE
+    from ..plan.estimate import PRECISIONS
+    from ._common import BUDGET, CONFIG_DEFAULT, add_alias_flags, add_device_flag, add_hardware_flags
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
@@ -33,43 +31,35 @@ def add_arguments(p) -> None:
                                        "plan its vocabulary")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom code from a hub model")
     g = p.add_argument_group("training")
-    g.add_argument("--seq-len", type=int, help="tokens per sequence (default 1024, or the run config's)")
-    g.add_argument("--batch", type=int, help="micro batch per GPU (default 8, or the run config's)")
-    g.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1)")
-    g.add_argument("--method", default="full", choices=METHODS, help="full fine-tuning/pretraining, LoRA or QLoRA")
+    add_alias_flags(p, ("--seq-len", "--batch", "--grad-accum"), group=g,
+                    help={"--seq-len": "tokens per sequence (default 1024, or the run config's)",
+                          "--batch": "micro batch per GPU (default 8, or the run config's)",
+                          "--grad-accum": "gradient accumulation steps (default 1)"})
+    add_alias_flags(p, ("--method", "--lora-rank", "--optimizer", "--momentum", "--checkpointing"), group=g,
+                    default=CONFIG_DEFAULT)
     g.add_argument("--precision", choices=PRECISIONS,
                    help="fp32, bf16, fp16 (mixed precision) or 4bit (QLoRA); default bf16, 4bit for qlora")
-    g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16)")
     g.add_argument("--lora-targets", help="comma-separated Linear names, or all-linear (default: attention/mixer "
                                           "projections)")
-    g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
-                   help="adamw (two states per trainable parameter) or sgd (one with momentum; train.optimizer)")
-    g.add_argument("--momentum", type=float, default=0.9, help="sgd: momentum, 0 keeps no state (default 0.9)")
     g.add_argument("--objective", default="pretrain",
                    help="pretrain, sft, or a preference objective (dpo, ipo, kto, simpo, orpo, grpo): pairs count "
                         "two sequences, and full fine-tuning with a reference keeps a frozen copy (default pretrain)")
-    g.add_argument("--checkpointing", action="store_true", help="activation checkpointing, one per layer")
     g.add_argument("--scan", default="auto",
                    help="Mamba scan for the activation model: auto, ref, chunked, cpu, triton, mamba_ssm")
     h = p.add_argument_group("hardware and money")
-    h.add_argument("--hardware", default="h100",
-                   help=f"{', '.join(HARDWARE)}, cpu, or all for a table over every GPU (default h100)")
-    h.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
+    add_hardware_flags(h, hardware="h100", gpus=1, hardware_help="or all for a table over every GPU")
     h.add_argument("--mfu", type=float, default=0.35, help="assumed model-FLOPs utilisation (default 0.35)")
-    h.add_argument("--price-per-hour", type=float, help="USD per GPU-hour (default: the table's typical price)")
     h.add_argument("--kwh-price", type=float, default=0.25, help="electricity, USD per kWh (default 0.25)")
     h.add_argument("--pue", type=float, default=1.0, help="power usage effectiveness of the room (default 1.0)")
     b = p.add_argument_group("budget (one of; default: the run config's, else none)")
-    b.add_argument("--steps", type=int, help="optimizer steps")
-    b.add_argument("--tokens", type=float, help="training tokens, e.g. 2.5e9")
-    b.add_argument("--token-ratio", type=float, help="tokens per parameter: 20 = Chinchilla, 100 = LLaMA-style")
+    add_alias_flags(p, BUDGET, group=b)
     b.add_argument("--params", type=float, help="plan for this parameter count instead of the model's own")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="machine-readable output")
     o.add_argument("--measure", action="store_true",
                    help="also run two real training steps here (CPU, or the local GPU) and compare the peak "
                         "memory with the estimate")
-    o.add_argument("--device", default="auto", help="device for --measure: auto, cpu, cuda (default auto)")
+    add_device_flag(o, help="device for --measure")
 
 
 def _model_overrides(items: list[str]) -> dict:
@@ -183,13 +173,11 @@ def _measure(args, est, arch, overrides: dict | None) -> dict:
 
     if est.method != "full":
         raise ConfigError("--measure: measures full training (LoRA/QLoRA are planned, not measured here)")
-    import re
-
     import torch
 
     device = args.device
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"--device: {device!r}; allowed: auto, cpu, cuda, cuda:N")
+    if device == "mps":
+        raise ConfigError("--device mps: --measure measures on the CPU or a CUDA GPU")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -20,7 +20,7 @@ import re
 import time
 from pathlib import Path
 
-HELP = "perplexity per data source and benchmarks (lm-eval) of a run or model; two models: print deltas"
+from ._common import CONFIG_DEFAULT, add_alias_flags, add_device_flag
 
 
 def add_arguments(p) -> None:
@@ -35,13 +35,12 @@ def add_arguments(p) -> None:
     p.add_argument("--hub", action="store_true", help="run tasks on their hub datasets (needs the network) "
                    "instead of the local fixtures")
     p.add_argument("--no-val", action="store_true", help="skip the run's own validation split")
-    p.add_argument("--seq-len", type=int, default=None, help="perplexity window (default: the run's data.seq_len, "
-                   "else 256)")
+    add_alias_flags(p, ("--seq-len",), help={"--seq-len": "perplexity window (default: the run's, else 256)"})
     p.add_argument("--max-tokens", type=int, default=262_144, help="tokens scored per source (0 = all)")
-    p.add_argument("--text-field", default="text", help="text field of jsonl/parquet sources")
-    p.add_argument("--batch-size", type=int, default=8)
+    add_alias_flags(p, ("--text-field",), default=CONFIG_DEFAULT)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--bootstrap-iters", type=int, default=0, help="lm-eval stderr bootstrap (0 = off)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_flag(p)
     p.add_argument("--name", default=None, help="results file name (default: a timestamp)")
 
 

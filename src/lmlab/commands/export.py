@@ -9,9 +9,6 @@ GGUF file for llama.cpp; every export carries a model card (README.md).
 
 from __future__ import annotations
 
-HELP = ("write a run's model folder, its LoRA adapter folder (--merge: adapters folded into the base) or a GGUF "
-        "file for llama.cpp (--format gguf), each with a model card")
-
 
 def add_arguments(p) -> None:
     p.add_argument("run", help="run folder")

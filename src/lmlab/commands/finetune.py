@@ -10,26 +10,20 @@ size. The tokenizer follows the base unless data.tokenizer is set. A run tuned f
 
 from __future__ import annotations
 
-from ._common import add_budget_args, add_config_args, budget_overrides
+from ._common import BUDGET, add_config_flags, alias_overrides
 
-HELP = "instruction-tune a model (full, LoRA or QLoRA) on chat data: assistant-only loss, leak-free packing"
+TUNING_FLAGS = ("--model", "--data", "--method", "--template", "--seq-len", "--lr", "--name", *BUDGET)
 
 
 def add_arguments(p) -> None:
-    add_tuning_args(p, "instruction data (data.source): alpaca/dolly/oasst/sharegpt/messages files, hf:NAME, "
-                       "stdlib-instruct")
+    add_tuning_args(p, "instruction data: alpaca/dolly/oasst/sharegpt/messages files, hf:NAME, stdlib-instruct")
 
 
-def add_tuning_args(p, data_help: str) -> None:
-    add_config_args(p)
-    add_budget_args(p)
-    p.add_argument("--model", help="base model (model.name): a run folder, a model folder, a hub id or a named size")
-    p.add_argument("--data", nargs="+", help=data_help)
-    p.add_argument("--method", choices=("full", "lora", "qlora"), help="finetune.method (default full)")
-    p.add_argument("--template", help="chat template (finetune.template): auto, tokenizer, plain, chatml, llama3; "
-                                      "chatml/llama3 add their special tokens when the tokenizer lacks them (the "
-                                      "model's embeddings grow to match)")
-    p.add_argument("--name", help="run name (run.name)")
+def add_tuning_args(p, data_help: str, epilog: str = "") -> None:
+    """The flags of finetune, dpo and grpo: the config's, with the base model and several data sources."""
+    add_config_flags(p, TUNING_FLAGS, nargs={"--data": "+"}, epilog=epilog,
+                     help={"--model": "base model: a run folder, a model folder, a hub id or a named size",
+                           "--data": data_help})
 
 
 def tuning_config(args, objective: str):
@@ -40,14 +34,7 @@ def tuning_config(args, objective: str):
     from ..config import load_config
     from ..train.adapters import base_label, is_run_folder, resolve_base
 
-    overrides = [f"train.objective={objective}", *args.overrides, *budget_overrides(args)]
-    if args.data:
-        overrides.append("data.source=[" + ", ".join(_quote(d) for d in args.data) + "]")
-    for flag, key in (("method", "finetune.method"), ("template", "finetune.template"), ("name", "run.name")):
-        if getattr(args, flag):
-            overrides.append(f"{key}={getattr(args, flag)}")
-    if args.model:
-        overrides.append(f"model.name={_quote(args.model)}")
+    overrides = [f"train.objective={objective}", *args.overrides, *alias_overrides(args)]
     cfg = load_config(args.config, overrides)
     name = cfg.model.name
     if cfg.run.name is None and os.path.isdir(name):  # named after the run it continues, not after "final"
@@ -63,12 +50,6 @@ def tuning_config(args, objective: str):
         if registry.describe_kind(name) == "hub":
             cfg.data.tokenizer = name
     return cfg
-
-
-def _quote(value: str) -> str:
-    import json
-
-    return json.dumps(str(value))
 
 
 def _in_file(path, key: str) -> bool:
@@ -99,19 +80,9 @@ def run(args) -> int:
     if has_stages(args.config):
         from ..train.stages import train_stages
 
-        train_stages(args.config, _cli_overrides(args), preflight=memory_line)
+        train_stages(args.config, [*args.overrides, *alias_overrides(args)], preflight=memory_line)
         return 0
     cfg = tuning_config(args, "sft")
     train(cfg, preflight=memory_line)
     return 0
 
-
-def _cli_overrides(args) -> list[str]:
-    out = list(args.overrides) + budget_overrides(args)
-    for flag, key in (("method", "finetune.method"), ("template", "finetune.template"), ("name", "run.name"),
-                      ("model", "model.name")):
-        if getattr(args, flag):
-            out.append(f"{key}={_quote(getattr(args, flag))}")
-    if args.data:
-        out.append("data.source=[" + ", ".join(_quote(d) for d in args.data) + "]")
-    return out

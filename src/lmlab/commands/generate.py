@@ -2,35 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
-HELP = "generate text from a run, an exported model folder, or a hub model"
+from ._common import add_device_flag, add_sampling_flags, sampling_config
 
 
 def add_arguments(p) -> None:
     p.add_argument("model", help="run folder (uses final/ or its latest checkpoint), model folder, or hub id")
     p.add_argument("-p", "--prompt", default="", help="prompt text (default: read stdin if piped)")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=128)
-    p.add_argument("-t", "--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0 = off")
-    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
-    p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_flags(p, max_new_tokens=128, temperature=0.8)
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context per token (slow)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_flag(p)
 
 
 def run(args) -> int:
     import torch
 
-    from ..errors import ConfigError
-    from ..generate import SamplingConfig, TextStreamer, generate
+    from ..generate import TextStreamer, generate
 
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    if not 0 < args.top_p <= 1:
-        raise ConfigError(f"--top-p: must be in (0, 1], got {args.top_p}")
+    sampling = sampling_config(args)  # checked before the model loads
     prompt = args.prompt
     if not prompt and not sys.stdin.isatty():
         prompt = sys.stdin.read()
@@ -40,8 +32,7 @@ def run(args) -> int:
     ids = tok.encode(prompt) if prompt else [tok.eos_token_id]
     dev = next(model.parameters()).device
     x = torch.tensor([ids], device=dev)
-    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, eos_id=None if args.no_stop else tok.eos_token_id)
+    cfg = dataclasses.replace(sampling, eos_id=None if args.no_stop else tok.eos_token_id)
     sys.stdout.write(prompt)
     sys.stdout.flush()
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HELP = "convert an original MambaSWELU / INL-LLM .pt checkpoint into a model folder (config.json + safetensors)"
-
 
 def add_arguments(p) -> None:
     p.add_argument("checkpoint", help="the original's .pt file (a state dict, or a dict with model_state_dict)")

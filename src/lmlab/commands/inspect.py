@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HELP = "show the per-layer SWELU k and λ of a run over training (table and plot)"
-
 _SPARK = "▁▂▃▄▅▆▇█"
 
 

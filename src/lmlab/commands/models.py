@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-HELP = "list model families and named sizes with exact parameter counts"
-
 
 def add_arguments(p) -> None:
     p.add_argument("--family", help="only this family")

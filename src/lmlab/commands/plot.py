@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-HELP = "plot loss, val loss, LR and throughput of one or more runs to an image file"
-
 
 def add_arguments(p) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or folders holding runs")

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from ._common import add_budget_args, add_config_args, budget_overrides
-
-HELP = "pretrain a model on raw text (new run folder under runs/)"
+from ._common import BUDGET, add_config_flags, alias_overrides
 
 
 def add_arguments(p) -> None:
-    add_config_args(p)
-    add_budget_args(p)
-    p.add_argument("--model", help="model name (model.name): a named size, a local folder or a hub id")
-    p.add_argument("--data", help="data source (data.source): stdlib, a file, folder, glob, .jsonl or hf:NAME")
-    p.add_argument("--name", help="run name (run.name)")
+    add_config_flags(p, ("--model", "--data", "--text-field", "--seq-len", "--lr", "--name", *BUDGET))
 
 
 def run(args) -> int:
@@ -20,10 +14,6 @@ def run(args) -> int:
     from ..plan.estimate import memory_line
     from ..train.loop import train
 
-    overrides = list(args.overrides) + budget_overrides(args)
-    for flag, key in (("model", "model.name"), ("data", "data.source"), ("name", "run.name")):
-        if getattr(args, flag):
-            overrides.append(f"{key}={getattr(args, flag)}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, [*args.overrides, *alias_overrides(args)])
     train(cfg, preflight=memory_line)
     return 0

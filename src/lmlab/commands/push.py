@@ -12,8 +12,6 @@ uploaded as it is.
 
 from __future__ import annotations
 
-HELP = "upload a run's exported model (weights, tokenizer, model card) to the Hugging Face Hub"
-
 
 def add_arguments(p) -> None:
     p.add_argument("run", help="run folder (exported on the fly, as `lmlab export` does) or an exported folder")

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import add_config_args
-
-HELP = "train mamba-swelu-tiny on the Python standard library in ~3 minutes on a CPU (no network needed)"
+from ._common import add_config_flags, alias_overrides
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 RECIPE, SFT_RECIPE = RECIPES / "quickstart.yaml", RECIPES / "quickstart-sft.yaml"  # the settings, as config files
 
 
 def add_arguments(p) -> None:
-    add_config_args(p)
-    p.add_argument("--out", default="runs", help="parent folder of the run (run.out_dir)")
+    add_config_flags(p, ("--out",), overrides_help="dotted overrides of the recipe, e.g. train.max_steps=200 "
+                                                   "(every key is listed below)",
+                     epilog="The recipe (lmlab recipes show quickstart, or -c FILE) sets some keys away from these "
+                            "defaults.")
     p.add_argument("--finetune", action="store_true",
                    help="second act: instruction-tune the result on stdlib-instruct and compare base vs tuned")
 
@@ -36,7 +36,7 @@ def run(args) -> int:
     from ..plan.estimate import memory_line
     from ..train.loop import train
 
-    cfg = load_config(args.config or RECIPE, [f"run.out_dir={args.out}", *args.overrides])
+    cfg = load_config(args.config or RECIPE, [*args.overrides, *alias_overrides(args)])
     print("lmlab quickstart: mamba-swelu-tiny on the Python standard library")
     print(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k in ("model", "data")},
                          default_flow_style=None, sort_keys=False).strip())
@@ -47,7 +47,7 @@ def run(args) -> int:
         return 0
     base = run_dir / "final"
     print(f"\nlmlab quickstart, second act: instruction tuning {base} on stdlib-instruct")
-    sft = load_config(SFT_RECIPE, [f"model.name={base}", f"data.tokenizer={base}", f"run.out_dir={args.out}",
+    sft = load_config(SFT_RECIPE, [f"model.name={base}", f"data.tokenizer={base}", f"run.out_dir={cfg.run.out_dir}",
                                    f"run.name={run_dir.name}-sft"])
     tuned = train(sft, preflight=memory_line)
     second_act_report(base, tuned)

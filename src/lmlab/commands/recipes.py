@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-HELP = "list fine-tuning recipes (Alpaca, Vicuna, LoRA, QLoRA, DPO, ...) or print one as YAML to copy"
-
 
 def add_arguments(p) -> None:
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list",

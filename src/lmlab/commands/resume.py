@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HELP = "continue a run from its latest checkpoint (model, optimizer, RNG and data position restored)"
+from ._common import add_config_flags
 
 
 def add_arguments(p) -> None:
     p.add_argument("run", help="run folder, e.g. runs/mamba-swelu-tiny-20261122-101500")
     p.add_argument("--force", action="store_true",
                    help="continue even if the tokenizer, data, number of ranks or global batch changed")
-    p.add_argument("overrides", nargs="*", metavar="train.KEY=VALUE",
-                   help="change training settings on resume, e.g. train.lr=1.5e-4 after a loss spike, "
-                        "or train.max_steps=2000 to extend the run (the exact-resume guarantee then no "
-                        "longer holds); log.* (e.g. log.wandb=true) too")
+    add_config_flags(p, sections=("train", "log"), config_file=False,
+                     overrides_help="change training settings on resume, e.g. train.lr=1.5e-4 after a loss spike, "
+                                    "or train.max_steps=2000 to extend the run (the exact-resume guarantee then no "
+                                    "longer holds); log.* (e.g. log.wandb=true) too",
+                     epilog="A run continues with the values of its own config.yaml; an override changes it there.")
 
 
 def run(args) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-HELP = "serve a run or model over an OpenAI-compatible HTTP API (chat, completions, streaming) with a chat page"
+from ._common import add_device_flag, add_template_flag
 
 
 def add_arguments(p) -> None:
@@ -23,14 +23,13 @@ def add_arguments(p) -> None:
     p.add_argument("--api-key", default=os.environ.get("LMLAB_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every API route (default: $LMLAB_API_KEY)")
     p.add_argument("--name", help="the model id clients use (default: the folder's name)")
-    p.add_argument("--template", default="auto",
-                   help="chat template: auto (the tokenizer's own, else plain), tokenizer, plain, chatml, llama3")
+    add_template_flag(p)
     p.add_argument("--merge", action="store_true", help="a LoRA/QLoRA run: fold its adapters into the base first")
     p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
     p.add_argument("--no-batch", action="store_true",
                    help="decode one sequence at a time (the reference path; same answers, slower)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (else 413)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_flag(p)
     p.add_argument("--log-requests", action="store_true", help="print one line per HTTP request")
 
 

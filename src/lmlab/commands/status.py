@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-HELP = "where runs stand: status, step, loss, val loss, ETA, checkpoint, disk (text or --json)"
-
 
 def add_arguments(p) -> None:
     p.add_argument("runs", nargs="*", default=["runs"], metavar="RUN",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-HELP = "run a study (a grid of runs from one YAML file) on this machine, Slurm or Ray; re-run to resume it"
-
 
 def add_arguments(p) -> None:
     p.add_argument("study", help="study file (YAML): a base config plus a grid and/or a list of runs")
@@ -56,12 +54,12 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m lmlab.commands.study STUDY.yaml ...`: the same as `lmlab study`."""
-    import argparse
     import sys
 
+    from ..cli import COMMANDS, Parser
     from ..errors import LmlabError
 
-    p = argparse.ArgumentParser(prog="lmlab study", description=HELP)
+    p = Parser(prog="lmlab study", description=COMMANDS["study"].help)
     add_arguments(p)
     try:
         return run(p.parse_args(argv))

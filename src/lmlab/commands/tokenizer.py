@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-HELP = "train a byte-level BPE tokenizer on your data, or show a tokenizer's vocab size, eos and fingerprint"
+from ._common import CONFIG_DEFAULT, add_alias_flags
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("source", nargs="+", metavar="SOURCE", help="text to train on; several are concatenated")
     t.add_argument("--vocab-size", type=int, default=4096, metavar="N", help="vocabulary size (default 4096)")
     t.add_argument("--out", required=True, metavar="DIR", help="output folder (tokenizer.json + config)")
-    t.add_argument("--text-field", default="text", metavar="F", help="jsonl/parquet field with the text")
+    add_alias_flags(t, ("--text-field",), default=CONFIG_DEFAULT)
     t.add_argument("--max-chars", type=int, default=None, metavar="N", help="train on the first N characters")
     i = sub.add_parser(
         "info",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-HELP = "live dashboard of one or more runs in the terminal (works over SSH)"
-
 
 def add_arguments(p) -> None:
     p.add_argument("runs", nargs="*", default=["runs"], metavar="RUN",

@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..errors import ConfigError, DataError
 from ..fsutil import first_line
-from .instruct import Conversation, DataSummary
+from .records import Conversation, DataSummary
 from .tokenizer import clean_backend
 
 IGNORE = -100

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .chat import IGNORE, TEMPLATES, ChatFormat, Packed, add_template_tokens, pack
+from .records import SourceSpec
 
 Batch = dict[str, torch.Tensor]
 INDENT = " " * 10  # lines under the trainer's `data` line
@@ -127,8 +128,6 @@ def format_lines(fmt: ChatFormat) -> list[str]:
 
 def source_specs(cfg) -> list:
     """data.source (one or a list) as SourceSpecs with finetune.weights and finetune.max_examples."""
-    from .instruct import SourceSpec
-
     sources = cfg.data.source if isinstance(cfg.data.source, list) else [cfg.data.source]
     ft = cfg.finetune
     for key in ("weights", "max_examples"):

@@ -6,7 +6,7 @@ A pair is a prompt (a conversation ending with a user turn) and two assistant re
     {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
         messages lists may hold the whole conversation (the shared leading turns become the prompt when
         "prompt" is absent or is repeated in them); what follows the prompt must be one assistant turn
-    oasst1 message rows (see instruct.py): for every prompter message with at least two ranked assistant
+    oasst1 message rows (see oasst.py): for every prompter message with at least two ranked assistant
         replies, chosen = the best rank, rejected = the worst; prompt = the path from the root; split by tree
 
     data = load_preference(["pairs.jsonl"], val_fraction=0.05)
@@ -17,31 +17,27 @@ A pair is a prompt (a conversation ending with a user turn) and two assistant re
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError, DataError
 from .chat import IGNORE, OVERLONG, ChatFormat
-from .instruct import (
-    ON_ERROR,
+from .mixture import load_sources
+from .normalise import as_messages, validate
+from .oasst import oasst_role, oasst_valid_trees
+from .records import (
+    OASST_FIELDS,
     Conversation,
     DataSummary,
     RowError,
     SourceSpec,
-    _bad,
-    _oasst_role,
-    _peek,
-    _Unparsable,
-    _why,
-    iter_rows,
-    oasst_valid_trees,
-    split_held_out,
-    split_line,
-    validate,
+    SplitData,
+    content_key,
+    convert_rows,
+    report_bad,
 )
+from .rows import Unparsable, first_row
 
 
 @dataclass
@@ -54,15 +50,10 @@ class PreferencePair:
     group: str = ""  # split key (oasst: the tree id)
 
     def key(self) -> str:
-        blob = json.dumps([self.prompt, self.chosen, self.rejected], ensure_ascii=False, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+        return content_key([self.prompt, self.chosen, self.rejected])
 
 
-@dataclass
-class PreferenceData:
-    train: list[PreferencePair]
-    val: list[PreferencePair]
-    summary: DataSummary
+PreferenceData = SplitData[PreferencePair]
 
 
 @dataclass
@@ -79,52 +70,21 @@ class EncodedPair:
 
 def load_preference(sources, *, val_fraction: float = 0.05, seed: int = 0, on_error: str = "skip",
                     dedup: bool = True) -> PreferenceData:
-    """Read preference sources (files or `hf:` ids, see instruct.iter_rows), drop bad rows and duplicates, cap
-    (`SourceSpec.max_examples`) and split each source (instruct.split_held_out: round(val_fraction × pairs),
-    whole groups by hash(seed, group)). DataError when no valid pair is left."""
-    specs = [s if isinstance(s, SourceSpec) else SourceSpec(s) for s in (sources if isinstance(sources, list | tuple)
-                                                                         else [sources])]
-    if on_error not in ON_ERROR:
-        raise ConfigError(f"finetune.on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
-    summary, seen, train, val = DataSummary(), set(), [], []
-    for spec in specs:
-        pairs = read_pairs(spec, summary, on_error=on_error)
-        st = summary.stats(spec.path)
-        if dedup:
-            fresh = []
-            for p in pairs:
-                if p.key() in seen:
-                    summary.drop(spec.path, "duplicate", p.where)
-                else:
-                    seen.add(p.key())
-                    fresh.append(p)
-            pairs = fresh
-        if spec.max_examples is not None and len(pairs) > spec.max_examples:
-            st.dropped["over max_examples"] += len(pairs) - spec.max_examples
-            pairs = pairs[: spec.max_examples]
-        st.kept = len(pairs)
-        tr, va = split_held_out(pairs, lambda p: p.group or p.key(), val_fraction, seed)
-        st.train, st.val = len(tr), len(va)
-        train += tr
-        val += va
-    if not train:
-        raise DataError(f"preference data: no valid training pair in {', '.join(s.path for s in specs)}"
-                        + _why(summary))
-    summary.train, summary.val = len(train), len(val)
-    summary.split = split_line(val_fraction, len(train) + len(val), len(val))
+    """Read preference sources (files or `hf:` ids, see rows.iter_rows), drop bad rows and duplicates, cap, split
+    and weight each source (mixture.load_sources: round(val_fraction × pairs) held out, whole groups by
+    hash(seed, group)). DataError when no valid pair is left."""
+    train, val, summary = load_sources(sources, read_pairs, what="preference data", unit="pair",
+                                       val_fraction=val_fraction, seed=seed, on_error=on_error, dedup=dedup)
     return PreferenceData(train, val, summary)
 
 
-def read_pairs(spec: SourceSpec | str, summary: DataSummary | None = None, *,
+def read_pairs(spec: SourceSpec | str, summary: DataSummary | None = None,
                on_error: str = "skip") -> list[PreferencePair]:
     """All valid pairs of one source, in file order."""
     spec = spec if isinstance(spec, SourceSpec) else SourceSpec(spec)
     summary = summary if summary is not None else DataSummary()
-    head, rows = _peek(iter_rows(spec.path))
-    if not head:
-        raise DataError(f"{spec.path}: no rows; point it at some preference data")
-    where, row = next(((w, r) for w, r in head if isinstance(r, dict)), head[0])
-    if isinstance(row, dict) and {"message_id", "parent_id", "role", "text"} <= set(row):
+    where, row, rows = first_row(spec.path, "preference data")
+    if isinstance(row, dict) and OASST_FIELDS <= set(row):
         summary.formats[spec.path] = "oasst"
         return _oasst_pairs(spec, rows, summary, on_error)
     if not isinstance(row, dict) or not {"chosen", "rejected"} <= set(row):
@@ -132,24 +92,17 @@ def read_pairs(spec: SourceSpec | str, summary: DataSummary | None = None, *,
         raise DataError(f"{where}: not preference data (fields: {fields}); expected prompt, chosen, rejected "
                         "or oasst message rows")
     summary.formats[spec.path] = "pairs"
-    out = []
-    for where, row in rows:
-        summary.stats(spec.path).read += 1
-        try:
-            out.append(row_to_pair(row, spec.path, where))
-        except RowError as e:
-            _bad(spec.path, where, str(e), summary, on_error)
-    return out
+    return convert_rows(spec, rows, lambda row, where: row_to_pair(row, spec.path, where), summary, on_error)
 
 
 def row_to_pair(row: dict, source: str = "", where: str = "") -> PreferencePair:
     """One {prompt, chosen, rejected} row as a pair; RowError(reason) when it is bad."""
-    if isinstance(row, _Unparsable):
+    if isinstance(row, Unparsable):
         raise RowError(row.reason)
     if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
         raise RowError("needs fields 'chosen' and 'rejected'")
-    prompt = _messages(row.get("prompt"), "user") if row.get("prompt") is not None else []
-    chosen, rejected = _messages(row["chosen"], "assistant"), _messages(row["rejected"], "assistant")
+    prompt = as_messages(row.get("prompt"), "user") if row.get("prompt") is not None else []
+    chosen, rejected = as_messages(row["chosen"], "assistant"), as_messages(row["rejected"], "assistant")
     if not prompt:  # whole conversations: the shared leading turns are the prompt
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -209,15 +162,6 @@ def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tens
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _messages(v, role: str) -> Conversation:
-    if isinstance(v, str):
-        return [{"role": role, "content": v}]
-    if isinstance(v, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                   and m.get("role") in ("system", "user", "assistant") for m in v):
-        return [{"role": m["role"], "content": m["content"]} for m in v]
-    raise RowError(f"expected a string or a list of {{role, content}} messages, got {type(v).__name__}")
-
-
 def _reply(msgs: Conversation, name: str) -> str:
     if len(msgs) != 1 or msgs[0]["role"] != "assistant":
         raise RowError(f"'{name}' must add exactly one assistant turn after the prompt")
@@ -249,7 +193,7 @@ def _oasst_pairs(spec: SourceSpec, rows, summary: DataSummary, on_error: str) ->
         stack = [(tree["root"], [])]
         while stack:
             node, path = stack.pop()
-            path = [*path, {"role": _oasst_role(node), "content": (node["text"] or "").strip()}]
+            path = [*path, {"role": oasst_role(node), "content": (node["text"] or "").strip()}]
             kids = tree["children"].get(node["message_id"], [])
             stack += [(k, path) for k in reversed(kids)]
             ranked = [k for k in kids if k.get("rank") is not None and k["role"] == "assistant"]
@@ -265,7 +209,7 @@ def _oasst_pairs(spec: SourceSpec, rows, summary: DataSummary, on_error: str) ->
                 out.append(PreferencePair(prompt, _reply([_turn(best)], "chosen"), _reply([_turn(worst)], "rejected"),
                                           spec.path, where, group=tid))
             except RowError as e:
-                _bad(spec.path, where, str(e), summary, on_error)
+                report_bad(spec.path, where, str(e), summary, on_error)
     return out
 
 

@@ -14,14 +14,14 @@ reward function checks their completions against. data.source names one or more 
 from __future__ import annotations
 
 import ast
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import DataError
-from .instruct import Conversation, RowError, iter_rows, split_held_out
+from .mixture import split_held_out
+from .records import Conversation, RowError, content_key
+from .rows import iter_rows
 
 ARITHMETIC, STDLIB_FUNCTIONS = "arithmetic", "stdlib-functions"
 ARITHMETIC_SEED = 20240101  # the problems do not depend on train.seed: every run draws the same set
@@ -36,8 +36,7 @@ class Prompt:
     group: str = ""  # split key
 
     def key(self) -> str:
-        blob = json.dumps([self.messages, self.answer, self.tests], ensure_ascii=False, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+        return content_key([self.messages, self.answer, self.tests])
 
     def text(self) -> str:
         return self.messages[-1]["content"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import sys
 import sysconfig
@@ -27,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import DataError
-from ..fsutil import error_line, first_line
+from .rows import Unparsable, hf_rows, jsonl_lines, open_parquet, read_text
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
@@ -110,7 +109,7 @@ def _iter_one(part: str, text_field: str) -> Iterator[str]:
     if part == "stdlib":
         _, files = stdlib_files()
         for p in files:
-            yield _read_text(p)
+            yield read_text(p)
     elif part.startswith("hf:"):
         yield from _iter_hf(part, text_field)
     else:
@@ -155,73 +154,24 @@ def _iter_file(path: Path, text_field: str) -> Iterator[str]:
     elif suffix == ".parquet":
         yield from _iter_parquet(path, text_field)
     else:
-        yield _read_text(path)
-
-
-def _decode(data: bytes, path: Path, offset: int = 0, where: str = "") -> str:
-    try:
-        return data.decode("utf-8-sig" if offset == 0 else "utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path}{where}: not valid UTF-8 at byte {offset + e.start} ({e.reason}); "
-            f"re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > fixed{path.suffix}`"
-        ) from None
-
-
-def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    return _decode(data, path)
+        yield read_text(path)
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
-        offset = 0
-        for lineno, raw in enumerate(f, 1):
-            where = f":{lineno}"
-            line = _decode(raw, path, offset, where)
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}{where}: not valid JSON ({e.msg} at column {e.colno}); "
-                    "each line must be one JSON object"
-                ) from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}{where}: expected a JSON object, got {type(obj).__name__}")
-            if text_field not in obj:
-                fields = ", ".join(map(str, obj)) or "none"
-                raise DataError(
-                    f"{path}{where}: no field '{text_field}' (fields: {fields}); "
-                    "choose the text field with --text-field"
-                )
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise DataError(
-                    f"{path}{where}: field '{text_field}' is {type(text).__name__}, expected a string"
-                )
-            yield text
-
-
-def open_parquet(path: Path):
-    """A pyarrow ParquetFile, or one DataError line (pyarrow missing, or not a parquet file)."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow; pip install 'lmlab[data]'") from None
-    try:
-        return pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises ArrowInvalid/OSError with long messages
-        raise DataError(f"{path}: not a readable parquet file ({first_line(e)})") from None
+    for lineno, obj in jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        if isinstance(obj, Unparsable):
+            raise DataError(f"{where}: {obj.reason}; each line must be one JSON object")
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if text_field not in obj:
+            fields = ", ".join(map(str, obj)) or "none"
+            raise DataError(f"{where}: no field '{text_field}' (fields: {fields}); choose the text field with "
+                            "--text-field")
+        text = obj[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field '{text_field}' is {type(text).__name__}, expected a string")
+        yield text
 
 
 def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
@@ -243,43 +193,11 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
             yield text
 
 
-def parse_hf(part: str) -> tuple[str, str | None, str]:
-    """'hf:NAME[:CONFIG][@SPLIT]' -> (name, config, split); split defaults to 'train'."""
-    spec = part[3:]
-    spec, _, split = spec.partition("@")
-    name, _, config = spec.partition(":")
-    if not name:
-        raise DataError(f"{part}: expected 'hf:NAME', 'hf:NAME:CONFIG' or 'hf:NAME@SPLIT'")
-    return name, config or None, split or "train"
-
-
 def _iter_hf(part: str, text_field: str) -> Iterator[str]:
-    from ..hub import unreachable as hub_unreachable
-
-    name, config, split = parse_hf(part)
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{part}: Hugging Face datasets need `datasets`; pip install 'lmlab[data]'") from None
-    why = hub_unreachable()
-    if why:
-        raise DataError(
-            f"{part}: the Hugging Face hub is unreachable ({why}); "
-            "streaming needs the network — export the data to jsonl/parquet and pass the file"
-        )
-    try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
-        for i, row in enumerate(ds):
-            if text_field not in row:
-                raise DataError(
-                    f"{part}: no column '{text_field}' (columns: {', '.join(row)}); choose with --text-field"
-                )
-            text = row[text_field]
-            if not isinstance(text, str):
-                kind = type(text).__name__
-                raise DataError(f"{part}: row {i + 1}: column '{text_field}' is {kind}, expected a string")
-            yield text
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, HTTP errors)
-        raise DataError(f"{part}: cannot stream the dataset ({error_line(e)})") from None
+    for i, row in hf_rows(part):
+        if text_field not in row:
+            raise DataError(f"{part}: no column '{text_field}' (columns: {', '.join(row)}); choose with --text-field")
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{part}: row {i}: column '{text_field}' is {type(text).__name__}, expected a string")
+        yield text

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..fsutil import atomic_write_text
 from . import cache_dir
-from .instruct import STDLIB_INSTRUCT, Example
+from .records import STDLIB_INSTRUCT, Example
 from .sources import stdlib_files
 
 VERSION = 1  # bump when the extraction rules change (invalidates the cache)

@@ -12,25 +12,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError, DataError
 from .chat import IGNORE, OVERLONG, ChatFormat
-from .instruct import (
-    ON_ERROR,
-    Conversation,
-    DataSummary,
-    RowError,
-    SourceSpec,
-    iter_rows,
-    split_held_out,
-    split_line,
-    validate,
-)
+from .mixture import load_sources
+from .normalise import as_messages, validate
+from .records import Conversation, DataSummary, RowError, SourceSpec, SplitData, content_key, convert_rows
+from .rows import Unparsable, iter_rows
 
 
 @dataclass
@@ -40,17 +31,13 @@ class Unpaired:
     desirable: bool
     source: str = ""
     where: str = ""
+    group: str = ""  # split key ('' : the content key)
 
     def key(self) -> str:
-        blob = json.dumps([self.prompt, self.completion, self.desirable], ensure_ascii=False, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+        return content_key([self.prompt, self.completion, self.desirable])
 
 
-@dataclass
-class UnpairedData:
-    train: list[Unpaired]
-    val: list[Unpaired]
-    summary: DataSummary
+UnpairedData = SplitData[Unpaired]
 
 
 @dataclass
@@ -59,15 +46,6 @@ class EncodedUnpaired:
     completion_ids: list[int]  # the reply and its end-of-turn
     completion_labels: list[int]
     desirable: bool
-
-
-def _messages(v, role: str) -> Conversation:
-    if isinstance(v, str):
-        return [{"role": role, "content": v}]
-    if isinstance(v, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                   and m.get("role") in ("system", "user", "assistant") for m in v):
-        return [{"role": m["role"], "content": m["content"]} for m in v]
-    raise RowError(f"expected a string or a list of {{role, content}} messages, got {type(v).__name__}")
 
 
 def _label(v) -> bool:
@@ -82,14 +60,16 @@ def _label(v) -> bool:
 
 def row_to_unpaired(row: dict, source: str = "", where: str = "") -> Unpaired:
     """One row as an Unpaired example; RowError(reason) when it is bad."""
+    if isinstance(row, Unparsable):
+        raise RowError(row.reason)
     if not isinstance(row, dict) or "label" not in row:
         raise RowError("needs a 'label' (true: desirable, false: undesirable)")
     label = _label(row["label"])
     if "messages" in row:
-        msgs = _messages(row["messages"], "user")
+        msgs = as_messages(row["messages"], "user")
     elif "completion" in row:
-        prompt = _messages(row["prompt"], "user") if row.get("prompt") is not None else []
-        reply = _messages(row["completion"], "assistant")
+        prompt = as_messages(row["prompt"], "user") if row.get("prompt") is not None else []
+        reply = as_messages(row["completion"], "assistant")
         msgs = [*prompt, *(reply[len(prompt):] if reply[: len(prompt)] == prompt and prompt else reply)]
     else:
         raise RowError("needs 'prompt' and 'completion', or 'messages'")
@@ -100,44 +80,22 @@ def row_to_unpaired(row: dict, source: str = "", where: str = "") -> Unpaired:
 
 
 def load_unpaired(sources, *, val_fraction: float = 0.05, seed: int = 0, on_error: str = "skip") -> UnpairedData:
-    """Read unpaired sources (files or `hf:` ids), drop bad rows and duplicates, cap and split each source."""
-    specs = [s if isinstance(s, SourceSpec) else SourceSpec(s) for s in (sources if isinstance(sources, list | tuple)
-                                                                         else [sources])]
-    if on_error not in ON_ERROR:
-        raise ConfigError(f"on_error={on_error!r}; allowed: {', '.join(ON_ERROR)}")
-    summary, seen, train, val = DataSummary(), set(), [], []
-    for spec in specs:
-        st = summary.stats(spec.path)
-        summary.formats[spec.path] = "unpaired"
-        rows = []
-        for where, row in iter_rows(spec.path):
-            st.read += 1
-            try:
-                ex = row_to_unpaired(row, spec.path, where)
-            except RowError as e:
-                if on_error == "fail":
-                    raise DataError(f"{where}: {e} (pass finetune.on_error=skip to count and skip bad rows)") from None
-                summary.drop(spec.path, str(e), where)
-                continue
-            if ex.key() in seen:
-                summary.drop(spec.path, "duplicate", where)
-                continue
-            seen.add(ex.key())
-            rows.append(ex)
-        if spec.max_examples is not None and len(rows) > spec.max_examples:
-            st.dropped["over max_examples"] += len(rows) - spec.max_examples
-            rows = rows[: spec.max_examples]
-        st.kept = len(rows)
-        tr, va = split_held_out(rows, lambda e: e.key(), val_fraction, seed)
-        st.train, st.val = len(tr), len(va)
-        train += tr
-        val += va
-    if not train:
-        raise DataError(f"unpaired data: no valid example in {', '.join(s.path for s in specs)}; rows need "
-                        f"prompt/completion/label or messages/label")
-    summary.train, summary.val = len(train), len(val)
-    summary.split = split_line(val_fraction, len(train) + len(val), len(val))
+    """Read unpaired sources (files or `hf:` ids), drop bad rows and duplicates, cap, split and weight each source
+    (mixture.load_sources)."""
+    train, val, summary = load_sources(sources, read_unpaired, what="unpaired data", unit="example",
+                                       val_fraction=val_fraction, seed=seed, on_error=on_error,
+                                       hint="; rows need prompt/completion/label or messages/label")
     return UnpairedData(train, val, summary)
+
+
+def read_unpaired(spec: SourceSpec | str, summary: DataSummary | None = None,
+                  on_error: str = "skip") -> list[Unpaired]:
+    """All valid examples of one source, in file order."""
+    spec = spec if isinstance(spec, SourceSpec) else SourceSpec(spec)
+    summary = summary if summary is not None else DataSummary()
+    summary.formats[spec.path] = "unpaired"
+    return convert_rows(spec, iter_rows(spec.path), lambda row, where: row_to_unpaired(row, spec.path, where),
+                        summary, on_error)
 
 
 def encode_unpaired(ex: Unpaired, fmt: ChatFormat, max_len: int | None = None,

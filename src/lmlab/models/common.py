@@ -1,5 +1,12 @@
-"""What lmlab's own model families share: the output type, the decoding hooks for `generate`, document
-positions, the language-model loss, norms and the inverse activations used to initialise raw parameters.
+"""What lmlab's own model families share: the config and model base classes, the forward's prologue and
+epilogue, the output type, the decoding hooks for `generate`, document positions, the language-model loss,
+norms and the inverse activations used to initialise raw parameters.
+
+A family's config (`LMConfig`) lists its keys in its `__init__` signature, checks them and passes them all on;
+each becomes an attribute (what `config.json` saves). A family's model (`LMPreTrainedModel`) keeps its token
+embedding in `wte` and its head in `lm_head`, which transformers' own accessors (`get_input_embeddings`, ...)
+read; `_init_weights` gives Linear, Embedding, LayerNorm and RMSNorm transformers' standard init (weights
+N(0, initializer_range), biases 0, norms 1) and each family adds its own modules.
 
 Every family declares its capabilities as class attributes, so callers never inspect code objects:
 `supports_packed_documents` (forward takes `seq_idx` and keeps packed documents apart) and
@@ -7,24 +14,127 @@ Every family declares its capabilities as class attributes, so callers never ins
 
 Every family's forward takes the arguments of a transformers causal LM (`input_ids` or `inputs_embeds`,
 `attention_mask`, `position_ids`, `labels`, `use_cache`, `return_dict`, `output_hidden_states`,
-`output_attentions`, `cache_position`, `logits_to_keep`, `**kwargs`). `attention_mask` (b, l) or
-(b, seen + l), 1 for a token and 0 for padding: a padded position feeds nothing into what later tokens see
-and takes no position, so a left-padded row gives the logits of the same prompt alone. Positions then count
-the row's real tokens, which the cache keeps per row (`lengths`).
+`output_attentions`, `cache_position`, `logits_to_keep`, `**kwargs`): input_ids (b, l) (or inputs_embeds
+(b, l, d)); `labels` follow the Hugging Face convention (shifted inside, -100 ignored). With `cache` (or
+`cache_params`, its name before transformers 5.24) the call continues from the cached state (first call:
+prefill) and advances it; `use_cache=True` without one starts a new cache, returned in the output.
+`attention_mask` (b, l) or (b, seen + l), 1 for a token and 0 for padding: a padded position feeds nothing into
+what later tokens see and takes no position, so a left-padded row gives the logits of the same prompt alone.
+Positions then count the row's real tokens, which the cache keeps per row (`lengths`). `seq_idx` (b, l) marks
+packed documents: positions restart at each. `logits_to_keep` > 0 computes the logits of the last that many
+positions only.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from .._compat import CACHE_RENAMED
+
+
+class LMConfig(PretrainedConfig):
+    """Base of lmlab's family configs: `d_model` and `n_layers` also answer to the names other tools read."""
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layers
+
+
+def config_arguments(init: Callable, values: dict[str, Any]) -> dict[str, Any]:
+    """Every argument a config's `init` was called with, by name, from its `locals()`, `**kwargs` merged in:
+    what it passes on to `PretrainedConfig.__init__`, which sets each as an attribute."""
+    names = [p for p in inspect.signature(init).parameters if p not in ("self", "kwargs")]
+    return {**{name: values[name] for name in names}, **values.get("kwargs", {})}
+
+
+class LMPreTrainedModel(PreTrainedModel):
+    """Base of lmlab's family models (the module docstring says what it gives)."""
+
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _input_embed_layer = "wte"  # read by transformers' get/set_input_embeddings; lm_head is their output default
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """transformers' standard init for Linear, Embedding, LayerNorm and RMSNorm; nothing for other modules."""
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm)):
+            super()._init_weights(module)
+
+
+@dataclass
+class ForwardCall:
+    """One forward call's inputs as every family reads them (the module docstring has the arguments).
+
+    cache: what the call continues from and advances (None: no cache); start: tokens it had seen before;
+    mask: (b, l) bool, False at padding (None: no padding); lengths: real tokens per row after the call, set
+    by `positions` once a row was padded (None: every row has consumed `start` + l)."""
+
+    cache: Any
+    b: int
+    l: int
+    start: int
+    mask: torch.Tensor | None
+    lengths: torch.Tensor | None = None
+
+    @classmethod
+    def begin(cls, model, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+              attention_mask: torch.Tensor | None, cache: Any, cache_params: Any, use_cache: bool | None,
+              ) -> ForwardCall:
+        """`cache` (or `cache_params`, its name before transformers 5.24); `use_cache` without one starts a new
+        cache (`model.new_cache()`). Exactly one of input_ids (b, l) and inputs_embeds (b, l, d)."""
+        cache = cache if cache is not None else cache_params
+        if use_cache and cache is None:
+            cache = model.new_cache()
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        b, l = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        start = cache.seen if cache is not None else 0
+        return cls(cache, b, l, start, current_mask(attention_mask, l, start))
+
+    def positions(self, seq_idx: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """(b, l) position ids: within each packed document with `seq_idx`, else counting each row's real tokens
+        (`mask_positions`)."""
+        if seq_idx is not None:
+            return positions_within_documents(seq_idx)
+        lengths = self.cache.lengths if self.cache is not None else None
+        position_ids, self.lengths = mask_positions(self.b, self.l, self.start, lengths, self.mask, device)
+        return position_ids
+
+    def finish(self, logits: torch.Tensor, labels: torch.Tensor | None, states: list[torch.Tensor] | None,
+               return_dict: bool | None) -> LMOutput | tuple:
+        """Advances the cache past this call's tokens; the output, with the loss when `labels` are given."""
+        if self.cache is not None:
+            self.cache.seen += self.l
+            if self.lengths is not None:
+                self.cache.lengths = self.lengths
+        loss = lm_loss(logits, labels) if labels is not None else None
+        return lm_output(loss, logits, self.cache, tuple(states) if states is not None else None, return_dict)
+
+
+def run_blocks(blocks: Iterable[nn.Module], h: torch.Tensor, output_hidden_states: bool | None, *args,
+               **kwargs) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """h through every block, each called as block(h, *args, **kwargs); with `output_hidden_states`, also the
+    hidden states (the blocks' input, then each block's output), else None."""
+    states = [h] if output_hidden_states else None
+    for blk in blocks:
+        h = blk(h, *args, **kwargs)
+        if states is not None:
+            states.append(h)
+    return h, states
 
 
 @dataclass

@@ -2,6 +2,9 @@
 ctypes (no Python headers, no torch C++ API: the kernels take raw pointers, so any g++ or clang++ builds them).
 
     lib = build("kernels_cpu", Path(__file__).with_name("kernels_cpu.cpp").read_text())
+    KERNELS = Library("kernels_cpu", source_fn, what="fused C++ CPU kernels", fallback="the torch reference paths",
+                      disable_env="LMLAB_DISABLE_CPP_KERNELS")
+    KERNELS.available()                      # built once per process, on first use; False with one warning
 
 Flag sets are tried in order; the first that compiles wins. -ffast-math is for compiling only: linked with it,
 GCC < 13 would add crtfastmath.o, which flushes denormals for the whole process at load time.
@@ -16,6 +19,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 FLAG_SETS = (
@@ -77,3 +83,39 @@ def build(name: str, source: str) -> ctypes.CDLL:
         except OSError as e:
             errors.append(f"{tag}: {e}")
     raise RuntimeError(f"could not build {name}: " + " | ".join(errors))
+
+
+class Library:
+    """A C++ library built on first use, once per process (under a lock), loaded, and kept; when that fails (no
+    compiler, or `disable_env` set) `available()` is False, after one RuntimeWarning naming the cause and the
+    torch path used instead. `declare(lib)` may set the functions' ctypes signatures."""
+
+    def __init__(self, name: str, source: Callable[[], str], *, what: str, fallback: str, disable_env: str,
+                 declare: Callable[[ctypes.CDLL], None] | None = None):
+        self.name, self.source, self.what, self.fallback = name, source, what, fallback
+        self.disable_env, self.declare = disable_env, declare
+        self.lib: ctypes.CDLL | None = None
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def available(self) -> bool:
+        if self.lib is not None:
+            return True
+        if self.error is not None:
+            return False
+        with self._lock:
+            if self.lib is None and self.error is None:
+                if os.environ.get(self.disable_env):
+                    self.error = f"disabled by {self.disable_env}"
+                else:
+                    try:
+                        lib = build(self.name, self.source())
+                        if self.declare is not None:
+                            self.declare(lib)
+                        self.lib = lib
+                    except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
+                        self.error = str(e)
+                if self.error is not None:
+                    warnings.warn(f"lmlab: {self.what} unavailable ({self.error}); using {self.fallback}",
+                                  RuntimeWarning, stacklevel=3)
+        return self.lib is not None

@@ -72,21 +72,24 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import GenerationMixin
 from transformers import initialization as hf_init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .common import (
     CachedGenerationMixin,
+    ForwardCall,
+    LMConfig,
     LMOutput,
-    current_mask,
+    LMPreTrainedModel,
+    config_arguments,
     inv_sigmoid,
     inv_softplus,
     lm_loss,
     lm_output,
     make_norm,
-    mask_positions,
     positions_within_documents,
+    run_blocks,
 )
 
 _CONTEXTS = ("attention", "projection")
@@ -103,7 +106,7 @@ _CHOICES = {
 }
 
 
-class INLConfig(PretrainedConfig):
+class INLConfig(LMConfig):
     model_type = "inl_llm"
 
     def __init__(
@@ -177,46 +180,7 @@ class INLConfig(PretrainedConfig):
                 raise ValueError(f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
         if not 0.0 <= mu_drift < 1.0:
             raise ValueError(f"mu_drift must be in [0, 1), got {mu_drift}")
-        self.vocab_size = vocab_size
-        self.d_model = d_model
-        self.n_layers = n_layers
-        self.n_heads = n_heads
-        self.n_iterations = n_iterations
-        self.ff_dim = ff_dim
-        self.ff = ff
-        self.context = context
-        self.max_seq_len = max_seq_len
-        self.controller_hidden = controller_hidden
-        self.dt = dt
-        self.alpha_init = alpha_init
-        self.beta_init = beta_init
-        self.gate_init = gate_init
-        self.dynamic_alpha = dynamic_alpha
-        self.kappa_init = kappa_init
-        self.excitation_init = excitation_init
-        self.adaptive_stop = adaptive_stop
-        self.stop_tol = stop_tol
-        self.rope_theta = rope_theta
-        self.norm = norm
-        self.norm_eps = norm_eps
-        self.dropout = dropout
-        self.initializer_range = initializer_range
-        self.context_mean = context_mean
-        self.attention_residual = attention_residual
-        self.attention_bias = attention_bias
-        self.positions = positions
-        self.block_output = block_output
-        self.controller_activation = controller_activation
-        self.controller_shared = controller_shared
-        self.alpha_form = alpha_form
-        self.excitation_learnable = excitation_learnable
-        self.excitation_clock = excitation_clock
-        self.mu_drift = mu_drift
-        self.ff_inner_dropout = ff_inner_dropout
-        self.init_scheme = init_scheme
-        self.decay_all_parameters = decay_all_parameters
-        super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
-                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+        super().__init__(**config_arguments(INLConfig.__init__, locals()))
 
     @property
     def leaky(self) -> str:
@@ -229,15 +193,7 @@ class INLConfig(PretrainedConfig):
         return ", ".join(found)
 
     @property
-    def hidden_size(self) -> int:  # the names other tools look for
-        return self.d_model
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layers
-
-    @property
-    def num_attention_heads(self) -> int:
+    def num_attention_heads(self) -> int:  # the name other tools look for
         return self.n_heads
 
 
@@ -603,15 +559,15 @@ class INLBlock(GradientCheckpointingLayer):
 
 
 # ------------------------------------------------------------------------------------------- model
-class INLPreTrainedModel(PreTrainedModel):
+class INLPreTrainedModel(LMPreTrainedModel):
     config_class = INLConfig
-    base_model_prefix = "model"
     _no_split_modules = ["INLBlock"]
-    supports_gradient_checkpointing = True
     _supports_sdpa = True
 
     @torch.no_grad()
     def _init_weights(self, module):
+        """Linear, Embedding and norms: the standard init (common.py), Linear PyTorch's own with init_scheme
+        pytorch; then the integrator's and the blocks' own."""
         std = self.config.initializer_range
         pytorch = self.config.init_scheme == "pytorch"
         if isinstance(module, nn.Linear) and pytorch:  # PyTorch's own default, as the original code
@@ -619,17 +575,9 @@ class INLPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 bound = 1 / math.sqrt(module.in_features)
                 hf_init.uniform_(module.bias, -bound, bound)
-        elif isinstance(module, nn.Linear):
-            hf_init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                hf_init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            hf_init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-            hf_init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                hf_init.zeros_(module.bias)
-        elif isinstance(module, IntegratorNeuronLayer):  # children first, so this overrides their init
+        else:
+            super()._init_weights(module)
+        if isinstance(module, IntegratorNeuronLayer):  # children first, so this overrides their init
             module.reset_parameters()
         elif isinstance(module, INLBlock) and not pytorch:  # GPT-2 style scaling of the residual projections
             scaled = std / math.sqrt(2 * self.config.n_layers)
@@ -651,18 +599,6 @@ class INLForCausalLM(CachedGenerationMixin, INLPreTrainedModel, GenerationMixin)
         self.norm_f = _norm(c)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.wte
-
-    def set_input_embeddings(self, value):
-        self.wte = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
 
     def new_cache(self) -> INLCache:
         return INLCache()
@@ -689,28 +625,16 @@ class INLForCausalLM(CachedGenerationMixin, INLPreTrainedModel, GenerationMixin)
         cache_params: INLCache | None = None,  # the name before transformers 5.24
         **kwargs,
     ) -> LMOutput | tuple:
-        """input_ids (b, l) (or inputs_embeds (b, l, d)). `labels` follow the Hugging Face convention (shifted
-        inside, -100 ignored).
-
-        With `cache`, the call continues from the cached state (first call: prefill) and advances it;
-        `use_cache=True` without one starts a new cache, returned in the output. `attention_mask` (b, l) or
-        (b, seen + l), 0 at padding: attention never reads a padded key (the running mean never counts a
-        padded token) and padding takes no position; the integrator is per token, so nothing else crosses
-        positions. `seq_idx` (b, l) marks packed documents: a document mask, and positions restart at each
-        document. `logits_to_keep` > 0 computes the logits of the last that many positions only. Attention
-        runs in SDPA, which gives no weights: `output_attentions` and `cache_position` are accepted and ignored.
+        """The arguments of every lmlab family (common.py). Padding: attention never reads a padded key (the
+        running mean never counts a padded token); the integrator is per token, so nothing else crosses
+        positions. `seq_idx` is also a document mask. Attention runs in SDPA, which gives no weights:
+        `output_attentions` and `cache_position` are accepted and ignored.
         """
         cfg = self.config
-        cache = cache if cache is not None else cache_params
-        if use_cache and cache is None:
-            cache = self.new_cache()
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        b, l = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        call = ForwardCall.begin(self, input_ids, inputs_embeds, attention_mask, cache, cache_params, use_cache)
+        cache, b, l, start, mask = call.cache, call.b, call.l, call.start, call.mask
         if seq_idx is not None and cache is not None:
             raise ValueError("seq_idx (packed documents) cannot be combined with a decoding cache")
-        start = cache.seen if cache is not None else 0
-        mask = current_mask(attention_mask, l, start)
         if cfg.leaky:
             if not getattr(self, "_leaky_warned", False):
                 self._leaky_warned = True
@@ -734,13 +658,8 @@ class INLForCausalLM(CachedGenerationMixin, INLPreTrainedModel, GenerationMixin)
                 loss = lm_loss(logits, labels) if labels is not None else None
                 return lm_output(loss, logits, cache, None, return_dict)
         device = self.wte.weight.device
-        lengths = None
         if position_ids is None:
-            if seq_idx is not None:
-                position_ids = positions_within_documents(seq_idx)
-            else:
-                position_ids, lengths = mask_positions(b, l, start, cache.lengths if cache is not None else None,
-                                                       mask, device)
+            position_ids = call.positions(seq_idx, device)
         position_ids = position_ids.expand(b, l)
         h = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (b, l, d)
         rope, doc_mask, key_mask = None, None, None
@@ -757,19 +676,10 @@ class INLForCausalLM(CachedGenerationMixin, INLPreTrainedModel, GenerationMixin)
             ones = lambda n: torch.ones(b, n, dtype=torch.bool, device=device)  # noqa: E731
             past_mask = cache.mask if cache is not None and cache.mask is not None else ones(start)
             key_mask = torch.cat([past_mask, mask if mask is not None else ones(l)], dim=1)  # (b, start + l)
-        h = self.drop(h)
-        states = [h] if output_hidden_states else None
-        for blk in self.blocks:
-            h = blk(h, rope, cache=cache, doc_mask=doc_mask, seq_idx=seq_idx, mask=mask, key_mask=key_mask)
-            if states is not None:
-                states.append(h)
+        h, states = run_blocks(self.blocks, self.drop(h), output_hidden_states, rope, cache=cache, doc_mask=doc_mask,
+                               seq_idx=seq_idx, mask=mask, key_mask=key_mask)
         h = self.norm_f(h)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # (b, l, V)
-        if cache is not None:
-            cache.seen += l
-            if lengths is not None:
-                cache.lengths = lengths
-            if key_mask is not None:
-                cache.mask = key_mask
-        loss = lm_loss(logits, labels) if labels is not None else None
-        return lm_output(loss, logits, cache, tuple(states) if states is not None else None, return_dict)
+        if cache is not None and key_mask is not None:
+            cache.mask = key_mask
+        return call.finish(logits, labels, states, return_dict)

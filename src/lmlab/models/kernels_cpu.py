@@ -17,45 +17,21 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
-import os
 import threading
-import warnings
 from pathlib import Path
 
 import torch
 
-from .cpp_build import build
+from .cpp_build import Library
 
-_lib = None
-_error: str | None = None
-_lock = threading.Lock()
 _off = threading.local()  # reference(): this thread runs the torch reference paths
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SWELU_BLOCK = 4096  # as in kernels_cpu.cpp
 _EPS = 1e-6  # lmlab.models.swelu._EPS: where the slope for k < 1 is clamped
 
 
-def available() -> bool:
-    """Build (once, cached on disk) and load the kernels; False, with one warning, if that fails."""
-    global _lib, _error
-    if _lib is not None:
-        return True
-    if _error is not None:
-        return False
-    with _lock:
-        if _lib is None and _error is None:
-            if os.environ.get("LMLAB_DISABLE_CPP_KERNELS"):
-                _error = "disabled by LMLAB_DISABLE_CPP_KERNELS"
-            else:
-                try:
-                    lib = build("kernels_cpu", Path(__file__).with_name("kernels_cpu.cpp").read_text())
-                    _declare(lib)
-                    _lib = lib
-                except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
-                    _error = str(e)
-                    warnings.warn(f"lmlab: fused C++ CPU kernels unavailable ({_error}); using the torch "
-                                  "reference paths", RuntimeWarning, stacklevel=3)
-    return _lib is not None
+def _source() -> str:
+    return Path(__file__).with_name("kernels_cpu.cpp").read_text(encoding="utf-8")
 
 
 def _declare(lib) -> None:
@@ -66,6 +42,15 @@ def _declare(lib) -> None:
     lib.lmlab_conv_silu_bwd.argtypes = [i32, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
     for fn in (lib.lmlab_swelu_fwd, lib.lmlab_swelu_bwd, lib.lmlab_conv_silu_fwd, lib.lmlab_conv_silu_bwd):
         fn.restype = None
+
+
+LIBRARY = Library("kernels_cpu", _source, what="fused C++ CPU kernels", fallback="the torch reference paths",
+                  disable_env="LMLAB_DISABLE_CPP_KERNELS", declare=_declare)
+
+
+def available() -> bool:
+    """Build (once, cached on disk) and load the kernels; False, with one warning, if that fails."""
+    return LIBRARY.available()
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -96,7 +81,7 @@ class _SWELUFused(torch.autograd.Function):
         z = z.contiguous()
         kf, lf = float(k), float(lam)
         y = torch.empty_like(z)
-        _lib.lmlab_swelu_fwd(_DTYPES[z.dtype], _ptr(z), _ptr(y), z.numel(), kf, lf, torch.get_num_threads())
+        LIBRARY.lib.lmlab_swelu_fwd(_DTYPES[z.dtype], _ptr(z), _ptr(y), z.numel(), kf, lf, torch.get_num_threads())
         ctx.save_for_backward(z, k, lam)
         ctx.kl = kf, lf
         return y
@@ -111,7 +96,7 @@ class _SWELUFused(torch.autograd.Function):
         gz = torch.empty_like(g) if ctx.needs_input_grad[0] else None
         blocks = max(1, math.ceil(z.numel() / _SWELU_BLOCK))
         partial = torch.zeros(2 * blocks, dtype=torch.float64)
-        _lib.lmlab_swelu_bwd(_DTYPES[z.dtype], _DTYPES[g.dtype], _ptr(z), _ptr(g), _ptr(gz), z.numel(), kf, lf,
+        LIBRARY.lib.lmlab_swelu_bwd(_DTYPES[z.dtype], _DTYPES[g.dtype], _ptr(z), _ptr(g), _ptr(gz), z.numel(), kf, lf,
                              _EPS, _ptr(partial), int(gz is not None), torch.get_num_threads())
         sums = partial.view(blocks, 2).tolist()  # added in block order: the same on any thread count
         gk = torch.tensor(math.fsum(s[0] for s in sums), dtype=k.dtype).reshape(k.shape)
@@ -138,7 +123,7 @@ class _ConvSiLU(torch.autograd.Function):
         bf = None if bias is None else bias.detach().float().contiguous()
         seq = None if seq_idx is None else seq_idx.to(torch.int64).contiguous()
         out = torch.empty(b, l, d, dtype=x.dtype)
-        _lib.lmlab_conv_silu_fwd(_DTYPES[x.dtype], _ptr(x), _ptr(wt), _ptr(bf), _ptr(seq), _ptr(out), b, l, d,
+        LIBRARY.lib.lmlab_conv_silu_fwd(_DTYPES[x.dtype], _ptr(x), _ptr(wt), _ptr(bf), _ptr(seq), _ptr(out), b, l, d,
                                  wt.shape[0], x.stride(0), x.stride(1), torch.get_num_threads())
         ctx.save_for_backward(x, wt, bf, seq)
         ctx.shapes = weight.shape, weight.dtype, None if bias is None else bias.dtype
@@ -153,7 +138,7 @@ class _ConvSiLU(torch.autograd.Function):
         gx = torch.empty(b, l, d, dtype=x.dtype)
         gw = torch.empty_like(wt)
         gb = None if bf is None else torch.empty_like(bf)
-        _lib.lmlab_conv_silu_bwd(_DTYPES[x.dtype], _ptr(x), _ptr(wt), _ptr(bf), _ptr(seq), _ptr(gu), _ptr(gx),
+        LIBRARY.lib.lmlab_conv_silu_bwd(_DTYPES[x.dtype], _ptr(x), _ptr(wt), _ptr(bf), _ptr(seq), _ptr(gu), _ptr(gx),
                                  _ptr(gw), _ptr(gb), b, l, d, wt.shape[0], x.stride(0), x.stride(1),
                                  torch.get_num_threads())
         gweight = gw.t().reshape(w_shape).to(w_dtype)

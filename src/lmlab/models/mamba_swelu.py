@@ -25,19 +25,19 @@ import math
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import GenerationMixin
 from transformers import initialization as hf_init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .common import (
     CachedGenerationMixin,
+    ForwardCall,
+    LMConfig,
     LMOutput,
-    current_mask,
-    lm_loss,
-    lm_output,
+    LMPreTrainedModel,
+    config_arguments,
     make_norm,
-    mask_positions,
-    positions_within_documents,
+    run_blocks,
 )
 from .mamba import MambaCache, MambaMixer
 from .simplified_mamba import SimplifiedMambaMixer
@@ -47,7 +47,7 @@ MIXERS = ("mamba", "simplified")
 INIT_SCHEMES = ("reference", "normal")
 
 
-class MambaSWELUConfig(PretrainedConfig):
+class MambaSWELUConfig(LMConfig):
     model_type = "mamba_swelu"
 
     def __init__(
@@ -87,41 +87,7 @@ class MambaSWELUConfig(PretrainedConfig):
                                     ("init_scheme", init_scheme, INIT_SCHEMES)):
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-        self.vocab_size = vocab_size
-        self.d_model = d_model
-        self.n_layers = n_layers
-        self.d_state = d_state
-        self.d_conv = d_conv
-        self.expand = expand
-        self.dt_rank = dt_rank
-        self.dense_hidden = dense_hidden
-        self.n_dense = n_dense
-        self.max_seq_len = max_seq_len
-        self.activation = activation
-        self.swelu_learnable = swelu_learnable
-        self.swelu_k_init = swelu_k_init
-        self.swelu_lam_init = swelu_lam_init
-        self.norm = norm
-        self.norm_eps = norm_eps
-        self.dropout = dropout
-        self.initializer_range = initializer_range
-        self.scan_backend = scan_backend
-        self.mixer = mixer
-        self.swelu_k_param = swelu_k_param
-        self.swelu_lambda = swelu_lambda
-        self.dense_dropout = dense_dropout
-        self.init_scheme = init_scheme
-        self.decay_all_parameters = decay_all_parameters
-        super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
-                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
-
-    @property
-    def hidden_size(self) -> int:  # the name other tools look for
-        return self.d_model
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layers
+        super().__init__(**config_arguments(MambaSWELUConfig.__init__, locals()))
 
 
 def _norm(cfg: MambaSWELUConfig, dim: int) -> nn.Module:
@@ -165,26 +131,16 @@ class DenseSWELU(nn.Module):
         return self.drop(self.act(self.fc(x)))
 
 
-class MambaSWELUPreTrainedModel(PreTrainedModel):
+class MambaSWELUPreTrainedModel(LMPreTrainedModel):
     config_class = MambaSWELUConfig
-    base_model_prefix = "model"
     _no_split_modules = ["MambaSWELUBlock"]
-    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module):
+        """Linear, Embedding and norms: the standard init (common.py); then SWELU and the mixers' own."""
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            hf_init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                hf_init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            hf_init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-            hf_init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                hf_init.zeros_(module.bias)
-        elif isinstance(module, SWELU):
+        super()._init_weights(module)
+        if isinstance(module, SWELU):
             k_raw, lam = module.initial_values(self.config.swelu_k_init, self.config.swelu_lam_init)
             hf_init.copy_(module.k_raw, k_raw)
             hf_init.copy_(module.lam, lam)
@@ -221,18 +177,6 @@ class MambaSWELUForCausalLM(CachedGenerationMixin, MambaSWELUPreTrainedModel, Ge
                                     for i in range(c.n_dense)])
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.wte
-
-    def set_input_embeddings(self, value):
-        self.wte = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
 
     def set_scan_backend(self, name: str) -> None:
         self.config.scan_backend = name
@@ -275,50 +219,22 @@ class MambaSWELUForCausalLM(CachedGenerationMixin, MambaSWELUPreTrainedModel, Ge
         cache_params: MambaCache | None = None,  # the name before transformers 5.24
         **kwargs,
     ) -> LMOutput | tuple:
-        """input_ids (b, l) (or inputs_embeds (b, l, d)). `labels` follow the Hugging Face convention (shifted
-        inside, -100 ignored).
-
-        With `cache`, the call continues from the cached state (first call: prefill) and advances it;
-        `use_cache=True` without one starts a new cache, returned in the output. `attention_mask` (b, l) or
-        (b, seen + l), 0 at padding: padded positions feed zero into every conv and scan and take no position
-        (common.py). `seq_idx` (b, l) marks packed documents; positions then restart at each document.
-        `logits_to_keep` > 0 computes the logits of the last that many positions only. Mamba has no attention
-        weights: `output_attentions` and `cache_position` are accepted and ignored.
+        """The arguments of every lmlab family (common.py). Padded positions feed zero into every conv and
+        scan; `seq_idx` keeps packed documents apart in them too. Mamba has no attention weights:
+        `output_attentions` and `cache_position` are accepted and ignored.
         """
-        cache = cache if cache is not None else cache_params
-        if use_cache and cache is None:
-            cache = self.new_cache()
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        b, l = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-        device = self.wte.weight.device
-        start = cache.seen if cache is not None else 0
-        mask = current_mask(attention_mask, l, start)
-        lengths = None
+        call = ForwardCall.begin(self, input_ids, inputs_embeds, attention_mask, cache, cache_params, use_cache)
         if position_ids is None:
-            if seq_idx is not None:
-                position_ids = positions_within_documents(seq_idx)
-            else:
-                position_ids, lengths = mask_positions(b, l, start, cache.lengths if cache is not None else None,
-                                                       mask, device)
+            position_ids = call.positions(seq_idx, self.wte.weight.device)
         if int(position_ids.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(position_ids.max())} exceeds max_seq_len {self.config.max_seq_len}")
         embeds = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         h = self.drop(embeds + self.wpe(position_ids))  # (b, l, d)
-        states = [h] if output_hidden_states else None
-        for blk in self.blocks:
-            h = blk(h, cache=cache, seq_idx=seq_idx, mask=mask)
-            if states is not None:
-                states.append(h)
+        h, states = run_blocks(self.blocks, h, output_hidden_states, cache=call.cache, seq_idx=seq_idx,
+                               mask=call.mask)
         h = self.norm_f(h)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         for layer in self.dense:
             h = layer(h)
-        logits = self.lm_head(h)  # (b, l, vocab)
-        if cache is not None:
-            cache.seen += l
-            if lengths is not None:
-                cache.lengths = lengths
-        loss = lm_loss(logits, labels) if labels is not None else None
-        return lm_output(loss, logits, cache, tuple(states) if states is not None else None, return_dict)
+        return call.finish(self.lm_head(h), labels, states, return_dict)  # logits (b, l, vocab)
