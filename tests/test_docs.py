@@ -125,6 +125,9 @@ def test_every_shown_command_parses(where, argv, error, tmp_path, monkeypatch):
         try:
             args = build_parser(argv[0]).parse_args(argv)
         except SystemExit as e:
+            shown = error and error.rstrip(". ").removesuffix("...").rstrip(", ")
+            if shown and e.code == 2 and f"lmlab {argv[0]}: error: {shown}" in err.getvalue():
+                return  # the docs show the one-line error the flag's own check gives
             pytest.fail(f"{where}: `lmlab {' '.join(argv)}` does not parse (exit {e.code}): {err.getvalue()[-400:]}")
     items = [o for o in getattr(args, "overrides", None) or [] if re.fullmatch(r"[a-z_]+\.[a-z_0-9]+=.*", o)]
     if error is not None:  # the docs show the error: the config layer, else the command itself, gives it
