@@ -79,7 +79,7 @@ def section_fsdp() -> None:
     from lmlab.config import Config
     from lmlab.models.registry import build_config, build_model
     from lmlab.runtime import setup_runtime
-    from lmlab.train import strategy
+    from lmlab.train.strategies.fsdp import FSDP, shard
     from lmlab.train.objectives import make_objective
     from lmlab.train.optim import make_optimizer
     from lmlab.train.step import apply_update, compute_gradients
@@ -90,7 +90,7 @@ def section_fsdp() -> None:
     cfg = Config()
     cfg.train.strategy = "fsdp"
     model = build_model(build_config("mamba-swelu-124m")).cuda()
-    strategy.shard(model, rt)  # a one-rank mesh: the same code path as several ranks
+    shard(model, rt)  # a one-rank mesh: the same code path as several ranks
     opt = make_optimizer(model, 3e-4, 0.1, (0.9, 0.95), 1e-8, rt.device)
     obj = make_objective(cfg)
     losses = []
@@ -100,7 +100,7 @@ def section_fsdp() -> None:
                               grad_clip=1.0)
         apply_update(opt)
         losses.append(float(r.loss))
-    full = strategy.full_state_dict(model, rt)
+    full = FSDP(cfg, rt).full_state_dict(model)
     table("FSDP2 on one GPU (mamba-swelu-124m, bf16 params, fp32 reduce)", ["step losses", "full state dict"],
           [[" ".join(f"{x:.3f}" for x in losses), f"{len(full)} tensors"]])
     dist.destroy_process_group()

@@ -1,4 +1,6 @@
-"""Synthetic run folders for the monitoring tests: the files a training run writes, with chosen pathologies.
+"""Hand-written run folders, for the states the real trainer cannot produce in a test (tests/fixture_runs.py has
+the ones it can): a run alive and still training, GPU records, long histories with chosen pathologies (spikes, a
+rising or stalled loss, overfitting, a throughput drop, stale or missing checkpoints).
 
     make_run(root, "healthy")   -> Path        see SCENARIOS for the names
     fake_disk(free, total)      -> a shutil.disk_usage stand-in

@@ -1,66 +1,41 @@
-"""Run folders written by the real trainer, once per test session, for the readers' tests (status, watch, doctor,
-plot, report): a tiny MambaSWELU on a few dozen standard-library files, 32-token rows, 10 steps.
+"""The readers' commands run in this process, as the CLI runs them, for tests on run folders the trainer wrote
+(tests/fixture_runs.py: pretrain_run, diverged_runs, killed_run, lora_run, sharded_run).
 
-    real_runs (session fixture) -> {"healthy": Path, "nan": Path, "guard_stop": Path, "stderr": {name: str}}
-
-`nan` diverges with the guard off (its metrics.jsonl holds "nan" strings); `guard_stop` diverges with
-`train.guard=stop` (the guard's event names the first bad step; the trainer prints its resume command).
+    lmlab (fixture) -> run(*args) -> Result(returncode, stdout, stderr)    `lmlab.cli.main(args)`, output captured
+    rewrite(run, fn)                                                        edit a copy's metrics.jsonl record by record
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
+import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PYTHONUNBUFFERED": "1"}
-TINY = ("model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2", "model.dense_hidden=32",
-        "data.source=stdlib", "data.max_docs=30", "data.seq_len=32", "train.batch_size=4", "train.max_steps=10",
-        "train.save_every=5", "train.eval_every=5", "train.eval_batches=2", "train.log_every=1", "train.threads=1",
-        "train.sample_tokens=4", "train.progress=false", "train.warmup_steps=2")
-RUNS = {
-    "healthy": ("train.lr=3e-3",),
-    "nan": ("train.lr=1e6", "train.guard=off"),
-    "guard_stop": ("train.lr=1e6", "train.guard=stop"),
-}
+
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def cli(*args, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmlab.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env or ENV, timeout=timeout)
+@pytest.fixture
+def lmlab(capsys):
+    """`lmlab.cli.main` with the arguments given (paths as str), its exit code and what it printed."""
+    from lmlab.cli import main
+
+    def run(*args) -> Result:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run
 
 
-@pytest.fixture(scope="session")
-def real_runs(tmp_path_factory) -> dict:
-    from lmlab.data.tokenizer import train_bpe
-
-    root = tmp_path_factory.mktemp("real-runs")
-    tok = root / "tok"
-    train_bpe("stdlib", 512, tok, max_chars=200_000)
-    env = {**ENV, "LMLAB_CACHE": str(root / "cache")}
-    out: dict = {"stderr": {}, "root": root}
-    for name, extra in RUNS.items():
-        res = cli("pretrain", *TINY, f"data.tokenizer={tok}", f"run.out_dir={root / 'runs'}", f"run.name={name}",
-                  *extra, env=env)
-        run = root / "runs" / name
-        assert (run / "metrics.jsonl").is_file(), res.stdout[-2000:] + res.stderr[-2000:]
-        if name == "healthy":
-            assert res.returncode == 0, res.stderr[-3000:]
-        out[name] = run
-        out["stderr"][name] = res.stderr
-    return out
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    """A copy of a run folder to change (the session's folders stay as the trainer wrote them), named after `dst`."""
-    import json
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("run.lock"))
-    manifest = json.loads((dst / "run.json").read_text())
-    (dst / "run.json").write_text(json.dumps({**manifest, "name": dst.name}, indent=1))
-    return dst
+def rewrite(run: Path, fn) -> None:
+    """Apply `fn` to each record of metrics.jsonl (it returns the record, or None to drop it)."""
+    path = Path(run) / "metrics.jsonl"
+    recs = [fn(json.loads(x)) for x in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs if r is not None))

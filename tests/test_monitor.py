@@ -1,4 +1,9 @@
-"""Readers of run folders: incremental reading, status, doctor, plot, the watch dashboard, system stats."""
+"""Readers of run folders: incremental reading, status, doctor, plot, the watch dashboard, system stats.
+
+Runs the trainer wrote (tests/fixture_runs.py) where the trainer can write the state a test needs; hand-written
+folders (tests/_runfolders.py) for what it cannot: a run alive and still training (status, eta, the dashboard),
+GPU records, and the doctor's pathologies over long histories (spikes, a rising or stalled loss, overfitting,
+a throughput drop, a stale or missing checkpoint, a full disk)."""
 
 import argparse
 import asyncio
@@ -9,7 +14,9 @@ import time
 
 import pytest
 from _runfolders import GB, SCENARIOS, fake_disk, make_run, write_run
+from fixture_runs import copy_run
 
+from lmlab import runs
 from lmlab.errors import LmlabError
 from lmlab.monitor import doctor, gpu, runread, status
 
@@ -59,29 +66,66 @@ def test_reader_refresh_is_incremental_and_summarises(tmp_path):
     assert s.to_dict()["progress"] == pytest.approx(510 / 2000)
 
 
-def test_nan_values_and_find_runs(tmp_path):
-    make_run(tmp_path / "study", "nan")
-    make_run(tmp_path / "study", "healthy")
-    (tmp_path / "study" / "notes").mkdir()
-    runs = runread.find_runs([tmp_path / "study"])
-    assert [p.name for p in runs] == ["healthy", "nan"]
-    assert runread.find_runs([tmp_path / "study" / "nan"]) == [tmp_path / "study" / "nan"]
-    r = runread.RunReader(runs[1])
-    s = r.refresh()
-    assert s.status == "failed" and s.alive is None and math.isnan(s.loss)
-    assert s.to_dict()["loss"] == "nan"
+def _records(run, kind):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("kind") == kind]
+
+
+def test_the_reader_summarises_what_the_trainer_wrote_and_reads_only_what_is_appended(pretrain_run, tmp_path):
+    run = copy_run(pretrain_run, tmp_path / "r")
+    reader = runread.RunReader(run)
+    s = reader.refresh()
+    train, evals = _records(run, "train"), _records(run, "eval")
+    manifest = json.loads((run / "run.json").read_text())
+    assert s.status == "finished" == manifest["status"] and s.alive is None and not s.diverged
+    assert s.step == 10 == s.total_steps and s.progress == 1.0 and s.eta_s == 0.0 and s.has_final
+    assert (s.loss, s.lr, s.tokens) == (train[-1]["loss"], train[-1]["lr"], train[-1]["tokens"])
+    assert s.val_loss == evals[-1]["val_loss"] and s.val_ppl == pytest.approx(math.exp(s.val_loss), rel=1e-4)
+    assert (s.n_checkpoints, s.last_checkpoint, s.last_checkpoint_step) == (2, "step-00000010", 10)
+    assert s.loss_smooth == pytest.approx(runread.ema([r["loss"] for r in train])[-1])
+    assert s.restarts == 0 and s.skipped == 0 and s.problems == [] and s.elapsed_s is not None
+    n = reader.tail.lines_read
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**train[-1], "step": 11, "loss": 1.0}) + "\n" + '{"kind": "tra')  # and a torn line
+    s = reader.refresh()
+    assert reader.tail.lines_read == n + 1 and s.step == 11 and s.loss == 1.0 and s.problems == []
+
+
+def test_nan_values_and_find_runs(pretrain_run, diverged_runs, tmp_path):
+    root = pretrain_run.parent
+    found = runread.resolve_runs([root])
+    assert [p.name for p in found if p.name in ("guard_stop", "nan", "pretrain")] == ["guard_stop", "nan", "pretrain"]
+    assert all(runs.is_run(p) for p in found) and runread.resolve_runs([root / "nan"]) == [root / "nan"]
+    s = runread.RunReader(diverged_runs["nan"]).refresh()
+    assert s.status == json.loads((root / "nan" / "run.json").read_text())["status"] != "running"
+    assert s.alive is None and s.diverged and math.isnan(s.loss) and s.to_dict()["loss"] == "nan"
+    (tmp_path / "notes").mkdir()
     with pytest.raises(LmlabError, match="no run folders"):
-        runread.resolve_runs([tmp_path / "study" / "notes"])
+        runread.resolve_runs([tmp_path / "notes"])
+    with pytest.raises(LmlabError, match="no such folder"):
+        runread.resolve_runs([tmp_path / "missing"])
 
 
-def test_pid_alive():
+def test_pid_alive_is_false_for_a_gone_a_reused_and_an_exited_unreaped_pid():
     import os
+    import subprocess
+    import sys
 
     from _runfolders import dead_pid
 
-    assert runread.pid_alive(os.getpid())
-    assert not runread.pid_alive(dead_pid())
-    assert not runread.pid_alive(os.getpid(), started=time.time() - 3600 * 24 * 365)  # the pid was reused
+    from lmlab.fsutil import pid_alive
+
+    assert pid_alive(os.getpid()) and runread.pid_alive is pid_alive  # one pid_alive, the readers' too
+    assert not pid_alive(dead_pid()) and not pid_alive(None) and not pid_alive(0)
+    assert not pid_alive(os.getpid(), started=time.time() - 3600 * 24 * 365)  # the pid was reused
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        for _ in range(500):  # exited, not yet reaped: kill(pid, 0) still succeeds
+            if open(f"/proc/{zombie.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+            time.sleep(0.02)
+        assert not pid_alive(zombie.pid)
+    finally:
+        zombie.wait()
 
 
 # doctor ---------------------------------------------------------------------------------------------------
@@ -169,12 +213,12 @@ def test_formatters():
 
 
 # plot -----------------------------------------------------------------------------------------------------
-def test_plot_lines_carry_the_runs_data(tmp_path):
+def test_plot_lines_carry_the_runs_data(pretrain_run, tmp_path):
     from lmlab.commands import plot as cmd
     from lmlab.monitor.plots import plot_runs
 
-    a = make_run(tmp_path, "healthy", name="a", gpus=None)
-    b = make_run(tmp_path, "throughput", name="b")
+    a = copy_run(pretrain_run, tmp_path / "a")  # what the trainer wrote
+    b = make_run(tmp_path, "throughput", name="b")  # a long history whose throughput drops
     fig = plot_runs([a, b], tmp_path / "p.png")
     loss_ax, val_ax, lr_ax, tok_ax = fig.axes[:4]
     lines = {ln.get_label(): ln for ln in loss_ax.get_lines()}

@@ -1,4 +1,7 @@
-"""lmlab report: numbers in the HTML match the run folders; every image decodes in a real headless browser."""
+"""lmlab report: numbers in the HTML match the run folders; every image decodes in a real headless browser.
+
+A run the trainer wrote (tests/fixture_runs.py) for what it writes; hand-written folders for what a CPU test run
+cannot produce: two ranks, GPU power records, a resume an hour later, seeds and sizes for the scaling fit."""
 
 import base64
 import csv
@@ -202,6 +205,22 @@ def test_images_are_inline_pngs_and_files_are_written(study):
     md = res["markdown"].read_text()
     assert "| swelu-long |" in md and "(report_files/fig-curves.png)" in md
     assert (res["markdown"].parent / "report_files" / "fig-curves.png").is_file()
+
+
+def test_numbers_in_the_report_match_a_run_the_trainer_wrote(pretrain_run, diverged_runs, tmp_path):
+    res = build_report([pretrain_run, diverged_runs["nan"]], tmp_path / "r" / "report.html")
+    recs = [json.loads(x) for x in (pretrain_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    p = _parse(res["html"])
+    row = _rows(p.tables["runs"])["pretrain"]
+    assert _num(row["tokens"]) == train[-1]["tokens"] == 10 * 4 * 32
+    assert _num(row["final val loss"]) == pytest.approx(evals[-1]["val_loss"], abs=5e-4)
+    assert _num(row["final train loss"]) == pytest.approx(train[-1]["loss"], abs=5e-4)
+    assert row["status"] == "finished" and "diverged" in _rows(p.tables["runs"])["nan"]["status"]
+    assert _num(_rows(p.tables["cost"])["pretrain"]["devices"]) == 1  # the checkpoints' MANIFEST.json world_size
+    samples = [json.loads(x) for x in (pretrain_run / "samples.jsonl").read_text().splitlines()]
+    assert samples and any(r[1:3] == ["pretrain", str(samples[-1]["step"])] for r in p.tables["generations"])
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

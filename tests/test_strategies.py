@@ -56,7 +56,7 @@ def _train(spec: dict, rt) -> None:
     from lmlab.config import Config
     from lmlab.models import registry
     from lmlab.train import checkpoint as ckpt
-    from lmlab.train import strategy
+    from lmlab.train import strategies as strategy
     from lmlab.train.objectives import make_objective
     from lmlab.train.optim import make_optimizer
     from lmlab.train.step import apply_update, compute_gradients, discard_update
@@ -255,7 +255,7 @@ def test_compile_keeps_the_selective_scan_out_of_the_graph():
     from lmlab.config import Config
     from lmlab.models import registry
     from lmlab.runtime import Runtime
-    from lmlab.train import strategy
+    from lmlab.train import strategies as strategy
 
     model = registry.build_model(registry.build_config(MODEL["name"], vocab_size=MODEL["vocab_size"],
                                                       overrides=MODEL["overrides"]))
@@ -303,7 +303,7 @@ def _deepspeed_or_skip() -> None:
                                             "'lmlab[deepspeed]')")
     from lmlab.errors import ConfigError
     from lmlab.runtime import Runtime
-    from lmlab.train import strategy
+    from lmlab.train.strategies import deepspeed as strategy
 
     try:
         strategy._import_deepspeed(Runtime(device=torch.device("cpu"), precision="fp32"))
@@ -454,7 +454,7 @@ def test_deepspeed_refuses_bad_combinations_in_one_line(monkeypatch):
     from lmlab.config import Config
     from lmlab.errors import ConfigError
     from lmlab.runtime import Runtime
-    from lmlab.train import strategy
+    from lmlab.train import strategies as strategy
 
     cpu = Runtime(device=torch.device("cpu"), precision="fp32")
     cases = []

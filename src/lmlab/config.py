@@ -119,8 +119,8 @@ class TrainConfig:
     guard_keep: bool = doc(True, "keep the last good state in memory (one copy of the trainable weights and "
                                  "optimizer state) for stop and rollback; false: a stop saves the current state, "
                                  "a rollback goes to the last checkpoint")
-    strategy: Literal["ddp", "fsdp", "deepspeed"] = doc(
-        "ddp", "several ranks: ddp, fsdp (FSDP2, sharded) or deepspeed (ZeRO 1-2); lmlab.train.strategy")
+    strategy: str = doc("ddp", "several ranks: ddp, fsdp (FSDP2, sharded), deepspeed (ZeRO 1-2), or a strategy "
+                               "registered with lmlab.train.strategies.register_strategy")
     fsdp_reshard: bool = doc(True, "fsdp: free gathered weights after each block's forward (false: ZeRO-2-like)")
     zero_stage: Literal[1, 2] = doc(2, "deepspeed: 1 (optimizer state sharded) or 2 (+ gradients)")
     offload_optimizer: bool = doc(False, "deepspeed: optimizer state and step in CPU memory")
@@ -527,7 +527,8 @@ def validate(cfg: Config) -> None:
            f"needs train.strategy=deepspeed, got {t.strategy}")
     _check(t.strategy == "ddp" or cfg.finetune.method == "full", "train.strategy",
            f"{t.strategy} trains full models only; use ddp with finetune.method={cfg.finetune.method}")
-    # train.objective is checked against the registry by lmlab.train.objectives.make_objective, first thing
+    # train.objective and train.strategy are checked against their registries (lmlab.train.objectives,
+    # lmlab.train.strategies) before the run folder is made
     budgets = [k for k in ("max_steps", "max_tokens", "token_ratio") if getattr(t, k) is not None]
     _check(len(budgets) <= 1, "train", f"set only one budget of max_steps, max_tokens, token_ratio "
                                        f"(got {', '.join(budgets)})")

@@ -55,15 +55,43 @@ def _remove_dead_builds(final: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host (for locks and temporary folders of killed writers)."""
+def _proc_start_time(pid: int) -> float | None:
+    """Unix time process `pid` started (Linux /proc), -1.0 for a zombie (it has exited), None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] == "Z":
+            return -1.0
+        ticks = int(fields[19])
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return int(line.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+PID_REUSE_SLACK_S = 60.0  # a process started this long after `started` is another one that reused the pid
+
+
+def pid_alive(pid: int | None, started: float | None = None) -> bool:
+    """Whether process `pid` exists on this host and has not exited (a zombie has), for locks, temporary folders
+    of killed writers and the readers' "is the run alive". With `started` (unix time the process is known to have
+    been running by), a process that started more than a minute later is a newer one that reused the pid: False."""
+    if not pid or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass  # exists, owned by someone else
+    except OSError:
+        return False
+    t0 = _proc_start_time(pid)
+    if t0 is not None and t0 < 0:
+        return False
+    return not (started is not None and t0 is not None and t0 > started + PID_REUSE_SLACK_S)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -83,14 +83,11 @@ def _parse(text):
 def run_folder_of(spec: str) -> Path | None:
     """The run folder `spec` belongs to (a run folder itself, or its final/; a multi-stage folder stands for its
     last finished stage), else None."""
-    from ..runs import resolve_stage
+    from ..runs import resolve_stage, run_of
 
     path = resolve_stage(spec) if Path(spec).is_dir() else Path(spec)
-    for cand in (path, path.parent):
-        if (cand / "run.json").is_file() or (cand / "config.yaml").is_file():
-            if cand == path or path.name == "final":
-                return cand
-    return None
+    run = run_of(path)
+    return run if run is not None and (run == path.resolve() or path.name == "final") else None
 
 
 def output_dir(spec: str) -> Path:

@@ -32,7 +32,7 @@ def run(args) -> int:
 
     from ..errors import ConfigError
     from ..models.export import export
-    from ..train.adapters import load_run_model
+    from ..runs.load import load_run_model
 
     out = Path(args.out)
     if out.exists():

@@ -32,7 +32,8 @@ def tuning_config(args, objective: str):
     import time
 
     from ..config import load_config
-    from ..train.adapters import base_label, is_run_folder, resolve_base
+    from ..runs import base_label, is_run
+    from ..runs.load import resolve_base
 
     overrides = [f"train.objective={objective}", *args.overrides, *alias_overrides(args)]
     cfg = load_config(args.config, overrides)
@@ -40,7 +41,7 @@ def tuning_config(args, objective: str):
     if cfg.run.name is None and os.path.isdir(name):  # named after the run it continues, not after "final"
         cfg.run.name = f"{base_label(name)}-{objective}-{time.strftime('%Y%m%d-%H%M%S')}"
     if os.path.isdir(name):  # resolved once, so the run (and its resumption) names the exact base folder
-        base = resolve_base(name) if is_run_folder(name) else os.path.abspath(name)
+        base = resolve_base(name) if is_run(name) else os.path.abspath(name)
         cfg.model.name = base
         if not any(o.startswith("data.tokenizer=") for o in overrides) and not _in_file(args.config, "tokenizer"):
             cfg.data.tokenizer = base

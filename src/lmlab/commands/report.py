@@ -23,12 +23,13 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from .. import runs
     from ..report import build_report
 
     out = args.out
     if out is None:
         only = Path(args.paths[0])
-        out = only / "report.html" if len(args.paths) == 1 and not (only / "run.json").is_file() else "report.html"
+        out = only / "report.html" if len(args.paths) == 1 and not runs.is_run(only) else "report.html"
     cmd = "lmlab report " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else ""
     res = build_report(args.paths, out, title=args.title, price_per_hour=args.price_per_hour, gpu=args.hardware,
                        command=cmd)

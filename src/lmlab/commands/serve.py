@@ -43,9 +43,10 @@ def load(spec: str, device: str = "auto", merge: bool = False):
 
     path = Path(spec)
     if merge:
-        from ..train.adapters import is_run_folder, load_run_model
+        from ..runs import is_run
+        from ..runs.load import load_run_model
 
-        if not is_run_folder(path):
+        if not is_run(path):
             raise ConfigError(f"--merge: {spec} is not a run folder (merging folds a LoRA run's adapters)")
         model, tok = load_run_model(path, merge=True)
         return model.to(pick_device(device)).eval(), tok

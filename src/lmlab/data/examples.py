@@ -106,7 +106,7 @@ def val_slices(n: int, batch_size: int, n_batches: int, rank: int = 0, world_siz
 def chat_format(cfg, tokenizer) -> ChatFormat:
     """The run's ChatFormat (finetune.template, system_prompt, train_on); `cfg` is not changed. A built-in template
     whose special tokens the tokenizer lacks gets them added (`fmt.added_tokens`; the model's embeddings are then
-    grown to match, see lmlab.train.setup.build_model) and the tokenizer is saved with the run."""
+    grown to match, see lmlab.runs.load.build_model) and the tokenizer is saved with the run."""
     ft = cfg.finetune
     before = len(tokenizer)
     added = add_template_tokens(tokenizer, ft.template) if ft.template in TEMPLATES else []

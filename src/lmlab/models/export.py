@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from ..fsutil import atomic_dir
+from ..runs import run_of
 
 
 def export(model, tokenizer, final: Path, *, run_dir: Path | None = None, card: bool = True,
@@ -43,7 +44,7 @@ def export(model, tokenizer, final: Path, *, run_dir: Path | None = None, card: 
         if type(model).__module__.startswith("lmlab."):
             write_auto_map(model, tmp)
         if card:
-            write_model_card(model, tmp, run_dir if run_dir is not None else run_folder_above(final),
+            write_model_card(model, tmp, run_dir if run_dir is not None else run_of(final.parent),
                              adapter=(tmp / "adapter_config.json").is_file(), license=license)
     return final
 
@@ -80,15 +81,6 @@ def _adapter_save_options(model) -> dict:
         return {}
     grown = isinstance(before, int) and base.get_input_embeddings().weight.shape[0] > before
     return {"save_embedding_layers": True} if grown else {}
-
-
-def run_folder_above(folder: Path) -> Path | None:
-    """The run folder `folder` was exported into (`<run>/final`, `<run>/merged`, `<run>/exports/step-N`), or None."""
-    folder = Path(folder).resolve()
-    for cand in (folder.parent, folder.parent.parent):
-        if (cand / "config.yaml").is_file() and (cand / "run.json").is_file():
-            return cand
-    return None
 
 
 def parameter_counts(model) -> tuple[int, int | None, object]:

@@ -54,7 +54,10 @@ def available() -> bool:
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the fused kernels run on these tensors: CPU, fp32 or bf16, the library built, not `reference()`."""
+    """Whether the fused kernels run on these tensors: CPU, fp32 or bf16, the library built, not `reference()`,
+    and not inside torch.compile (which fuses the reference paths itself; a ctypes call would break the graph)."""
+    if torch.compiler.is_compiling():
+        return False
     return (not getattr(_off, "on", False) and all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors)
             and available())
 

@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..runs import checkpoints
 from .gpu import BENIGN_THROTTLE
-from .runread import RunReader, applied_records, dir_size, finite, list_checkpoints, num
+from .runread import RunReader, applied_records, dir_size, finite, num
 from .status import ENDED_EARLY, fmt_bytes, fmt_duration, fmt_num, fmt_rate, status_word
 
 # Spikes in the logged records (each a mean over train.log_every steps): robust statistics over a window of
@@ -126,7 +127,7 @@ def check_nan(r: RunReader) -> list[Finding]:
         lr = max(lrs) if lrs else None
     cmd = s.resume_command if s.resume_command and "train.lr=" in s.resume_command else \
         f"lmlab resume {r.path}" + (f" train.lr={lr / 2:g}" if lr else "")
-    ckpts = list_checkpoints(r.path)
+    ckpts = checkpoints(r.path)
     if guard_stop:
         code = "nan" if what.startswith(("loss is", "gradient norm is")) else "guard_stop"
         head = f"The guard stopped the run: {what} at step {step:,}" if what else \
@@ -395,7 +396,7 @@ def check_checkpoints(r: RunReader, now: float) -> list[Finding]:
     s = r.state
     if s.status not in ("running", "stopped", "failed"):
         return []
-    ckpts = list_checkpoints(r.path)
+    ckpts = checkpoints(r.path)
     every = _save_every(r)
     sps = s.steps_per_s
     interval = every / sps if every and sps else None
@@ -427,7 +428,7 @@ def check_disk(r: RunReader) -> list[Finding]:
     s = r.state
     if s.disk_free is None or not s.disk_total:
         return []
-    ckpts = list_checkpoints(r.path)
+    ckpts = checkpoints(r.path)
     size = dir_size(ckpts[-1].path) if ckpts else 0
     frac = s.disk_free / s.disk_total
     if frac >= DISK_LOW_FRACTION and s.disk_free >= DISK_CHECKPOINTS * size:

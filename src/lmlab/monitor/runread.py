@@ -2,7 +2,10 @@
 
     RunReader(path).refresh() -> RunState     incremental: each refresh reads only the bytes appended
                                               to metrics.jsonl since the last one (a torn last line waits)
-    find_runs([path, ...]) -> [Path]          run folders in a run folder, a study folder or runs/
+    resolve_runs([path, ...]) -> [Path]       run folders in a run folder, a study folder or runs/
+                                              (lmlab.runs.find_runs; none found is an error)
+
+What a run folder is, its checkpoints and whether its process lives are `lmlab.runs` and `lmlab.fsutil`'s.
 
 Nothing here writes to a run folder, so a reader can run on another terminal or another machine
 that sees the folder.
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import socket
 import time
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LmlabError
+from ..fsutil import pid_alive
+from ..runs import checkpoints, find_runs
 
 HEARTBEAT_STALE_S = 120.0  # no record for this long from a run on another host: presumed dead
 
@@ -164,72 +168,6 @@ def _parse_local(ts: str | None) -> float | None:
         return time.mktime(time.strptime(ts, "%Y-%m-%dT%H:%M:%S"))
     except (ValueError, OverflowError):
         return None
-
-
-def _proc_start_time(pid: int) -> float | None:
-    """Unix time a process started (Linux /proc), or None where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] == "Z":  # a zombie has exited
-            return -1.0
-        ticks = int(fields[19])
-        for line in Path("/proc/stat").read_text().splitlines():
-            if line.startswith("btime "):
-                return int(line.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def pid_alive(pid: int | None, started: float | None = None) -> bool:
-    """Is `pid` (on this host) alive and, if `started` is given, not a newer process that reused the pid?"""
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    except OSError:
-        return False
-    t0 = _proc_start_time(pid)
-    if t0 is not None and t0 < 0:
-        return False
-    if started is not None and t0 is not None and t0 > started + 60:
-        return False  # the pid now belongs to a process that started after the run did
-    return True
-
-
-@dataclass
-class Checkpoint:
-    name: str
-    step: int
-    path: Path
-    mtime: float
-    size: int = 0
-
-
-def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
-    """Complete checkpoints (MANIFEST.json present), oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    out = []
-    try:
-        entries = list(os.scandir(root))
-    except (FileNotFoundError, NotADirectoryError):
-        return out
-    for e in entries:
-        if not e.name.startswith("step-") or not e.is_dir():
-            continue
-        manifest = Path(e.path) / "MANIFEST.json"
-        try:
-            st = manifest.stat()
-            step = int(e.name[5:])
-        except (OSError, ValueError):
-            continue
-        out.append(Checkpoint(e.name, step, Path(e.path), st.st_mtime))
-    return sorted(out, key=lambda c: c.step)
 
 
 def dir_size(path: Path) -> int:
@@ -503,7 +441,7 @@ class RunReader:
             s.eta_s = max(0.0, (s.total_steps - s.step) / s.steps_per_s)
         elif s.status == "finished":
             s.eta_s = 0.0
-        ckpts = list_checkpoints(self.path)
+        ckpts = checkpoints(self.path)
         s.n_checkpoints = len(ckpts)
         if ckpts:
             c = ckpts[-1]
@@ -580,40 +518,6 @@ def stop_info(manifest: dict, events: list[dict]) -> tuple[str | None, str | Non
         isinstance(reason, str) and manifest.get("status") in ("stopped", "failed")
         and any(w in reason for w in GUARD_STOP_WORDS))
     return (str(reason) if reason else None), (str(resume) if resume else None), by_guard
-
-
-def is_run(path: Path) -> bool:
-    return (path / "run.json").is_file() or (path / "metrics.jsonl").is_file()
-
-
-def find_runs(paths: Iterable[str | Path], depth: int = 2) -> list[Path]:
-    """Run folders named directly, or found up to `depth` levels below the given folders (a study, runs/)."""
-    found: list[Path] = []
-    for p in paths:
-        p = Path(p)
-        if not p.exists():
-            raise LmlabError(f"{p}: no such folder")
-        if is_run(p):
-            found.append(p)
-            continue
-        level = [p]
-        for _ in range(depth):
-            nxt = []
-            for d in level:
-                try:
-                    children = sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
-                except OSError:
-                    continue
-                for c in children:
-                    (found if is_run(c) else nxt).append(c)
-            level = nxt
-    seen, out = set(), []
-    for f in found:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            out.append(f)
-    return out
 
 
 def resolve_runs(paths: Iterable[str | Path], allow_empty: bool = False) -> list[Path]:

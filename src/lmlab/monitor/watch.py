@@ -22,8 +22,9 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Label, Log, Sparkline, Static
 
+from ..runs import find_runs
 from .gpu import BENIGN_THROTTLE, gpu_stats
-from .runread import RunReader, find_runs, num, read_new_lines, tail_lines
+from .runread import RunReader, num, read_new_lines, tail_lines
 from .status import ENDED_EARLY, bar, fmt_bytes, fmt_duration, fmt_num, fmt_rate, objective_text, row
 
 COLUMNS = ["run", "status", "step", "loss", "val loss / ppl", "lr", "grad norm", "tok/s", "eta", "checkpoint",

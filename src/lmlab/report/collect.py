@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import runs
 from ..errors import LmlabError
 from ..monitor.runread import last_applied, num, objective_metrics, stop_info
 
@@ -120,31 +121,17 @@ class Run:
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Run folders named directly, or found below study folders (two levels deep), in a stable order."""
-    found: list[Path] = []
+    """Run folders named directly, or found below study folders (two levels deep), in a stable order
+    (lmlab.runs.find_runs); a path that holds no run is an error naming it."""
+    out: list[Path] = []
     for p in map(Path, paths):
-        if _is_run(p):
-            found.append(p)
-            continue
         if not p.is_dir():
             raise LmlabError(f"{p}: no such run or study folder")
-        below = sorted(d for d in p.iterdir() if d.is_dir() and _is_run(d))
-        if not below:
-            below = sorted(d2 for d in p.iterdir() if d.is_dir() for d2 in d.iterdir() if d2.is_dir() and _is_run(d2))
-        if not below:
+        found = runs.find_runs([p])
+        if not found:
             raise LmlabError(f"{p}: not a run folder and holds no run folders (no run.json or config.yaml)")
-        found += below
-    seen, out = set(), []
-    for p in found:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
-            out.append(p)
+        out += [f for f in found if f.resolve() not in {o.resolve() for o in out}]
     return out
-
-
-def _is_run(p: Path) -> bool:
-    return p.is_dir() and ((p / "run.json").is_file() or ((p / "config.yaml").is_file() and
-                                                           (p / "metrics.jsonl").is_file()))
 
 
 def load_run(path: Path | str) -> Run:
@@ -224,8 +211,8 @@ def _devices(m: dict, path: Path) -> int:
             return max(1, len(v))
         if isinstance(v, int) and v > 0:
             return v
-    for manifest in sorted((path / "checkpoints").glob("step-*/MANIFEST.json"), reverse=True):
-        v = (_read_json(manifest) or {}).get("world_size")
+    for ckpt in reversed(runs.checkpoints(path)):
+        v = (_read_json(ckpt.path / runs.MANIFEST) or {}).get("world_size")
         if isinstance(v, int) and v > 0:
             return v
     return 1

@@ -44,7 +44,7 @@ def export_for_push(source: Path, tmp: Path, *, merge: bool = False, adapter_onl
     exactly as `lmlab export` does (model, tokenizer, card). A LoRA run gives its adapter folder unless `merge`."""
     from ..config import load_config
     from ..models.export import export
-    from ..train.adapters import load_run_model
+    from ..runs.load import load_run_model
 
     source = Path(source)
     if is_model_folder(source) and not (source / "config.yaml").is_file():

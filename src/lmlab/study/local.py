@@ -196,7 +196,7 @@ def _take(cell: Cell, free: list[int]) -> tuple[int, ...] | None:
 
 
 def _alive(pid: int | None) -> bool:
-    from ..monitor.runread import pid_alive
+    from ..fsutil import pid_alive
 
     return pid is not None and pid_alive(int(pid))
 

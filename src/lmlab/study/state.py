@@ -21,7 +21,9 @@ from pathlib import Path
 
 import yaml
 
+from .. import runs
 from ..config import save_config
+from ..fsutil import pid_alive
 from .spec import Cell
 
 CELLS = ".cells"  # under the study's out_dir: each cell's launch config and its process output
@@ -44,8 +46,6 @@ def _read_json(path: Path) -> dict | None:
 
 def lock_holder(run_dir: Path) -> dict | None:
     """The live holder of `run.lock` ({"pid", "host"}), or None when nobody (alive) holds it."""
-    from ..monitor.runread import pid_alive
-
     held = _read_json(Path(run_dir) / "run.lock")
     if held is None:
         return None
@@ -77,9 +77,8 @@ def cell_state(run_dir: Path) -> State:
 
 
 def _last_checkpoint_step(run_dir: Path) -> int:
-    steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*")
-             if (p / "MANIFEST.json").is_file() and p.name.split("-")[1].isdigit()]
-    return max(steps, default=0)
+    latest = runs.latest_checkpoint(run_dir / runs.CHECKPOINTS)
+    return runs.step_of(latest) if latest is not None else 0
 
 
 def prepare(cell: Cell, state: State, out_dir: Path) -> Path:

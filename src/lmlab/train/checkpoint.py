@@ -1,15 +1,20 @@
 """Checkpoints: everything needed to continue a run bit for bit.
 
-    checkpoints/step-00001000/
-        model.safetensors   weights (tied tensors stored once)
-        trainer.pt          optimizer, grad scaler, data position, step, tokens, best validation loss
+    checkpoints/step-00001000/          the name: lmlab.runs.step_dir
+        model.safetensors   weights (tied tensors stored once); absent when the strategy's shards hold them
+        dcp/ | zero/ …      the strategy's shards of model and optimizer, each rank its own (fsdp, deepspeed:
+                            `Strategy.shard_dir`, written and read by the strategy object)
+        trainer.pt          optimizer (unless in the shards), grad scaler, data position, step, tokens, best
+                            validation loss, the guard's state
         rng-rank0.pt …      each rank's RNG states (torch CPU/CUDA, numpy, python)
-        MANIFEST.json       step, files with sha256 — written last; a folder without it is incomplete
+        MANIFEST.json       step, rank count, the strategy whose shards it holds, files with sha256 — written
+                            last (`_write_manifest`, its one writer); a folder without it is incomplete
 
-A checkpoint is written by rank 0 alone (the other ranks' RNG states are gathered to it) into a hidden
-temporary folder and renamed into place (`lmlab.fsutil.atomic_dir`), so a crash or a SIGKILL never leaves
-a folder that looks complete. Older checkpoints beyond `keep_last` are removed, except the best one by
-validation loss (recorded in checkpoints/best.json) and the one the run resumed from.
+A checkpoint is written into a hidden temporary folder that rank 0 makes and renames into place
+(`lmlab.fsutil.atomic_dir`) once everything is in it, so a crash or a SIGKILL never leaves a folder that looks
+complete. Rank 0 writes all but the shards (the other ranks' RNG states are gathered to it). Older
+checkpoints beyond `keep_last` are removed, except the best one by validation loss (recorded in
+checkpoints/best.json) and the one the run resumed from.
 
 Loading runs no code: `.pt` files are read with `torch.load(weights_only=True)` (tensors, numbers,
 strings, lists and dicts only), so a checkpoint folder from elsewhere cannot execute anything.
@@ -21,7 +26,6 @@ import contextlib
 import errno
 import hashlib
 import json
-import pickle
 import random
 import shutil
 from pathlib import Path
@@ -29,11 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from ..errors import LmlabError
 from ..fsutil import atomic_dir, atomic_write_text, first_line
-from ..runs import MANIFEST, is_complete, latest_checkpoint, list_checkpoints, step_dir  # noqa: F401  (one owner: runs)
+from ..runs import MANIFEST, latest_checkpoint, list_checkpoints, step_dir
+from . import strategies
+from .strategies.base import Strategy, load_pt
 
 
 def _sha256(path: Path) -> str:
@@ -67,29 +73,49 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, trainer_state: dict, *, rt) -> Path:
-    """Collective: every rank calls it; rank 0 writes model, trainer state and every rank's RNG state."""
-    from . import strategy
-
-    if (hooks := strategy.checkpoint_hooks(model)) is not None:
-        return _save_sharded(root, step, model, hooks[1], trainer_state, rt)
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, trainer_state: dict, *, rt,
+                    strategy: Strategy | None = None) -> Path:
+    """Collective: every rank calls it. Rank 0 makes the folder (hidden until it is complete), the strategy's
+    ranks write their shards into it (fsdp, deepspeed), then rank 0 writes the whole model (one process, ddp;
+    deepspeed: gathered), the trainer state, every rank's RNG state and, last, the manifest. `strategy`: the
+    one that placed `model` (by default the one that prepared it, `lmlab.train.strategies.of`)."""
+    strategy = strategy if strategy is not None else strategies.of(model)
     final = step_dir(root, step)
     rngs = rt.all_gather_object(rng_state())
+    sharded = strategy.shard_dir is not None
+    rest = {k: v for k, v in trainer_state.items() if k != "optimizer"} if sharded else trainer_state
+    rt.main_first(lambda: check_disk(root, model), others=False)
+    with contextlib.ExitStack() as stack:  # rank 0 holds the temporary folder; any rank's failure ends it
+        stack.enter_context(_space_errors(final))
+        tmp = rt.main_first(lambda: str(stack.enter_context(atomic_dir(final, overwrite=True))), others=False)
+        tmp = Path(rt.all_gather_object(tmp)[0])  # rank 0's folder: the run folder is shared
+        weights = None
+        if sharded:  # the optimizer lives in the shards
+            weights = strategy.checkpoint_weights(model)  # collective
+            strategy.save_shards(tmp / strategy.shard_dir)  # collective
 
-    def write() -> None:  # rank 0; a failure (disk full) stops every rank with the same line
-        check_disk(root, model)
-        with _space_errors(final), atomic_dir(final, overwrite=True) as tmp:
+        def write_rest() -> None:  # rank 0; a failure (disk full) stops every rank with the same line
+            if not sharded:
+                save_model(model, str(tmp / "model.safetensors"))  # tied weights once, named in the metadata
+            elif weights is not None:
+                save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             for rank, rng in enumerate(rngs):
                 torch.save(rng, tmp / f"rng-rank{rank}.pt")
-            save_model(model, str(tmp / "model.safetensors"))
-            torch.save(trainer_state, tmp / "trainer.pt")
-            files = sorted(p.name for p in tmp.iterdir())
-            manifest = {"step": step, "world_size": rt.world_size,
-                        "files": {name: _sha256(tmp / name) for name in files}}
-            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            torch.save(rest, tmp / "trainer.pt")
+            _write_manifest(tmp, step, rt.world_size, strategy.name if sharded else None)
 
-    rt.main_first(write, others=False)
+        rt.main_first(write_rest, others=False)
+    rt.barrier()  # rank 0 has renamed it into place
     return final
+
+
+def _write_manifest(folder: Path, step: int, world_size: int, strategy: str | None) -> None:
+    """MANIFEST.json, the last file of a checkpoint: its step, rank count, the strategy whose shards it holds
+    (none for the whole-model format) and every file's sha256."""
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    manifest = {"step": step, "world_size": world_size, **({"strategy": strategy} if strategy else {}),
+                "files": {name: _sha256(folder / name) for name in files}}
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
 
 
 @contextlib.contextmanager
@@ -130,35 +156,6 @@ def check_disk(root: Path, model: torch.nn.Module) -> None:
                          f"{need / 2**20:,.0f} MiB; the previous checkpoint is intact: free space, then lmlab resume")
 
 
-def _save_sharded(root: Path, step: int, model, optimizer, trainer_state: dict, rt) -> Path:
-    """fsdp / deepspeed (`lmlab.train.strategy`): every rank writes its shards of the model and optimizer
-    into dcp/ (torch.distributed.checkpoint, readable on any number of ranks); rank 0 writes the rest."""
-    from . import strategy
-
-    final = step_dir(root, step)
-    rngs = rt.all_gather_object(rng_state())
-    rest = {k: v for k, v in trainer_state.items() if k != "optimizer"}  # the optimizer lives in dcp/
-    rt.main_first(lambda: check_disk(root, model), others=False)
-    with contextlib.ExitStack() as stack:  # rank 0 holds the temporary folder; any rank's failure ends it
-        stack.enter_context(_space_errors(final))
-        tmp = rt.main_first(lambda: str(stack.enter_context(atomic_dir(final, overwrite=True))), others=False)
-        tmp = Path(rt.all_gather_object(tmp)[0])  # rank 0's folder: the run folder is shared
-        strategy.save_sharded(model, optimizer, tmp / strategy.shard_dir(model), rt)  # dcp/ or zero/ (collective)
-
-        def write_rest() -> None:
-            for rank, rng in enumerate(rngs):
-                torch.save(rng, tmp / f"rng-rank{rank}.pt")
-            torch.save(rest, tmp / "trainer.pt")
-            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-            manifest = {"step": step, "world_size": rt.world_size, "strategy": strategy.checkpoint_hooks(model)[0],
-                        "files": {name: _sha256(tmp / name) for name in files}}
-            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-
-        rt.main_first(write_rest, others=False)
-    rt.barrier()  # rank 0 has renamed it into place
-    return final
-
-
 def verify(path: Path) -> dict:
     """The checkpoint's manifest; LmlabError if a file is missing or its sha256 differs from it."""
     manifest = json.loads((path / MANIFEST).read_text())
@@ -169,36 +166,36 @@ def verify(path: Path) -> dict:
     return manifest
 
 
-def _load_pt(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, ValueError, EOFError) as e:
-        raise LmlabError(f"checkpoint {path.parent}: {path.name} holds something other than tensors and plain "
-                         f"values ({type(e).__name__}); refusing to load it") from None
-
-
-def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0) -> tuple[dict, dict | None]:
-    """Load weights into `model`; return (trainer_state, this rank's RNG state or None)."""
+def load_checkpoint(path: Path, model: torch.nn.Module, rank: int = 0, *,
+                    strategy: Strategy | None = None) -> tuple[dict, dict | None]:
+    """Load the weights into `model` and the optimizer state into the strategy's optimizer (when it holds one);
+    return (trainer_state, this rank's RNG state or None). trainer_state["optimizer"] is the optimizer state as
+    loaded (read from trainer.pt, or from the strategy's shards). Collective for a strategy with shards."""
     manifest = verify(path)
-    from . import strategy
-
-    written_by = manifest.get("strategy", "ddp")
-    if (hooks := strategy.checkpoint_hooks(model)) is not None:
-        shards = path / strategy.shard_dir(model)
+    strategy = strategy if strategy is not None else strategies.of(model)
+    written_by = manifest.get("strategy")  # a strategy with shards; none: the whole model in model.safetensors
+    if strategy.shard_dir is not None:
+        shards = path / strategy.shard_dir
         if not shards.is_dir():
-            raise LmlabError(f"checkpoint {path}: written by train.strategy={written_by}; train.strategy={hooks[0]} "
-                             f"reads {shards.name}/ checkpoints: resume it with train.strategy={written_by}")
-        strategy.load_state_dicts(model, hooks[1], shards)
-        trainer_state = {**_load_pt(path / "trainer.pt"), "optimizer": hooks[1].state_dict()}
+            raise LmlabError(f"checkpoint {path}: written by train.strategy={written_by or 'ddp'}; "
+                             f"train.strategy={strategy.name} reads {shards.name}/ checkpoints: resume it with "
+                             f"train.strategy={written_by or 'ddp'}")
+        strategy.load_shards(shards)  # model and optimizer
+        trainer_state = {**load_pt(path / "trainer.pt"), "optimizer": strategy.optimizer.state_dict()}
     else:
-        if written_by == "deepspeed":  # the optimizer state lives in zero/, one file per rank
-            raise LmlabError(f"checkpoint {path}: written by train.strategy=deepspeed on {manifest.get('world_size')} "
-                             f"rank(s): resume it with train.strategy=deepspeed on as many ranks (its "
-                             f"model.safetensors holds the whole model)")
+        if written_by is not None:  # its optimizer state (and perhaps its weights) are in the writer's shards
+            writer = strategies.STRATEGIES.get(written_by)
+            ranks = "" if writer is not None and writer.reshards else " on as many ranks"
+            whole = " (its model.safetensors holds the whole model)" if "model.safetensors" in manifest["files"] else ""
+            raise LmlabError(f"checkpoint {path}: written by train.strategy={written_by} on "
+                             f"{manifest.get('world_size')} rank(s): resume it with train.strategy={written_by}"
+                             f"{ranks}{whole}")
         load_model(model, str(path / "model.safetensors"), strict=True)
-        trainer_state = _load_pt(path / "trainer.pt")
+        trainer_state = load_pt(path / "trainer.pt")
+        if strategy.optimizer is not None:
+            strategy.optimizer.load_state_dict(trainer_state["optimizer"])
     rng_file = path / f"rng-rank{rank}.pt"
-    rng = _load_pt(rng_file) if rng_file.is_file() else None
+    rng = load_pt(rng_file) if rng_file.is_file() else None
     return trainer_state, rng
 
 

@@ -8,7 +8,7 @@ Seams (where later capabilities plug in, without touching the loop):
     objective   train/objectives.py   the loss of a batch, and the data it needs (pretrain, sft, dpo)
     guard       train/guard.py        apply, skip, roll back or stop each step (non-finite values, spikes)
     sink        monitor/events.py     every record and line the run leaves (metrics.jsonl, TB, train.log)
-    strategy    train/setup.py        how the model is wrapped across ranks (DDP)
+    strategy    train/strategies/     how the model is placed over ranks: one object per run (Parts.strategy)
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import runs
 from ..config import Config
 from ..errors import LmlabError
 from ..eval.perplexity import perplexity, validation_loss
 from ..runtime import Runtime, setup_runtime
 from . import checkpoint as ckpt
-from . import strategy
 from .guard import APPLY, DeviceGuard, Guard, LastGood, Verdict, skips_on_device
 from .objectives import Objective, make_objective
 from .optim import lr_at, warmup_steps
@@ -75,12 +75,12 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=Non
                 return run_dir
         objective = make_objective(cfg)
         parts = build(cfg, rt, objective, saved_tokenizer=Path(run_dir) / "tokenizer" if run_dir else None)
-        latest = latest_valid_checkpoint(Path(run_dir) / "checkpoints", echo) if run_dir else None
+        latest = latest_valid_checkpoint(Path(run_dir) / runs.CHECKPOINTS, echo) if run_dir else None
         manifest = {"parameters": parts.params, "total_steps": parts.plan.total_steps,
                     "tokens_per_step": parts.plan.tokens_per_step, "world_size": rt.world_size,
                     "device": str(rt.device), **parts.data.manifest}
         if run_dir is not None and latest is not None and not force:
-            check_same_run(Path(run_dir), manifest, resharded=cfg.train.strategy == "fsdp")
+            check_same_run(Path(run_dir), manifest, resharded=parts.strategy.reshards)
         with open_run(cfg, rt, run_dir, tokenizer=parts.tokenizer, manifest=manifest, echo=echo,
                       resumed_from=_step_of(latest) if run_dir else None, rewrite_config=rewrite_config) as run:
             state = restore(cfg, rt, parts, latest)
@@ -94,7 +94,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=Non
                     clean = True  # every rank stops at the same step (the guard judges all-reduced values)
                     raise
             if status == "finished":  # finished only once exported: a run without final/ is not
-                whole = strategy.unsharded_model(parts.model, rt)  # collective when the model is sharded
+                whole = parts.strategy.unsharded_model(parts.model)  # collective when the model is sharded
                 if rt.is_main:
                     status = finish(cfg, rt, dataclasses.replace(parts, model=whole), run, state)
                 status = rt.all_gather_object(status)[0]
@@ -116,9 +116,9 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
     t, total = cfg.train, p.plan.total_steps
     guard = Guard.from_config(t)
     # skip on the device where the optimizer can (fused AdamW on CUDA): no host synchronisation per step;
-    # DeepSpeed's engine steps for itself
+    # a strategy that steps its own state (DeepSpeed's engine) decides for itself
     fast = DeviceGuard(guard, rt.device) if guard.policy == "skip" and p.scaler is None and skips_on_device(
-        p.optimizer) and t.strategy != "deepspeed" else None
+        p.optimizer) and not p.strategy.steps_itself else None
     if s.guard is not None:
         (fast or guard).load_state_dict(s.guard)
     elif s.step > 0 and guard.policy != "off":
@@ -126,7 +126,7 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
                      "window starts empty")
     # the state before the last applied update, for a stop or rollback (deepspeed: its partitions are its own)
     last_good = LastGood(p.model, p.optimizer) if guard.policy != "off" and t.guard_keep and \
-        t.strategy != "deepspeed" else None
+        not p.strategy.steps_itself else None
     guards = _Guards(guard, fast, last_good)
     window = _Window()
     p.model.train()
@@ -139,15 +139,16 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
             objective.before_step(p.model, s.step)
             batches = [p.data.train.next() for _ in range(t.grad_accum)]
             r = compute_gradients(p.model, objective, batches, rt, optimizer=p.optimizer, scaler=p.scaler,
-                                  grad_clip=t.grad_clip, wrapped=p.wrapped)
+                                  grad_clip=t.grad_clip, wrapped=p.wrapped, strategy=p.strategy)
             if fast is not None:  # decided on the device; what it did is read back at the next log step
                 bad = fast.check(s.step + 1, r.loss, r.grad_norm)
                 if last_good is not None:
                     last_good.keep(bad, s.step)
-                apply_update(p.optimizer, skip=bad)
+                apply_update(p.optimizer, skip=bad, strategy=p.strategy)
                 verdict, applied = APPLY, bad == 0
             elif p.scaler is not None and bool(torch.isfinite(r.loss)) and not bool(torch.isfinite(r.grad_norm)):
-                discard_update(p.optimizer, p.scaler)  # fp16 loss-scale overflow: the scaler lowers its scale
+                # fp16 loss-scale overflow: the scaler lowers its scale
+                discard_update(p.optimizer, p.scaler, strategy=p.strategy)
                 verdict, applied = APPLY, False
             else:
                 verdict = guard.check(s.step + 1, r.loss, r.grad_norm)
@@ -155,9 +156,9 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
                 if applied:
                     if last_good is not None:
                         last_good.keep(None, s.step)
-                    apply_update(p.optimizer, p.scaler)
+                    apply_update(p.optimizer, p.scaler, strategy=p.strategy)
                 else:
-                    discard_update(p.optimizer, p.scaler)
+                    discard_update(p.optimizer, p.scaler, strategy=p.strategy)
                     s.skipped += 1
                     run.sink.event("guard", s.step + 1, f"guard {verdict.action} at step {s.step + 1}: "
                                    f"{verdict.reason}", action=verdict.action, reason=verdict.reason,
@@ -247,8 +248,6 @@ def _diverged(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState, prote
     command = f"lmlab resume {run.dir} train.lr={cfg.train.lr / 2:g}"
     run.status = "stopped"
     if rt.is_main:
-        from .. import runs
-
         runs.write_manifest(run.dir, stop_reason=f"guard stop {when}: {verdict.reason}", resume_command=command,
                             skipped_steps=s.skipped)
     raise TrainingDiverged(f"{verdict.reason} {when}; the last good weights ({kept}, the newest whose next loss "
@@ -319,18 +318,18 @@ def evaluate(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run,
 
 def _save(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState, protect: tuple[Path, ...],
           guards: _Guards | None = None) -> None:
-    root = run.dir / "checkpoints"
+    root = run.dir / runs.CHECKPOINTS
     if guards is not None:
         s.guard = guards.state_dict()
     state = {"state": asdict(s), "optimizer": p.optimizer.state_dict(),
              "scaler": p.scaler.state_dict() if p.scaler is not None else None,
              "loader": p.data.train.state_dict()}
-    ckpt.save_checkpoint(root, s.step, p.model, state, rt=rt)
+    saved = ckpt.save_checkpoint(root, s.step, p.model, state, rt=rt, strategy=p.strategy)
     if rt.is_main:
         if s.last_val is not None:
             ckpt.record_best(root, s.step, s.last_val)
         ckpt.prune(root, cfg.train.keep_last, protect=protect)
-    run.sink.event("checkpoint", s.step, path=f"checkpoints/step-{s.step:08d}")
+    run.sink.event("checkpoint", s.step, path=saved.relative_to(run.dir).as_posix())
 
 
 def restore(cfg: Config, rt: Runtime, p: Parts, latest: Path | None) -> TrainState:
@@ -339,8 +338,7 @@ def restore(cfg: Config, rt: Runtime, p: Parts, latest: Path | None) -> TrainSta
         torch.manual_seed(cfg.train.seed + rt.rank)  # dropout streams differ per rank, identical per run
         np.random.seed(cfg.train.seed + rt.rank)
         return TrainState()
-    state, rng = ckpt.load_checkpoint(latest, p.model, rank=rt.rank)
-    p.optimizer.load_state_dict(state["optimizer"])
+    state, rng = ckpt.load_checkpoint(latest, p.model, rank=rt.rank, strategy=p.strategy)  # optimizer too
     if p.scaler is not None and state.get("scaler"):
         p.scaler.load_state_dict(state["scaler"])
     p.data.train.load_state_dict(state["loader"])
@@ -362,7 +360,7 @@ def rollback(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState, last_g
                        f"{scale:g}", to_step=to, lr_scale=scale)
         run.sink.say(f"guard     rolled back to the state after step {to} (the last good one); LR now × {scale:g}")
         return False
-    latest = latest_valid_checkpoint(run.dir / "checkpoints", run.sink.say)
+    latest = latest_valid_checkpoint(run.dir / runs.CHECKPOINTS, run.sink.say)
     if latest is None:
         raise TrainingDiverged(f"the guard asked for a rollback at step {s.step + 1} but no checkpoint exists "
                                f"yet; lower train.lr or save earlier (train.save_every)")
@@ -386,8 +384,6 @@ RESUME_KEYS = {"tokenizer_fingerprint": "the tokenizer", "data_fingerprint": "th
 def check_same_run(run_dir: Path, now: dict, resharded: bool = False) -> None:
     """Refuse to continue a run on other data, tokenizer, rank count or global batch: the data position and
     the optimizer state would silently mean something else."""
-    from .. import runs
-
     before = runs.read_manifest(run_dir)
     keys = {k: v for k, v in RESUME_KEYS.items() if not (resharded and k == "world_size")}  # DCP reshards
     changed = [f"{what} ({before[k]} → {now[k]})" for k, what in keys.items()
@@ -422,8 +418,6 @@ def existing_run(cfg: Config, rt: Runtime) -> Path | None:
 
 def _finished(run_dir: Path, rt: Runtime) -> bool:
     """Rank 0's reading, on every rank: run.json says finished and the export is there."""
-    from .. import runs
-
     done = rt.is_main and (run_dir / "run.json").is_file() and (run_dir / "final").is_dir() and \
         runs.read_manifest(run_dir).get("status") == "finished"
     return bool(rt.all_gather_object(done)[0])
@@ -431,7 +425,7 @@ def _finished(run_dir: Path, rt: Runtime) -> bool:
 
 def latest_valid_checkpoint(root: Path, echo=print) -> Path | None:
     """The newest complete checkpoint whose files match their sha256; damaged ones are named and skipped."""
-    for path in reversed(ckpt.list_checkpoints(root)):
+    for path in reversed(runs.list_checkpoints(root)):
         try:
             ckpt.verify(path)
             return path
@@ -441,7 +435,7 @@ def latest_valid_checkpoint(root: Path, echo=print) -> Path | None:
 
 
 def _step_of(path: Path | None) -> int:
-    return int(path.name.split("-")[1]) if path is not None else 0
+    return runs.step_of(path) if path is not None else 0
 
 
 def announce(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState, latest: Path | None) -> None:
@@ -458,7 +452,7 @@ def announce(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState, latest
                        tokens=s.tokens)
     else:
         if run.resuming:
-            run.sink.say(f"no complete checkpoint in {run.dir / 'checkpoints'}; starting from step 0")
+            run.sink.say(f"no complete checkpoint in {run.dir / runs.CHECKPOINTS}; starting from step 0")
         run.sink.event("start", 0, f"start: {p.params:,} params, {p.plan.total_steps:,} steps", params=p.params,
                        total_steps=p.plan.total_steps)
 
@@ -472,8 +466,6 @@ def finish(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState) -> str:
         reason = f"the weights are not finite at step {s.step}"
         run.sink.say(f"samples   none: {reason} (the run diverged); nothing exported")
         run.sink.event("diverged", s.step, f"diverged: {reason}", reason=reason)
-        from .. import runs
-
         runs.write_manifest(run.dir, stop_reason=f"diverged: {reason} (train.guard=off)", skipped_steps=s.skipped)
         return "diverged"
     samples = write_samples(p.model, p.tokenizer, cfg, s.step, run.dir, rt)
@@ -483,8 +475,6 @@ def finish(cfg: Config, rt: Runtime, p: Parts, run: Run, s: TrainState) -> str:
                "val_ppl": perplexity(s.last_val) if s.last_val is not None else None, "unigram_ppl": base,
                "skipped_steps": s.skipped, "final": str(final)}
     run.sink.event("finished", s.step, **{k: v for k, v in summary.items() if k not in ("final", "step")})
-    from .. import runs
-
     runs.write_manifest(run.dir, summary=summary)
     run.sink.say("")
     if s.last_val is not None and base is not None:

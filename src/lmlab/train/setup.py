@@ -15,17 +15,16 @@ from pathlib import Path
 import torch
 
 from ..config import Config
-from ..data.chat import TEMPLATES
 from ..data.corpus import build_corpus  # noqa: F401  (its home is lmlab.data.corpus; kept importable from here)
 from ..errors import ConfigError
 from ..models import registry
+from ..runs.load import build_model  # the run loader builds what the trainer trains
 from ..runtime import Runtime
-from . import strategy
 from .objectives import Objective, ObjectiveData
 from .optim import make_optimizer
+from .strategies import Strategy, make_strategy
 
 DEFAULT_STEPS = 1000
-TEMPLATE_TOKENS = {tok for t in TEMPLATES.values() for tok in t.special}  # what a base may grow by
 
 
 @dataclass
@@ -81,6 +80,7 @@ class Parts:
     scaler: torch.amp.GradScaler | None
     plan: Plan
     params: int
+    strategy: Strategy  # how the model is placed over ranks: it wraps, steps, and reads and writes its shards
 
 
 def build(cfg: Config, rt: Runtime, objective: Objective, saved_tokenizer: Path | None = None) -> Parts:
@@ -105,14 +105,15 @@ def build(cfg: Config, rt: Runtime, objective: Objective, saved_tokenizer: Path 
     params = registry.count_parameters(model)
     model.to(rt.device)
     t = cfg.train
-    model = strategy.prepare(model, cfg, rt)  # compile; fsdp shards before the optimizer sees the parameters
+    strategy = make_strategy(cfg, rt)
+    model = strategy.prepare(model)  # compile; fsdp shards before the optimizer sees the parameters
     optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps, rt.device, kind=t.optimizer,
                                momentum=t.momentum)
-    strategy.attach(model, optimizer, cfg)
-    wrapped = strategy.wrap(model, cfg, rt, optimizer)
+    strategy.attach(optimizer)
+    wrapped = strategy.wrap(model, optimizer)
     objective.setup(model, wrapped, rt)
     return Parts(tokenizer, data, model, wrapped, optimizer, rt.grad_scaler(), make_plan(cfg, params, rt.world_size),
-                 params)
+                 params, strategy)
 
 
 def enable_activation_checkpointing(model, name: str) -> None:
@@ -130,52 +131,3 @@ def build_tokenizer(cfg: Config, rt: Runtime, saved: Path | None = None):
     if saved is not None and saved.is_dir():
         return load_tokenizer(str(saved))
     return rt.main_first(lambda: load_tokenizer(cfg.data.tokenizer, cfg.data.vocab_size))  # rank 0 trains/caches
-
-
-def build_model(cfg: Config, tokenizer) -> torch.nn.Module:
-    """A fresh lmlab model sized to the tokenizer, or a pretrained HF model (folder or hub id)."""
-    kind = registry.describe_kind(cfg.model.name)
-    vocab = len(tokenizer)
-    if kind == "named":
-        mcfg = registry.build_config(cfg.model.name, vocab_size=vocab, overrides=cfg.model.overrides)
-        for attr, tok_attr in (("eos_token_id", "eos_token_id"), ("bos_token_id", "bos_token_id")):
-            if hasattr(mcfg, attr) and getattr(tokenizer, tok_attr, None) is not None:
-                setattr(mcfg, attr, getattr(tokenizer, tok_attr))
-        torch.manual_seed(cfg.train.seed)
-        return registry.build_model(mcfg)
-    from ..models.hf import load_model
-
-    name = cfg.model.name
-    if kind == "local":  # fine-tuning: a run folder stands for its trained model (lmlab.train.adapters)
-        from .adapters import resolve_base
-
-        name = resolve_base(name)
-    from .adapters import quiet_loading
-
-    with quiet_loading():
-        model = load_model(name, trust_remote_code=cfg.model.trust_remote_code)
-    n_emb = model.get_input_embeddings().weight.shape[0]
-    if vocab > n_emb:
-        extra = set(tokenizer.convert_ids_to_tokens(list(range(n_emb, vocab))))
-        if not extra <= TEMPLATE_TOKENS:
-            raise ConfigError(f"data.tokenizer: {vocab} tokens but {cfg.model.name} has only {n_emb} embeddings; "
-                              f"use the model's own tokenizer (data.tokenizer={cfg.model.name})")
-        grow_embeddings(model, vocab)  # a chat template's special tokens (lmlab.data.examples.chat_format)
-    return model
-
-
-def grow_embeddings(model: torch.nn.Module, n: int) -> None:
-    """Resize the input embeddings (and an untied output head) to `n` rows; every new row is the mean of the
-    existing rows, so a new token starts as an average one and the same base always grows the same way."""
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    untied = out is not None and out.weight is not inp.weight
-    old = inp.weight.shape[0]
-    with torch.no_grad():
-        means = [inp.weight.mean(0)] + ([out.weight.mean(0)] if untied else [])
-    model.resize_token_embeddings(n, mean_resizing=False)
-    layers = [model.get_input_embeddings()] + ([model.get_output_embeddings()] if untied else [])
-    with torch.no_grad():
-        for layer, mean in zip(layers, means):
-            layer.weight[old:] = mean
-            if getattr(layer, "bias", None) is not None and layer.bias.shape[0] == n:
-                layer.bias[old:] = layer.bias[:old].mean()

@@ -101,7 +101,7 @@ def train_stages(path: str | Path, overrides: list[str] = (), *, echo=print, pre
     if first.run.name:
         name = first.run.name
     elif Path(first.model.name).is_dir():  # named after the run it continues, not after "final"
-        from .adapters import base_label
+        from ..runs import base_label
 
         name = f"{base_label(first.model.name)}-stages-{time.strftime('%Y%m%d-%H%M%S')}"
     else:
@@ -129,7 +129,7 @@ def resume_stages(run_dir: str | Path, *, echo=print, preflight=None) -> Path:
 
 
 def _run(run_dir: Path, stages: list[tuple[str, Config]], echo, preflight=None) -> Path:
-    from .adapters import resolve_base
+    from ..runs.load import resolve_base
     from .loop import train
 
     summary = _read_summary(run_dir)

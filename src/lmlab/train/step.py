@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from ..runtime import Runtime
-from . import strategy
+from . import strategies
 from .objectives import Batch, Objective
+from .strategies.base import Strategy
 
 
 @dataclass
@@ -29,14 +30,16 @@ class StepResult:
 
 def compute_gradients(model, objective: Objective, batches: list[Batch], rt: Runtime, *,
                       optimizer=None, scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0,
-                      wrapped=None) -> StepResult:
+                      wrapped=None, strategy: Strategy | None = None) -> StepResult:
     """Forward and backward over `batches` (this rank's micro-batches), then unscale and clip.
 
     `wrapped` is the model as a parallel strategy wraps it (DDP, a DeepSpeed engine): it runs forward/backward,
     while `model` owns the parameters. Gradients are left in `.grad` (DeepSpeed: in its ZeRO buffers) for the
-    update; `lmlab.train.strategy`'s step hooks do what differs between strategies.
+    update; the strategy's step hooks (`lmlab.train.strategies`) do what differs between strategies. `strategy`:
+    the one that placed `model` (by default the one that prepared it).
     """
     wrapped = wrapped if wrapped is not None else model
+    strategy = strategy if strategy is not None else strategies.of(model)
     batches = [{k: v.to(rt.device, non_blocking=True) for k, v in b.items()} for b in batches]
     count = rt.all_reduce_sum(torch.stack([objective.count(b) for b in batches]).sum().to(torch.float32))
     # DDP averages gradients over ranks; the sum over ranks / global count needs world_size × that mean
@@ -45,7 +48,7 @@ def compute_gradients(model, objective: Objective, batches: list[Batch], rt: Run
     metric_sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        with strategy.no_sync(wrapped, rt, last):
+        with strategy.no_sync(wrapped, last):
             with rt.autocast():
                 loss, metrics = objective.loss(wrapped, batch)
             scaled = loss * scale
@@ -55,35 +58,22 @@ def compute_gradients(model, objective: Objective, batches: list[Batch], rt: Run
             metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
     if scaler is not None:
         scaler.unscale_(optimizer)  # fp16: clip the true gradients
-    grad_norm = strategy.clip_grad_norm(model, wrapped, grad_clip)  # deepspeed: its norm; it clips in its step
+    grad_norm = strategy.clip(model, wrapped, grad_clip)  # deepspeed: its norm; it clips in its step
     total = rt.all_reduce_sum(torch.stack([loss_sum, *metric_sums.values()])) / count.clamp(min=1)
     return StepResult(loss=total[0], count=count, grad_norm=grad_norm.detach(),
                       metrics=dict(zip(metric_sums, total[1:], strict=True)))
 
 
-def apply_update(optimizer, scaler: torch.amp.GradScaler | None = None, skip: torch.Tensor | None = None) -> None:
+def apply_update(optimizer, scaler: torch.amp.GradScaler | None = None, skip: torch.Tensor | None = None, *,
+                 strategy: Strategy | None = None) -> None:
     """The update. `skip`, a device flag from `guard.DeviceGuard` (1.0: do not apply), is obeyed by the fused
-    optimizer step itself (`found_inf`), so deciding needs no host synchronisation."""
-    if strategy.optimizer_step(optimizer):  # deepspeed: the engine steps (and clips) its partitions
-        return
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    elif skip is not None:
-        optimizer.found_inf, optimizer.grad_scale = skip, None  # read by torch's fused Adam/AdamW step
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf, optimizer.grad_scale
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer step itself (`found_inf`), so deciding needs no host synchronisation. DeepSpeed: the engine
+    clips, steps its partitions and all-gathers the weights."""
+    (strategy if strategy is not None else strategies.of(optimizer)).step(optimizer, scaler, skip)
 
 
-def discard_update(optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Skip this step: parameters and optimizer state stay exactly as they were."""
-    if strategy.discard_gradients(optimizer):  # deepspeed: the gradients in its buffers are dropped too
-        return
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.update()  # an fp16 overflow still lowers the scale, as scaler.step would have
+def discard_update(optimizer, scaler: torch.amp.GradScaler | None = None, *,
+                   strategy: Strategy | None = None) -> None:
+    """Skip this step: parameters and optimizer state stay exactly as they were (DeepSpeed: the gradients in its
+    buffers are dropped too)."""
+    (strategy if strategy is not None else strategies.of(optimizer)).discard(optimizer, scaler)

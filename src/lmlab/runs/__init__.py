@@ -1,7 +1,14 @@
-"""A run is a folder. This module creates it and keeps its manifest, run.json, up to date.
+"""A run is a folder. This package is its one owner: it creates the folder, keeps its manifest (run.json) up to
+date, says what a run folder is, lists its checkpoints and finds runs; `lmlab.runs.load` turns one into a model.
 
-    runs/<name>/config.yaml  run.json  metrics.jsonl  train.log  tb/  samples.jsonl
-                checkpoints/step-XXXXXXXX/  final/
+    runs/<name>/config.yaml  run.json  metrics.jsonl  train.log  tb/  samples.jsonl  tokenizer/
+                checkpoints/step-XXXXXXXX/  final/  (merged/, exports/step-XXXXXXXX/: models made from it)
+
+    is_run(path)               the one rule for "this folder is a run"
+    run_of(path)               the run a folder is, or lies in (final/, merged/, exports/step-N/)
+    find_runs([path, ...])     run folders named, or found below study folders and runs/
+    list_checkpoints(root)     the complete checkpoints under <run>/checkpoints, oldest first (checkpoints(run):
+                               the same with their step and completion time)
 
 A multi-stage run (lmlab.train.stages) is a folder of such runs, `runs/<name>/stages/<i>-<stage>/`;
 `resolve_stage` turns it into its last finished stage, the run that `chat`, `eval`, `compare` and
@@ -16,11 +23,13 @@ import platform
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import LmlabError
-from .fsutil import atomic_write_text
+from ..errors import LmlabError
+from ..fsutil import atomic_write_text
 
 
 def _git_hash() -> str | None:
@@ -36,7 +45,7 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"lmlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
@@ -85,6 +94,63 @@ def read_manifest(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+# ------------------------------------------------------------------------------------------- what a run is
+def is_run(path: str | Path) -> bool:
+    """Whether `path` is a run folder: a folder holding config.yaml or run.json (the trainer writes both when a
+    run starts, config.yaml first) and no config.json (an exported model folder is not a run, even one that
+    carries a copy of the run's files)."""
+    p = Path(path)
+    return p.is_dir() and not (p / "config.json").is_file() and ((p / "config.yaml").is_file()
+                                                                  or (p / "run.json").is_file())
+
+
+def run_of(path: str | Path) -> Path | None:
+    """The run folder `path` is, or the one it lies in (`<run>/final`, `<run>/merged`, `<run>/exports/step-N`,
+    any folder one or two levels below a run); None for anything else (a model folder of its own, a hub id)."""
+    p = Path(path).resolve()
+    for cand in (p, p.parent, p.parent.parent):
+        if is_run(cand):
+            return cand
+    return None
+
+
+def base_label(path: str | Path) -> str:
+    """What a base folder is called in a new run's name: its run's name (also for the run's final/, merged/ and
+    exports/step-N/ folders); any other folder's own name."""
+    run = run_of(path)
+    return run.name if run is not None else Path(path).resolve().name
+
+
+def find_runs(paths: Iterable[str | Path], depth: int = 2) -> list[Path]:
+    """Run folders named directly, or found up to `depth` levels below the given folders (a study, runs/, a
+    multi-stage run), each once, in a stable order; a run's own subfolders are not searched. LmlabError for a
+    path that does not exist."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise LmlabError(f"{p}: no such folder")
+        if is_run(p):
+            found.append(p)
+            continue
+        level = [p]
+        for _ in range(depth):
+            below = []
+            for d in level:
+                try:
+                    children = sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
+                except OSError:
+                    continue
+                for c in children:
+                    (found if is_run(c) else below).append(c)
+            level = below
+    seen, out = set(), []
+    for f in found:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            out.append(f)
+    return out
+
+
 CHECKPOINTS = "checkpoints"  # <run>/checkpoints/step-XXXXXXXX/
 MANIFEST = "MANIFEST.json"  # written last into a checkpoint folder: a folder without it is an interrupted save
 
@@ -116,6 +182,31 @@ def list_checkpoints(root: Path) -> list[Path]:
 def latest_checkpoint(root: Path) -> Path | None:
     ckpts = list_checkpoints(root)
     return ckpts[-1] if ckpts else None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint of a run: its folder, its step, and when it was completed (its manifest's mtime)."""
+
+    path: Path
+    step: int
+    mtime: float
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def checkpoints(run_dir: str | Path) -> list[Checkpoint]:
+    """list_checkpoints of a run folder, each with its step and completion time, oldest first (one deleted while
+    being read is left out)."""
+    out = []
+    for p in list_checkpoints(Path(run_dir) / CHECKPOINTS):
+        try:
+            out.append(Checkpoint(p, step_of(p), (p / MANIFEST).stat().st_mtime))
+        except OSError:
+            continue
+    return out
 
 
 STAGES_SPEC, STAGES_DIR = "stages.yaml", "stages"  # the multi-stage layout (lmlab.train.stages)
