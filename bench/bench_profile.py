@@ -37,7 +37,7 @@ from lmlab.train.optim import make_optimizer_from
 # aten op name → the step's part it belongs to (first match wins); the rest is "other"
 PARTS = [
     ("optimizer", ("_foreach_", "_fused_adam", "adamw", "clip_grad", "norm_except")),
-    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "_log_softmax", "lmlab::linear_ce")),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "_log_softmax", "_LinearCrossEntropySum", "_LinearTokenLogps", "logsumexp")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_mkl", "mkldnn")),
     ("scan", ("selective_scan", "_CppScan", "_ScanFunction")),
     ("swelu", ("swelu", "_SWELU")),
@@ -89,24 +89,32 @@ def linear_params(model: nn.Module) -> int:
 
 
 class Step:
-    """One optimizer step of next-token training: forward, loss, backward, clipping, AdamW — what the trainer's
-    step does for one micro-batch on one process."""
+    """One optimizer step of next-token training: forward, loss (the pretraining objective's, chunked or plain as
+    `chunked_loss` says), backward, clipping, AdamW — what the trainer's step does for one micro-batch on one
+    process."""
 
-    def __init__(self, model, batch: int, seq: int, precision: str, seed: int = 0):
+    def __init__(self, model, batch: int, seq: int, precision: str, chunked_loss: str = "auto", seed: int = 0):
+        from lmlab.train.objectives import Pretrain
+
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1), generator=g)
-        self.model, self.x, self.y = model, ids[:, :-1], ids[:, 1:]
+        self.model, self.batch = model, {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
         self.opt = make_optimizer_from(model, TrainConfig(), torch.device("cpu"))  # the trainer's AdamW
         self.precision = precision
+        self.objective = Pretrain(None)
+        try:
+            from lmlab.train.losses import LossChunking
+
+            self.objective.chunking = LossChunking(chunked_loss)
+        except ImportError:  # an lmlab from before the chunked loss
+            pass
 
     def __call__(self) -> float:
-        from lmlab.train.objectives import token_loss_sum
-
         ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16"
                else torch.autocast("cpu", enabled=False))
         with ctx:
-            logits = self.model(self.x).logits
-            loss = token_loss_sum(logits, self.y) / self.y.numel()
+            loss, _ = self.objective.loss(self.model, self.batch)
+            loss = loss / self.batch["targets"].numel()
         loss.backward()
         with torch.profiler.record_function("clip_grad_norm"):
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -139,6 +147,8 @@ def main() -> None:
                     help="fp32 and bf16, each with the fused CPU kernels and with the torch reference paths, "
                          "their steps interleaved (no profile table)")
     ap.add_argument("--reference", action="store_true", help="the torch reference paths instead of the fused ones")
+    ap.add_argument("--chunked-loss", choices=("auto", "on", "off"), default="auto",
+                    help="train.chunked_loss for the step (auto: the trainer's default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -148,7 +158,7 @@ def main() -> None:
     for precision, _ in variants:
         torch.manual_seed(0)
         model = build_model(build_config(args.model)).train()
-        steps.append(Step(model, args.batch, args.seq, precision))
+        steps.append(Step(model, args.batch, args.seq, precision, args.chunked_loss))
     times = [[] for _ in variants]
     for rep in range(args.reps + 2):  # interleaved, so a busy moment slows every variant alike
         for i, (_, fused) in enumerate(variants):

@@ -116,23 +116,31 @@ def test_lora_trainable_count_is_peft_count(tmp_path):
     assert e.memory["optimizer"] == 8 * trainable
 
 
-@pytest.mark.parametrize("name,seq,batch,ckpt", [
-    ("mamba-swelu-tiny", 256, 8, False),  # the activation ledger of a MambaSWELU block (fused CPU scan)
-    ("llama-tiny", 512, 4, False),  # the ledger of a Llama layer
-    ("inl-tiny", 256, 8, False),  # traced on the meta device
-    ("mamba-swelu-tiny", 512, 16, True),  # activation checkpointing, one checkpoint per layer
+@pytest.mark.parametrize("name,seq,batch,ckpt,loss", [
+    ("mamba-swelu-tiny", 256, 8, False, "off"),  # the activation ledger of a MambaSWELU block (fused CPU scan)
+    ("llama-tiny", 512, 4, False, "off"),  # the ledger of a Llama layer
+    ("inl-tiny", 256, 8, False, "off"),  # traced on the meta device
+    ("mamba-swelu-tiny", 512, 16, True, "off"),  # activation checkpointing, one checkpoint per layer
+    ("mamba-swelu-tiny", 256, 8, False, "on:16"),  # the chunked loss, 1,024 tokens per chunk of 4,096 logits
+    ("llama-tiny", 512, 4, False, "on:4"),
+    ("mamba-swelu-tiny", 512, 16, True, "auto:16"),  # auto, with checkpointing: 8,192 tokens > 1,024 per chunk
 ])
 @pytest.mark.slow
-def test_memory_model_matches_measured_cpu_peak(name, seq, batch, ckpt):
-    """The planner's total for a CPU against the peak resident memory of a real training step."""
+def test_memory_model_matches_measured_cpu_peak(name, seq, batch, ckpt, loss):
+    """The planner's total for a CPU against the peak resident memory of a real training step, with the loss
+    plain and chunked."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pytest.skip("needs Linux /proc/self/clear_refs to measure the peak")
-    measured = measure_training_peak(name, seq_len=seq, micro_batch=batch, threads=2, checkpointing=ckpt)
+    mode, _, mb = loss.partition(":")
+    chunking = dict(chunked_loss=mode, loss_chunk_mb=float(mb or 256))
+    measured = measure_training_peak(name, seq_len=seq, micro_batch=batch, threads=2, checkpointing=ckpt,
+                                     **chunking)
     est = estimate(name, seq_len=seq, micro_batch=batch, precision="fp32", hardware=cpu_hardware(),
-                   checkpointing=ckpt)
+                   checkpointing=ckpt, **chunking)
+    assert (est.loss_chunk is None) == (mode == "off")
     assert measured["params"] == est.params_total
     ratio = est.memory["total"] / measured["peak_bytes"]
     assert 0.85 <= ratio <= 1.15, f"{name}: estimate {est.memory['total']:,} vs measured {measured['peak_bytes']:,}"
@@ -322,3 +330,46 @@ def test_cli_estimate_says_the_vocabulary_and_plans_pretraining_fixes(capsys):
     assert main(["estimate", "--model", "mamba-swelu-124m", "--tokenizer", "stdlib-bpe", "--vocab-size", "8192",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["vocab_size"] == 8192
+
+
+def test_the_loss_term_follows_the_chunked_loss():
+    """Plain: b·s·V·12 bytes. Chunked (train.chunked_loss on, or auto once a micro batch's fp32 logits exceed
+    train.loss_chunk_mb): one chunk's logits turned into their softmax, c·V·(4, + 2 in 16-bit), and the head
+    weight's fp32 gradient, V·d·4."""
+    from lmlab.config import load_config
+    from lmlab.plan.estimate import estimate_for_run
+    from lmlab.runtime import setup_runtime
+
+    kw = dict(seq_len=1024, hardware="h100", precision="bf16", vocab_size=50257, overrides={"max_seq_len": 1024})
+    V, arch = 50257, analyse("mamba-swelu-tiny", 50257, {"max_seq_len": 1024})
+    d = arch.d_model
+    plain = estimate("mamba-swelu-tiny", micro_batch=8, chunked_loss="off", **kw)
+    assert plain.loss_chunk is None and plain.activation_items["logits and loss"] == 8 * 1024 * V * 12
+    chunk = 256 * 2 ** 20 // (4 * V)  # 1,335 tokens
+    for mode in ("on", "auto"):
+        e = estimate("mamba-swelu-tiny", micro_batch=8, chunked_loss=mode, **kw)
+        assert e.loss_chunk == chunk
+        assert e.activation_items[f"loss, chunked ({chunk:,} tokens at a time)"] == chunk * V * 6 + V * d * 4  # bf16
+        saved = 8 * 1024 * V * 12 - (chunk * V * 6 + V * d * 4)
+        assert plain.memory["activations"] - e.memory["activations"] == saved
+        assert plain.memory["total"] - e.memory["total"] == saved
+    small = estimate("mamba-swelu-tiny", micro_batch=1, chunked_loss="auto", **kw)  # 1,024 tokens: one chunk
+    assert small.loss_chunk is None and "logits and loss" in small.activation_items
+    assert estimate("mamba-swelu-tiny", micro_batch=1, chunked_loss="on", **kw).loss_chunk == chunk
+    assert estimate("mamba-swelu-tiny", micro_batch=8, chunked_loss="auto", loss_chunk_mb=4096, **kw).loss_chunk \
+        is None  # 8,192 tokens × V × 4 B < 4 GiB
+    dpo = estimate("mamba-swelu-tiny", micro_batch=1, objective="dpo", **kw)  # chosen + rejected: 2,048 tokens
+    assert dpo.loss_chunk == chunk
+    head = estimate("llama-tiny", seq_len=512, micro_batch=16, method="lora", lora_targets=["q_proj", "lm_head"],
+                    chunked_loss="on", hardware="h100")
+    assert head.loss_chunk is None  # an adapted head: the plain path
+    with pytest.raises(ConfigError, match="train.chunked_loss"):
+        estimate("llama-tiny", chunked_loss="maybe")
+    rt = setup_runtime("cpu", "fp32", threads=2)
+    over = ["model.name=mamba-swelu-tiny", "data.seq_len=512", "train.batch_size=16", "train.max_steps=4"]
+    assert estimate_for_run(load_config(None, over), rt).loss_chunk is None  # 8,192 tokens: 128 MiB of logits
+    big = estimate_for_run(load_config(None, [*over, "train.batch_size=64"]), rt)
+    assert big.loss_chunk == 256 * 2 ** 20 // (4 * 4096)
+    assert estimate_for_run(load_config(None, [*over, "train.batch_size=64", "train.chunked_loss=off"]),
+                            rt).loss_chunk is None
+    assert estimate_for_run(load_config(None, [*over, "train.loss_chunk_mb=8"]), rt).loss_chunk == 512

@@ -38,6 +38,21 @@ def root(tmp_path_factory):
 CALLS: list = []
 
 
+def _record_wrap(monkeypatch, calls: list) -> None:
+    """Append "wrap" to `calls` whenever the trainer's strategy wraps the model."""
+    import lmlab.train.setup as setup_mod
+
+    real_make = setup_mod.make_strategy
+
+    def make(*a, **k):
+        strategy = real_make(*a, **k)
+        real_wrap = strategy.wrap
+        strategy.wrap = lambda *a, **k: (calls.append("wrap"), real_wrap(*a, **k))[1]
+        return strategy
+
+    monkeypatch.setattr(setup_mod, "make_strategy", make)
+
+
 class Recording(SFT):
     """SFT that records the trainer's calls into it."""
 
@@ -72,12 +87,10 @@ def _cfg(root, out, objective="sft", extra=()):
 
 
 def test_setup_once_after_wrapping_and_before_step_once_per_step(root, tmp_path, monkeypatch):
-    import lmlab.train.setup as setup_mod
     from lmlab.train.loop import train
 
     register_objective(Recording)
-    real_wrap, real_restore = setup_mod.strategy.wrap, None
-    monkeypatch.setattr(setup_mod.strategy, "wrap", lambda *a, **k: (CALLS.append("wrap"), real_wrap(*a, **k))[1])
+    _record_wrap(monkeypatch, CALLS)
     import lmlab.train.loop as loop_mod
 
     real_restore = loop_mod.restore
@@ -126,8 +139,7 @@ def test_dpo_reference_is_built_in_setup_after_wrapping(root, tmp_path, monkeypa
     cfg = _cfg(root, tmp_path, "dpo", ["data.seq_len=32", "train.max_steps=2",
                                        f"data.source={root / 'pairs.jsonl'}"])
     order = []
-    real_wrap = setup_mod.strategy.wrap
-    monkeypatch.setattr(setup_mod.strategy, "wrap", lambda *a, **k: (order.append("wrap"), real_wrap(*a, **k))[1])
+    _record_wrap(monkeypatch, order)
     obj = DPO(cfg)
     real_setup = obj.setup
     obj.setup = lambda *a: (order.append("setup"), real_setup(*a))[1]
@@ -151,8 +163,8 @@ def test_frozen_copy_of_an_fsdp_sharded_policy(name, monkeypatch):
 
     from lmlab.models import build_config, build_model
     from lmlab.runtime import setup_runtime
-    from lmlab.train import strategy
     from lmlab.train.dpo import frozen_copy
+    from lmlab.train.strategies.fsdp import shard
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,7 +177,7 @@ def test_frozen_copy_of_an_fsdp_sharded_policy(name, monkeypatch):
         torch.manual_seed(0)
         over = dict(d_model=32, n_layers=2, dense_hidden=32) if name.startswith("mamba") else {}
         model = build_model(build_config(name, vocab_size=64, overrides=over))
-        strategy.shard(model, rt)
+        shard(model, rt)
         with pytest.raises(AssertionError, match="deepcopy"):
             import copy
 
@@ -186,3 +198,30 @@ def test_frozen_copy_of_an_fsdp_sharded_policy(name, monkeypatch):
             torch.testing.assert_close(ref(x).logits, before, rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective,extra", [("sft", []), ("dpo", ["data.seq_len=32"])])
+def test_a_run_with_the_chunked_loss_trains_as_the_plain_one(root, tmp_path, objective, extra, monkeypatch):
+    """The trainer end to end (micro-batches, accumulation, validation, export): train.chunked_loss=on (chunks
+    of 16 tokens) and off give the same losses and the same final weights to fp32 rounding."""
+    from safetensors.torch import load_file
+
+    from lmlab.train.loop import train
+    from lmlab.train.losses import LossChunking
+
+    monkeypatch.setattr(LossChunking, "chunk_tokens", lambda self, vocab: 16)  # several chunks per micro-batch
+    if objective == "dpo":
+        extra = [*extra, f"data.source={root / 'pairs.jsonl'}", "finetune.method=full"]
+    out = {}
+    for mode in ("off", "on"):
+        cfg = _cfg(root, tmp_path, objective, ["train.max_steps=3", "train.eval_every=3", f"train.chunked_loss={mode}",
+                                               *extra, f"run.name=loss-{mode}"])
+        run = train(cfg, echo=lambda *a: None)
+        events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        losses = [e[k] for e in events for k in ("loss", "val_loss") if k in e and e["kind"] in ("train", "eval")]
+        out[mode] = losses, load_file(str(run / "final" / "model.safetensors"))
+    assert len(out["on"][0]) == 4  # three steps and one validation
+    assert out["on"][0] == pytest.approx(out["off"][0], rel=1e-5)
+    for k, w in out["off"][1].items():
+        torch.testing.assert_close(out["on"][1][k], w, rtol=1e-4, atol=1e-5)

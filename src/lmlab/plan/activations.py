@@ -267,12 +267,30 @@ def _traced_layer_and_tail(arch: Arch, seq_len: int, regime: Regime) -> tuple[fl
     return _per_layer(arch, ("saved", seq_len, regime), net)
 
 
+def loss_bytes(tokens: int, vocab: int, d_model: int, chunk: int | None, regime: Regime) -> tuple[int, str]:
+    """(bytes, item name) of the LM head's loss beyond the head's saved input, at its peak.
+
+    Plain path (`chunk` None): b·s·V·12: the fp32 log-softmax and the two fp32 gradients alive when the loss's
+    backward runs (the objective drops the logits themselves, lmlab.train.step). Chunked path
+    (lmlab.train.losses, `chunk` tokens at a time): one chunk's fp32 logits, turned into their softmax in
+    place, chunk·V·4 (+ chunk·V·2 for the 16-bit matmul's output and the gradient's cast), plus the head
+    weight's fp32 gradient, V·d·4, computed in the forward and kept until the backward (its gradient for the
+    hidden states takes the place of the head's saved input)."""
+    if chunk is None:
+        return tokens * vocab * 12, "logits and loss"
+    chunk = min(chunk, tokens)
+    per = 4 if regime.dtype == "fp32" else 6
+    return chunk * vocab * per + vocab * d_model * 4, f"loss, chunked ({chunk:,} tokens at a time)"
+
+
 def activation_bytes(arch: Arch, seq_len: int, micro_batch: int, regime: Regime, scan: str = "auto",
-                     device: str = "cuda") -> tuple[int, int, dict[str, int], str]:
-    """(without checkpointing, with per-layer checkpointing, items, description), bytes per micro batch."""
+                     device: str = "cuda", loss_chunk: int | None = None) -> tuple[int, int, dict[str, int], str]:
+    """(without checkpointing, with per-layer checkpointing, items, description), bytes per micro batch.
+    `loss_chunk`: tokens per chunk when the loss runs chunk by chunk (lmlab.train.losses), None for the plain
+    path (`loss_bytes`)."""
     b, s = micro_batch, seq_len
     tokens = b * s
-    logits = tokens * arch.vocab * 12  # the loss's fp32 tensors; the logits are not held (lmlab.train.step)
+    logits, loss_item = loss_bytes(tokens, arch.vocab, arch.d_model, loss_chunk, regime)
     resid = 2 if regime.dtype == "half" else 4
     led = ledger(arch, s, scan, device)
     items: dict[str, int] = {}
@@ -294,7 +312,7 @@ def activation_bytes(arch: Arch, seq_len: int, micro_batch: int, regime: Regime,
         desc = f"traced on the meta device ({arch.model_type}; 16-bit taken as half of fp32)" \
             if regime.dtype != "fp32" else f"traced on the meta device ({arch.model_type})"
         items = {"layer (traced)": int(layer_bytes), "outside the layers (traced)": int(tail_bytes)}
-    items["logits and loss"] = int(logits)
+    items[loss_item] = int(logits)
     full = arch.n_layers * layer_bytes + tail_bytes + logits
     # checkpointed: every layer's input stays; the tail and the loss are done with (their backward has
     # run) before the first layer is recomputed, so the peak is the larger of the two phases

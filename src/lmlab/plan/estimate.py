@@ -27,7 +27,9 @@ Memory per GPU (bytes; N parameters, T trainable, b micro batch, s sequence, V v
                    ledger of saved tensors (lmlab.plan.activations), plus the loss:
                    b·s·V·12 bytes (the fp32 log-softmax output and the two fp32 gradients alive when the
                    loss's backward runs; the trainer's objective drops the logits themselves before the
-                   backward, lmlab.train.step). Other architectures are
+                   backward, lmlab.train.step), or with the chunked loss (train.chunked_loss, on by default
+                   when a micro batch's fp32 logits exceed train.loss_chunk_mb; lmlab.train.losses)
+                   c·V·p' + V·d·4 for c tokens per chunk (p' 4 in fp32, 6 in 16-bit). Other architectures are
                    traced: a forward on the meta device records the bytes autograd saves.
     overhead       CUDA context, cuBLAS workspace (+ NCCL buffers with several GPUs)
 FLOPs per token: forward F = 2·N_mm + 4·L_attn·d·s (N_mm the parameters that take part in matmuls;
@@ -131,6 +133,7 @@ class Estimate:
     tokenizer: str = ""  # where that vocabulary comes from
     optimizer: str = "adamw"
     objective: str = "pretrain"
+    loss_chunk: int | None = None  # tokens per chunk of the chunked loss; None: the plain full-logits path
     suggestions: list[str] = field(default_factory=list)  # what would make it fit
     notes: list[str] = field(default_factory=list)
 
@@ -180,7 +183,8 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
              pue: float = 1.0, vocab_size: int | None = None, overrides: dict[str, Any] | None = None,
              trust_remote_code: bool = False, arch: Arch | None = None, suggest: bool = True,
              suggest_methods: bool = True, strategy: str = "ddp", optimizer: str = "adamw", momentum: float = 0.9,
-             objective: str = "pretrain", tokenizer: str | None = None, guard_copy: bool = False) -> Estimate:
+             objective: str = "pretrain", tokenizer: str | None = None, guard_copy: bool = False,
+             chunked_loss: str = "auto", loss_chunk_mb: float = 256) -> Estimate:
     """Plan a training run. `model`: a named size, a run config (.yaml), an HF config.json, a model folder,
     a hub id or a PretrainedConfig. A run config supplies seq_len, batch, accumulation, precision and the
     token budget unless given here. `params` replaces the parameter count (to plan a custom size);
@@ -193,7 +197,8 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
     parameter; sgd: one with `momentum`, none without), `objective` (OBJECTIVES: the sequences per example
     and, for full fine-tuning, a frozen reference copy of the weights; with adapters the reference is the
     base with its adapters off, no copy), `strategy` (STRATEGIES), `guard_copy` (the step guard's last good
-    state: one more copy of the trainable weights and the optimizer state, as this rank holds them).
+    state: one more copy of the trainable weights and the optimizer state, as this rank holds them),
+    `chunked_loss` and `loss_chunk_mb` (train.*: whether the loss runs chunk by chunk, `loss_chunk`).
     `tokenizer` only labels the vocabulary (`vocab_size`, else the model config's) in the plan."""
     hw = get_hardware(hardware)
     if sum(x is not None for x in (tokens, token_ratio, steps)) > 1:
@@ -244,6 +249,7 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
     trainable = n if method == "full" else int(lora_trainable(arch, lora_rank, targets) * scale)
     regime = Regime(dtype, method != "full", tuple(targets), lora_rank if method != "full" else 0)
     per_example, has_reference = OBJECTIVES.get(objective, (1, False))
+    chunk = loss_chunk(chunked_loss, loss_chunk_mb, arch.vocab, micro_batch * per_example * seq_len, targets)
 
     # ---- memory per GPU
     weights, grads, optim = _state_bytes(arch, method, precision, n, trainable, scale,
@@ -253,7 +259,7 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
         grads += 4 * trainable  # DDP's fp32 reduction buckets
         notes.append("data parallel: gradients include DDP's bucket copy (4 bytes per trainable parameter)")
     act_full, act_ckpt, items, act_desc = activation_bytes(arch, seq_len, micro_batch * per_example, regime, scan,
-                                                           "cpu" if hw.name == "cpu" else "cuda")
+                                                           "cpu" if hw.name == "cpu" else "cuda", chunk)
     if per_example > 1:
         notes.append(f"{objective}: {per_example} sequences per example in each micro batch")
     act = act_ckpt if checkpointing else act_full
@@ -324,17 +330,18 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
         cost=gpu_hours * price if gpu_hours is not None else None, tdp_w=hw.tdp_w, pue=pue, energy_kwh=kwh,
         kwh_price=kwh_price, energy_cost=kwh * kwh_price if kwh is not None else None, activation_items=items,
         notes=notes, vocab_size=arch.vocab, tokenizer=tokenizer or "the model config's vocabulary",
-        optimizer=optimizer, objective=objective)
+        optimizer=optimizer, objective=objective, loss_chunk=chunk)
     if not fits and suggest:
         est.suggestions = _suggestions(est, arch, dict(
             seq_len=seq_len, micro_batch=micro_batch, grad_accum=grad_accum, method=method, precision=precision,
             lora_rank=lora_rank, lora_targets=lora_targets, hardware=hw, gpus=gpus, checkpointing=checkpointing,
             scan=scan, mfu=mfu, params=params, kwh_price=kwh_price, pue=pue, strategy=strategy, optimizer=optimizer,
-            momentum=momentum, objective=objective, tokenizer=tokenizer), suggest_methods)
+            momentum=momentum, objective=objective, tokenizer=tokenizer, chunked_loss=chunked_loss,
+            loss_chunk_mb=loss_chunk_mb), suggest_methods)
     return est
 
 
-# ---- strategies: memory per rank (lmlab.train.strategy) ---------------------------------------------------
+# ---- strategies: memory per rank (lmlab.train.strategies) ---------------------------------------------------
 # planner name → (what the trainer is told, shards optimizer state, shards gradients, shards weights);
 # cheapest (least communication) first.
 STRATEGIES = {
@@ -373,6 +380,21 @@ def strategy_of(cfg) -> str:
         return f"zero{t.zero_stage}"
     return "ddp"
 # ---- end of strategies ---------------------------------------------------------------------------------------
+
+
+def loss_chunk(mode: str, chunk_mb: float, vocab: int, tokens: int, lora_targets: list[str]) -> int | None:
+    """Tokens per chunk when the trainer runs a micro batch of `tokens` tokens through the chunked loss
+    (lmlab.train.losses.LossChunking: `on`, or `auto` when the fp32 logits exceed one chunk of `chunk_mb` MiB),
+    None for the plain path; an adapted head (lm_head among the LoRA targets) always takes the plain path."""
+    from ..train.losses import LossChunking
+
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"train.chunked_loss: unknown {mode!r}; allowed: auto, on, off")
+    _positive("train.loss_chunk_mb", chunk_mb)
+    policy = LossChunking(mode, chunk_mb)
+    if "lm_head" in lora_targets or not policy.wanted(tokens, vocab):
+        return None
+    return policy.chunk_tokens(vocab)
 
 
 def optimizer_states(optimizer: str, momentum: float = 0.9) -> int:
@@ -481,7 +503,8 @@ def estimate_for_run(cfg, rt, model: nn.Module | None = None) -> Estimate:
                     checkpointing=t.activation_checkpointing, suggest_methods=False, strategy=strategy_of(cfg),
                     method=method, lora_rank=ft.lora_rank, lora_targets=list(ft.lora_targets) or None,
                     optimizer=t.optimizer, momentum=t.momentum, objective=t.objective, tokenizer=tok,
-                    guard_copy=t.guard != "off" and t.guard_keep and t.strategy != "deepspeed")
+                    guard_copy=t.guard != "off" and t.guard_keep and t.strategy != "deepspeed",
+                    chunked_loss=t.chunked_loss, loss_chunk_mb=t.loss_chunk_mb)
 
 
 def memory_line(cfg, rt, model: nn.Module | None = None) -> str:

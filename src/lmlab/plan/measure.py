@@ -3,7 +3,8 @@
     measure_training_peak("mamba-swelu-small", seq_len=256, micro_batch=8)          # CPU, fresh process
     -> {"device": "cpu", "state_bytes": ..., "peak_bytes": ..., "params": ..., "seconds": ...}
 
-The step is the trainer's: logits, fp32 cross-entropy, backward, AdamW (decay groups as in training),
+The step is the trainer's: logits, fp32 cross-entropy (chunked as train.chunked_loss and train.loss_chunk_mb
+say, lmlab.train.losses), backward, AdamW (decay groups as in training),
 gradients freed with `zero_grad(set_to_none=True)`. A first step allocates the optimizer states; the
 second step is measured.
 
@@ -33,11 +34,12 @@ _MMAP_THRESHOLD = "65536"
 def measure_training_peak(model: str, *, seq_len: int, micro_batch: int, precision: str = "fp32",
                           device: str = "cpu", vocab_size: int | None = None,
                           overrides: dict[str, Any] | None = None, checkpointing: bool = False,
-                          threads: int = 2, timeout: float = 900, trust_remote_code: bool = False) -> dict[str, Any]:
+                          threads: int = 2, timeout: float = 900, trust_remote_code: bool = False,
+                          chunked_loss: str = "auto", loss_chunk_mb: float = 256) -> dict[str, Any]:
     """Run two training steps of `model` (any name `lmlab estimate` takes) and report the second's peak."""
     spec = dict(model=model, seq_len=seq_len, micro_batch=micro_batch, precision=precision, device=device,
                 vocab_size=vocab_size, overrides=overrides or {}, checkpointing=checkpointing, threads=threads,
-                trust_remote_code=trust_remote_code)
+                trust_remote_code=trust_remote_code, chunked_loss=chunked_loss, loss_chunk_mb=loss_chunk_mb)
     if device != "cpu":
         return _measure(spec)
     if not os.path.exists("/proc/self/clear_refs"):
@@ -71,6 +73,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     from ..models import registry
     from ..runtime import Runtime
+    from ..train.losses import LossChunking
     from ..train.objectives import Pretrain
     from ..train.optim import param_groups
     from ..train.step import apply_update, compute_gradients
@@ -109,6 +112,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     ids = torch.randint(0, V, (spec["micro_batch"], spec["seq_len"] + 1), generator=gen).to(dev)
     batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
     rt, objective = Runtime(device=dev, precision=precision), Pretrain(cfg=None)
+    objective.chunking = LossChunking(spec.get("chunked_loss", "auto"), spec.get("loss_chunk_mb", 256))
 
     def step() -> None:  # the trainer's step
         compute_gradients(model, objective, [batch], rt, optimizer=opt)

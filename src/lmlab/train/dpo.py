@@ -29,13 +29,15 @@ import torch.nn.functional as F
 from ..data.chat import IGNORE
 from ..data.examples import RowStream, chat_format, format_lines, pad_id, source_specs, summary_lines, val_slices
 from ..errors import ConfigError
+from .losses import lm_token_logps
 from .objectives import Batch, Objective, ObjectiveData, upcast_half
 
 SIDES = ("chosen", "rejected")
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(b,) summed log-probabilities of the labelled tokens; `labels` (b, l) unshifted, -100 where none."""
+    """(b,) summed log-probabilities of the labelled tokens; `labels` (b, l) unshifted, -100 where none. The plain
+    path of `lm_token_logps(…).sum(-1)` (lmlab.train.losses), which the objective runs."""
     targets = labels[:, 1:]
     logp = torch.log_softmax(upcast_half(logits[:, :-1]), dim=-1)  # (b, l-1, V), fp32 or wider
     mask = targets != IGNORE
@@ -46,16 +48,16 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def frozen_copy(model: torch.nn.Module, rt, reshard_after_forward: bool = True) -> torch.nn.Module:
     """An eval-mode copy of `model` without gradients. A model sharded by FSDP2 (which refuses deepcopy) is copied
     shard by shard: the same architecture built on the meta device, sharded the same way
-    (lmlab.train.strategy.shard), then each rank's local shards and the buffers copied in."""
+    (lmlab.train.strategies.fsdp.shard), then each rank's local shards and the buffers copied in."""
     from torch.distributed.tensor import DTensor
 
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         return copy.deepcopy(model).eval().requires_grad_(False)
-    from . import strategy
+    from .strategies.fsdp import shard
 
     with torch.device("meta"):
         ref = type(model)._from_config(model.config)
-    strategy.shard(ref, rt, reshard_after_forward=reshard_after_forward)
+    shard(ref, rt, reshard_after_forward=reshard_after_forward)
     ref.to_empty(device=rt.device)
 
     def local(t: torch.Tensor) -> torch.Tensor:
@@ -149,10 +151,9 @@ class DPO(Objective):
         return torch.tensor(batch["chosen_input_ids"].shape[0], device=batch["chosen_input_ids"].device)
 
     def check_model(self, model) -> None:
-        if self.cfg.finetune.dpo_reference != "auto":
-            raise ConfigError(f"finetune.dpo_reference: {self.cfg.finetune.dpo_reference!r}; allowed: auto")
         if self.cfg.finetune.method != "full" and not hasattr(model, "disable_adapter"):
             raise ConfigError(f"finetune.method={self.cfg.finetune.method}: the model carries no adapters")
+        super().check_model(model)
 
     def setup(self, model, wrapped, rt) -> None:
         """The frozen reference of full fine-tuning: a copy of the policy as placed (and sharded) by the strategy,
@@ -168,18 +169,18 @@ class DPO(Objective):
                 ref = self.reference
                 if next(ref.parameters()).device != ids.device:
                     ref.to(ids.device)
-                return sequence_logps(ref(ids).logits, labels)
+                return lm_token_logps(ref, lambda: ref(ids), labels, self.chunking).sum(-1)
             was = core.training
             core.eval()
             try:
                 with core.disable_adapter():
-                    return sequence_logps(core(input_ids=ids).logits, labels)
+                    return lm_token_logps(core, lambda: core(input_ids=ids), labels, self.chunking).sum(-1)
             finally:
                 core.train(was)
 
     def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids, labels = _both(batch)
         b = batch["chosen_input_ids"].shape[0]
-        policy = sequence_logps(model(input_ids=ids).logits, labels)
+        policy = lm_token_logps(model, lambda: model(input_ids=ids), labels, self.chunking).sum(-1)
         ref = self._reference_logps(model, ids, labels)
         return dpo_terms(policy[:b], policy[b:], ref[:b], ref[b:], self.cfg.finetune.dpo_beta)

@@ -49,7 +49,8 @@ import torch
 from ..data.chat import IGNORE
 from ..errors import ConfigError
 from .ipo import FrozenReference
-from .objectives import Batch, Objective, ObjectiveData, upcast_half
+from .losses import lm_token_logps, token_logps  # noqa: F401  (token_logps: the plain path, re-exported)
+from .objectives import Batch, Objective, ObjectiveData
 from .sft import RowStream, chat_format
 
 ADV_EPS = 1e-4  # TRL's: advantages / (std + 1e-4)
@@ -67,13 +68,6 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: str) -> tuple[tor
     elif scale == "batch":
         adv = adv / (rewards.std() + ADV_EPS)
     return adv, std
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(b, l−1) log-probability of each labelled next token (0 where labels[:, 1:] is -100)."""
-    targets = labels[:, 1:]
-    logp = torch.log_softmax(upcast_half(logits[:, :-1]), dim=-1)
-    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != IGNORE)
 
 
 def grpo_terms(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor | None, adv: torch.Tensor,
@@ -225,6 +219,7 @@ class GRPO(Objective):
                               f"model are not supported)")
         if self.cfg.rl.beta != 0:
             self.reference = FrozenReference(self.cfg, model, key="rl.beta")
+        super().check_model(model)
 
     def setup(self, model, wrapped, rt) -> None:
         self.rt = rt
@@ -348,9 +343,9 @@ class GRPO(Objective):
             try:
                 with self.rt.autocast():
                     if need_old:
-                        batch["old_logps"] = token_logps(model(input_ids=x).logits, y).cpu()
+                        batch["old_logps"] = lm_token_logps(model, lambda: model(input_ids=x), y, self.chunking).cpu()
                     if self.reference is not None:
-                        batch["ref_logps"] = token_logps(self.reference.logits(model, x), y).cpu()
+                        batch["ref_logps"] = self.reference.token_logps(model, x, y, self.chunking).cpu()
             finally:
                 model.train(was)
         return batch
@@ -375,7 +370,7 @@ class GRPO(Objective):
         if "val_index" in batch:
             return self._validate(model, batch)
         rl = self.cfg.rl
-        logp = token_logps(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+        logp = lm_token_logps(model, lambda: model(input_ids=batch["input_ids"]), batch["labels"], self.chunking)
         mask = batch["labels"][:, 1:] != IGNORE
         old = batch["old_logps"] if "old_logps" in batch else logp.detach()
         loss, metrics = grpo_terms(logp, old, batch.get("ref_logps"), batch["advantages"], mask,

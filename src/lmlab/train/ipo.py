@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..data.chat import IGNORE
 from ..errors import ConfigError
 from .dpo import DPO, frozen_copy
+from .losses import LossChunking, lm_token_logps
 from .objectives import Batch, upcast_half
 
 SIDES = ("chosen", "rejected")
@@ -29,12 +30,17 @@ SIDES = ("chosen", "rejected")
 
 def reply_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """((b,) summed log-probabilities of the labelled tokens, (b,) their number); `labels` (b, l) unshifted,
-    -100 where nothing is predicted."""
+    -100 where nothing is predicted. The plain path of `reply_sums` over `lm_token_logps` (lmlab.train.losses)."""
     targets = labels[:, 1:]
     logp = torch.log_softmax(upcast_half(logits[:, :-1]), dim=-1)
     mask = targets != IGNORE
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(-1), mask.sum(-1)
+
+
+def reply_sums(logps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reply_logps` from per-token log-probabilities (b, l−1) (lmlab.train.losses.lm_token_logps)."""
+    return logps.sum(-1), (labels[:, 1:] != IGNORE).sum(-1)
 
 
 def stacked_pairs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,19 +76,29 @@ class FrozenReference:
             "the base model (adapters off)"
 
     @torch.no_grad()
-    def logits(self, model, ids: torch.Tensor) -> torch.Tensor:
+    def _run(self, model, device: torch.device, fn):
+        """fn(the reference model) without gradients: the frozen copy (moved to `device`), or `model` with its
+        adapters off."""
         if self.copy is not None:
-            if next(self.copy.parameters()).device != ids.device:
-                self.copy.to(ids.device)
-            return self.copy(ids).logits
+            if next(self.copy.parameters()).device != device:
+                self.copy.to(device)
+            return fn(self.copy)
         core = getattr(model, "module", model)  # under DDP
         was = core.training
         core.eval()
         try:
             with core.disable_adapter():
-                return core(input_ids=ids).logits
+                return fn(core)
         finally:
             core.train(was)
+
+    def logits(self, model, ids: torch.Tensor) -> torch.Tensor:
+        return self._run(model, ids.device, lambda ref: ref(input_ids=ids).logits)
+
+    def token_logps(self, model, ids: torch.Tensor, labels: torch.Tensor, chunking: LossChunking) -> torch.Tensor:
+        """(b, l−1) the reference's log-probability of each labelled next token (lm_token_logps)."""
+        return self._run(model, ids.device,
+                         lambda ref: lm_token_logps(ref, lambda: ref(input_ids=ids), labels, chunking))
 
 
 def pair_metrics(beta: float, ratio_w: torch.Tensor, ratio_l: torch.Tensor, logp_w: torch.Tensor,
@@ -122,6 +138,7 @@ class PairObjective(DPO):
 
     def check_model(self, model) -> None:
         self.reference = FrozenReference(self.cfg, model) if self.uses_reference else None
+        self.chunking.check(model)
 
     def setup(self, model, wrapped, rt) -> None:
         if self.reference is not None:
@@ -130,8 +147,8 @@ class PairObjective(DPO):
     def pair_logps(self, model, batch: Batch, reference: bool) -> tuple[torch.Tensor, ...]:
         """(policy sums (2b,), lengths (2b,), reference sums (2b,) or None) over chosen then rejected rows."""
         ids, labels = stacked_pairs(batch)
-        policy, n = reply_logps(model(input_ids=ids).logits, labels)
-        ref = reply_logps(self.reference.logits(model, ids), labels)[0] if reference else None
+        policy, n = reply_sums(lm_token_logps(model, lambda: model(input_ids=ids), labels, self.chunking), labels)
+        ref = self.reference.token_logps(model, ids, labels, self.chunking).sum(-1) if reference else None
         return policy, n, ref
 
 

@@ -24,7 +24,8 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import ConfigError
-from .ipo import FrozenReference, reply_logps
+from .ipo import FrozenReference
+from .losses import lm_token_logps
 from .objectives import Batch, Objective, ObjectiveData
 from .sft import RowStream, chat_format, source_specs, summary_lines
 
@@ -107,16 +108,18 @@ class KTO(Objective):
 
     def check_model(self, model) -> None:
         self.reference = FrozenReference(self.cfg, model)
+        super().check_model(model)
 
     def setup(self, model, wrapped, rt) -> None:
         self.reference.build(model, rt)
 
     def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ft = self.cfg.finetune
-        policy = reply_logps(model(input_ids=batch["input_ids"]).logits, batch["labels"])[0]
-        ref = reply_logps(self.reference.logits(model, batch["input_ids"]), batch["labels"])[0]
+        ft, chunking = self.cfg.finetune, self.chunking
+        ids, labels, kl_ids, kl_labels = (batch[k] for k in ("input_ids", "labels", "kl_input_ids", "kl_labels"))
+        policy = lm_token_logps(model, lambda: model(input_ids=ids), labels, chunking).sum(-1)
+        ref = self.reference.token_logps(model, ids, labels, chunking).sum(-1)
         with torch.no_grad():
-            policy_kl = reply_logps(model(input_ids=batch["kl_input_ids"]).logits, batch["kl_labels"])[0]
-        ref_kl = reply_logps(self.reference.logits(model, batch["kl_input_ids"]), batch["kl_labels"])[0]
+            policy_kl = lm_token_logps(model, lambda: model(input_ids=kl_ids), kl_labels, chunking).sum(-1)
+        ref_kl = self.reference.token_logps(model, kl_ids, kl_labels, chunking).sum(-1)
         return kto_terms(policy, ref, policy_kl, ref_kl, batch["desirable"], ft.kto_beta, ft.kto_desirable_weight,
                          ft.kto_undesirable_weight)

@@ -15,6 +15,10 @@ sums too and are normalised the same way.
 A batch is a dict of tensors; `input_ids` (b, l) and `targets` (b, l) (the next token at each position,
 -100 where nothing is predicted) for token objectives, optional `seq_idx` (b, l) for packed documents.
 
+The token losses go through lmlab.train.losses: with train.chunked_loss (auto: when a micro-batch's fp32 logits
+exceed train.loss_chunk_mb) the LM head and the loss run a chunk of tokens at a time and the full logits never
+exist; `token_loss_sum` on the logits is the plain path.
+
 A new objective is one class plus one `register_objective` line (see tests/test_objectives.py).
 """
 
@@ -27,10 +31,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.loader import document_ids
 from ..errors import ConfigError
+from .losses import LossChunking, lm_loss_sum, token_loss_sum, upcast_half  # noqa: F401  (re-exported)
 
 Batch = dict[str, torch.Tensor]
 
@@ -68,8 +72,22 @@ class Objective:
     def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    _chunking: LossChunking | None = None
+
+    @property
+    def chunking(self) -> LossChunking:
+        """Whether a micro-batch's LM head and loss run chunk by chunk: train.chunked_loss and train.loss_chunk_mb,
+        unless set (tests and benchmarks set a policy of their own)."""
+        return self._chunking if self._chunking is not None else LossChunking.of(self.cfg)
+
+    @chunking.setter
+    def chunking(self, value: LossChunking) -> None:
+        self._chunking = value
+
     def check_model(self, model) -> None:
-        """Refuse, before any compute, a model this objective cannot train with the run's settings."""
+        """Refuse, before any compute, a model this objective cannot train with the run's settings (subclasses
+        call this too)."""
+        self.chunking.check(model)
 
     def setup(self, model, wrapped, rt) -> None:
         """Once, after the model is on its device and wrapped by the strategy (sharded under FSDP), before a
@@ -81,22 +99,16 @@ class Objective:
         steps already taken. The model is in train mode on entry and must be on return."""
 
 
-def model_logits(model, batch: Batch) -> torch.Tensor:
-    """(b, l, V) logits; packed-document ids go to models that declare they honour them."""
+def model_output(model, batch: Batch):
+    """The model's forward on a token batch; packed-document ids go to models that declare they honour them."""
     if "seq_idx" in batch:
-        return model(batch["input_ids"], seq_idx=batch["seq_idx"]).logits
-    return model(batch["input_ids"]).logits
+        return model(batch["input_ids"], seq_idx=batch["seq_idx"])
+    return model(batch["input_ids"])
 
 
-def upcast_half(x: torch.Tensor) -> torch.Tensor:
-    """fp16 / bf16 raised to fp32 for a softmax or a loss; fp32 and fp64 kept as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Summed cross-entropy over every target that is not -100, in fp32 for half-precision logits (fp64 stays)."""
-    return F.cross_entropy(upcast_half(logits).reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                           reduction="sum", label_smoothing=label_smoothing)
+def model_logits(model, batch: Batch) -> torch.Tensor:
+    """(b, l, V) logits of `model_output`."""
+    return model_output(model, batch).logits
 
 
 # ------------------------------------------------------------------------------------------- pretraining
@@ -151,9 +163,10 @@ class Pretrain(Objective):
     def check_model(self, model) -> None:
         if self.cfg.data.document_masking and not getattr(model, "supports_packed_documents", False):
             raise ConfigError(f"data.document_masking: {type(model).__name__} cannot reset at document boundaries")
+        super().check_model(model)
 
     def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return token_loss_sum(model_logits(model, batch), batch["targets"]), {}
+        return lm_loss_sum(model, lambda: model_output(model, batch), batch["targets"], self.chunking), {}
 
 
 def unigram_baseline(corpus) -> float:

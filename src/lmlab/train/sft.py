@@ -37,16 +37,22 @@ from ..data.examples import (  # noqa: F401  (re-exported: the objectives built 
     to_batch,
     val_slices,
 )
-from .objectives import Batch, Objective, ObjectiveData, token_loss_sum
+from .losses import lm_loss_sum
+from .objectives import Batch, Objective, ObjectiveData
+
+
+def packed_output(model, batch: Batch):
+    """The model's forward on a packed batch, its examples kept apart, for lmlab's models and transformers' alike."""
+    core = getattr(model, "module", model)  # under DDP
+    if getattr(core, "supports_packed_documents", False):
+        return model(batch["input_ids"], seq_idx=batch["seq_idx"])
+    mask = block_causal_mask(batch["seq_idx"])
+    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"])
 
 
 def packed_logits(model, batch: Batch) -> torch.Tensor:
-    """(b, l, V) logits with packed examples kept apart, for lmlab's models and transformers' alike."""
-    core = getattr(model, "module", model)  # under DDP
-    if getattr(core, "supports_packed_documents", False):
-        return model(batch["input_ids"], seq_idx=batch["seq_idx"]).logits
-    mask = block_causal_mask(batch["seq_idx"])
-    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]).logits
+    """(b, l, V) logits of `packed_output`."""
+    return packed_output(model, batch).logits
 
 
 class SFT(Objective):
@@ -92,4 +98,4 @@ class SFT(Objective):
         return ObjectiveData(stream, val_batches, manifest, lines)
 
     def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return token_loss_sum(packed_logits(model, batch), batch["targets"]), {}
+        return lm_loss_sum(model, lambda: packed_output(model, batch), batch["targets"], self.chunking), {}
