@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "# lmlab GPU check: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1), $(date -u +%F)"
-python -m pytest -q tests/test_scan_triton.py                 # Triton kernels vs the reference (CUDA variants)
-python bench/gpu_check.py                                     # scan errors, Llama-124M / INL-small MFU, FSDP2 smoke
+python -m pytest -q tests/test_scan_triton.py tests/test_losses.py   # Triton kernels; chunked loss vs plain
+python bench/gpu_check.py                   # scan errors, Llama-124M / INL-small MFU, FSDP2 smoke, chunked loss
 python bench/bench_scan.py --sections gpu                     # MambaSWELU-124M tokens/s + MFU vs transformers' Mamba
 python bench/planner_check.py --cuda                          # planner vs max_memory_allocated (within 15 %)
 # DeepSpeed ZeRO-2 in bf16 on one GPU, then a resume to a longer budget (when lmlab[deepspeed] is installed)
