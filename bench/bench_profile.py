@@ -37,7 +37,8 @@ from lmlab.train.optim import make_optimizer_from
 # aten op name → the step's part it belongs to (first match wins); the rest is "other"
 PARTS = [
     ("optimizer", ("_foreach_", "_fused_adam", "adamw", "clip_grad", "norm_except")),
-    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "_log_softmax", "_LinearCrossEntropySum", "_LinearTokenLogps", "logsumexp")),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "_log_softmax", "_LinearCrossEntropySum",
+              "_LinearTokenLogps", "logsumexp")),
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_mkl", "mkldnn")),
     ("scan", ("selective_scan", "_CppScan", "_ScanFunction")),
     ("swelu", ("swelu", "_SWELU")),

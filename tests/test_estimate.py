@@ -373,3 +373,16 @@ def test_the_loss_term_follows_the_chunked_loss():
     assert estimate_for_run(load_config(None, [*over, "train.batch_size=64", "train.chunked_loss=off"]),
                             rt).loss_chunk is None
     assert estimate_for_run(load_config(None, [*over, "train.loss_chunk_mb=8"]), rt).loss_chunk == 512
+
+
+def test_cpu_plan_suggests_bf16_only_where_the_cpu_has_bf16_hardware(monkeypatch):
+    from lmlab import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16", lambda: "AVX512-BF16")
+    notes = estimate("mamba-swelu-tiny", seq_len=64, micro_batch=2, hardware="cpu").notes
+    assert any("bf16 hardware (AVX512-BF16)" in n and "train.precision=bf16" in n for n in notes)
+    assert not any("bf16 hardware" in n for n in estimate("mamba-swelu-tiny", seq_len=64, micro_batch=2,
+                                                         hardware="cpu", precision="bf16").notes)
+    monkeypatch.setattr(runtime, "cpu_bf16", lambda: None)
+    assert not any("bf16 hardware" in n for n in estimate("mamba-swelu-tiny", seq_len=64, micro_batch=2,
+                                                         hardware="cpu").notes)

@@ -220,8 +220,8 @@ def test_unknown_pretokenizer_is_refused():
 def test_lora_run_is_merged_before_writing(runs, tmp_path):
     import gguf
 
-    from lmlab.ship.gguf import rope_interleave
     from lmlab.runs.load import load_run_model
+    from lmlab.ship.gguf import rope_interleave
 
     rows = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} + {b} = {a + b}"}
             for a in range(9) for b in range(7)]

@@ -44,7 +44,7 @@ SYSTEM_WINDOW = 30          # recent system records looked at
 
 # every finding code, in the order findings of one severity are listed: causes before their symptoms
 CODES = ("dead", "nan", "guard_stop", "stalled", "rising", "overfitting", "spikes", "plateau", "gap", "throughput",
-         "gpu_util", "gpu_memory", "ram", "throttle", "no_checkpoint", "stale_checkpoint", "disk")
+         "gpu_util", "gpu_memory", "ram", "throttle", "no_checkpoint", "stale_checkpoint", "disk", "cpu_bf16")
 
 
 @dataclass
@@ -308,6 +308,25 @@ def check_throughput(r: RunReader) -> list[Finding]:
                     "clears memory fragmentation.")]
 
 
+def check_cpu_precision(r: RunReader) -> list[Finding]:
+    """A run training in fp32 on this machine's CPU, when the CPU has bf16 hardware: bf16 is the faster choice."""
+    import socket
+
+    from ..runtime import cpu_bf16
+
+    m, train = r.manifest, r.config.get("train") or {}
+    if str(m.get("device")) != "cpu" or m.get("host") != socket.gethostname() or train.get("precision") not in (
+            "auto", "fp32", None):
+        return []
+    hardware = cpu_bf16()
+    if hardware is None:
+        return []
+    return [Finding("cpu_bf16", "note", f"This run trains in fp32 on a CPU with bf16 hardware ({hardware}).",
+                    "train.precision=bf16 runs the matmuls in bf16 under autocast (the scan, SWELU and the loss stay "
+                    "fp32): faster here, with loss curves within noise of fp32 (docs/benchmarks.md, "
+                    "bench/bench_profile.py --compare). `lmlab resume RUN train.precision=bf16` switches this run.")]
+
+
 def _recent_system(r: RunReader) -> list[dict]:
     return r.system[-SYSTEM_WINDOW:]
 
@@ -469,6 +488,7 @@ def diagnose(run: str | Path | RunReader, now: float | None = None) -> list[Find
     out += check_system(r)
     out += check_checkpoints(r, now)
     out += check_disk(r)
+    out += check_cpu_precision(r)
     order = {"error": 0, "warning": 1, "note": 2}
     rank = {c: i for i, c in enumerate(CODES)}
     return sorted(out, key=lambda f: (order.get(f.severity, 3), rank.get(f.code, len(CODES))))
