@@ -1,4 +1,7 @@
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +14,31 @@ torch.set_num_threads(2)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+_USER_CACHE: list[str | None] = []
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Tests never touch the user's cache; the cache is shared within one test session."""
-    monkeypatch.setenv("LMLAB_CACHE", str(tmp_path_factory.getbasetemp() / "lmlab-cache"))
+
+def pytest_configure(config):
+    """Tests never touch the user's cache: one cache for the whole session, set before any test module is
+    imported, so fixtures of every scope and the processes tests start (their environments copy os.environ at
+    import) use it too. Removed, and the user's setting restored, when the session ends. Only the compiled C++
+    kernels (each file keyed by its source, compiler, flags and CPU) outlive the session, in pytest's own cache
+    folder, so a session does not spend its first seconds compiling them again."""
+    _USER_CACHE.append(os.environ.get("LMLAB_CACHE"))
+    cache = Path(tempfile.mkdtemp(prefix="lmlab-test-cache-"))
+    if getattr(config, "cache", None) is not None:  # absent under -p no:cacheprovider
+        for kernels in ("scan_cpu", "kernels_cpu"):
+            (cache / kernels).symlink_to(config.cache.mkdir(f"lmlab-{kernels}"), target_is_directory=True)
+    os.environ["LMLAB_CACHE"] = str(cache)
+
+
+def pytest_unconfigure(config):
+    if _USER_CACHE:
+        shutil.rmtree(os.environ["LMLAB_CACHE"], ignore_errors=True)
+        user = _USER_CACHE.pop()
+        if user is None:
+            del os.environ["LMLAB_CACHE"]
+        else:
+            os.environ["LMLAB_CACHE"] = user
 
 
 @pytest.fixture(scope="module")

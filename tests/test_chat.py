@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from lmlab.commands.chat import ChatSession, _ReplyStream, respond, stop_strings
+from lmlab.commands.chat import ChatSession, _ReplyStream, one_line, respond, stop_strings
 from lmlab.data.chat import ChatFormat
 from lmlab.generate import SamplingConfig, generate
 
@@ -20,17 +20,16 @@ SYSTEM = "You are a helpful assistant."
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, stdlib_tokenizer_dir):
     """A base model folder (no chat template: plain format) and a 'tuned' one whose tokenizer carries a template."""
-    from lmlab.data.tokenizer import load_tokenizer, train_bpe
+    from lmlab.data.tokenizer import load_tokenizer
     from lmlab.models import build_config, build_model
     from lmlab.models.export import export
 
     d = tmp_path_factory.mktemp("chat-models")
-    train_bpe("stdlib", 512, d / "tok", max_chars=200_000)
     out = {}
     for name, seed in (("base", 0), ("tuned", 1)):
-        tok = load_tokenizer(str(d / "tok"))
+        tok = load_tokenizer(str(stdlib_tokenizer_dir))
         if name == "tuned":
             tok.chat_template = ChatFormat(tok, "plain", system=SYSTEM).inference_template()
         cfg = build_config("mamba-swelu-tiny", vocab_size=len(tok),
@@ -183,7 +182,8 @@ def test_chat_through_a_pipe_answers_one_line_each(models):
     p = subprocess.run(_cmd(models["tuned"], "-n", "6", "--greedy"), input="Hello\n/reset\nWhat is 2+2?\n/exit\nno\n",
                        capture_output=True, text=True, env=ENV, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.splitlines() == [expected[0], "(history cleared)", expected[1]]
+    # a reply's own newlines are printed as ⏎, so each answer stays one line
+    assert p.stdout.splitlines() == [one_line(expected[0]), "(history cleared)", one_line(expected[1])]
 
 
 def _read_until(fd, marker: bytes, timeout: float = 60.0) -> bytes:

@@ -20,18 +20,16 @@ COMMON = ["data.seq_len=64", "data.val_fraction=0.2", "train.batch_size=4", "tra
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from lmlab.data.tokenizer import train_bpe
+def runs(tmp_path_factory, stdlib_tokenizer_dir):
     from lmlab.train.loop import train
 
     root = tmp_path_factory.mktemp("eval_tuned")
-    train_bpe("stdlib", 512, root / "tok", max_chars=200_000)
     rows = [{"prompt": f"Is {a} less than {b}?", "chosen": "yes" if a < b else "no",
              "rejected": "no" if a < b else "yes, certainly"} for a in range(8) for b in range(8) if a != b]
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     quiet = dict(echo=lambda *a: None)
     base = train(load_config(None, ["model.name=mamba-swelu-tiny", *MAMBA, *COMMON, "data.source=stdlib",
-                                    "data.max_docs=60", f"data.tokenizer={root / 'tok'}", "train.max_steps=4",
+                                    "data.max_docs=60", f"data.tokenizer={stdlib_tokenizer_dir}", "train.max_steps=4",
                                     "train.eval_every=4", f"run.out_dir={root}", "run.name=base"]), **quiet)
     tuned = [f"model.name={base / 'final'}", f"data.tokenizer={base / 'final'}", *COMMON, "train.max_steps=4",
              "train.eval_every=4", f"run.out_dir={root}"]

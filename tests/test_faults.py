@@ -57,15 +57,6 @@ def _cli_with_fault(argv: list[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from lmlab.data.tokenizer import train_bpe
-
-    out = tmp_path_factory.mktemp("tok")
-    train_bpe("stdlib", 512, out, max_chars=400_000)
-    return out
-
-
 def _args(tok: Path, out: Path, name: str, *extra: str) -> list[str]:
     return ["pretrain", "model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2",
             "model.dense_hidden=32", "model.dropout=0.1", "data.source=stdlib", "data.max_docs=60",
@@ -178,14 +169,14 @@ def _same(a: dict, b: dict) -> bool:
 # -------------------------------------------------------------------------------------------------- tests
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_two_kills_at_random_steps_with_automatic_restart_end_bitwise_equal(tokenizer_dir, tmp_path, nproc):
+def test_two_kills_at_random_steps_with_automatic_restart_end_bitwise_equal(stdlib_tokenizer_dir, tmp_path, nproc):
     rng = random.Random()
     kill_at = [rng.randint(SAVE_EVERY + 1, 11), rng.randint(14, STEPS - 3)]
     print(f"killing one of {nproc} workers at steps {kill_at}")
-    _torchrun_ok(_torchrun(nproc, _args(tokenizer_dir, tmp_path, "straight")))
+    _torchrun_ok(_torchrun(nproc, _args(stdlib_tokenizer_dir, tmp_path, "straight")))
 
     chaos = tmp_path / "chaos"
-    _chaos(_torchrun(nproc, _args(tokenizer_dir, tmp_path, "chaos", "run.if_exists=resume"), restarts=2), chaos,
+    _chaos(_torchrun(nproc, _args(stdlib_tokenizer_dir, tmp_path, "chaos", "run.if_exists=resume"), restarts=2), chaos,
            kill_at, rng)
     starts = [e["event"] for e in _events(chaos) if e.get("event") in ("start", "resume")]
     assert starts == ["start", "resume", "resume"]
@@ -200,8 +191,8 @@ def test_two_kills_at_random_steps_with_automatic_restart_end_bitwise_equal(toke
 
     if nproc == 1:  # the negative control: the same faults, the RNG streams not restored
         control = tmp_path / "control"
-        _chaos(_torchrun(1, ["--no-rng-restore", *_args(tokenizer_dir, tmp_path, "control", "run.if_exists=resume")],
-                         restarts=2, script=True), control, kill_at, rng)
+        control_args = _args(stdlib_tokenizer_dir, tmp_path, "control", "run.if_exists=resume")
+        _chaos(_torchrun(1, ["--no-rng-restore", *control_args], restarts=2, script=True), control, kill_at, rng)
         assert [e["event"] for e in _events(control) if e.get("event") in ("start", "resume")] == \
             ["start", "resume", "resume"]
         assert not _same(_weights(tmp_path / "straight"), _weights(control)), \
@@ -209,13 +200,13 @@ def test_two_kills_at_random_steps_with_automatic_restart_end_bitwise_equal(toke
 
 
 @pytest.mark.slow
-def test_a_save_killed_halfway_resumes_from_the_previous_checkpoint(tokenizer_dir, tmp_path):
-    straight = subprocess.run([sys.executable, "-m", "lmlab.cli", *_args(tokenizer_dir, tmp_path, "straight")],
+def test_a_save_killed_halfway_resumes_from_the_previous_checkpoint(stdlib_tokenizer_dir, tmp_path):
+    straight = subprocess.run([sys.executable, "-m", "lmlab.cli", *_args(stdlib_tokenizer_dir, tmp_path, "straight")],
                               env=ENV, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
     run = tmp_path / "torn"
     died = subprocess.run([sys.executable, str(HERE), "--die-while-saving", "12",
-                           *_args(tokenizer_dir, tmp_path, "torn")], env=ENV, capture_output=True, text=True,
+                           *_args(stdlib_tokenizer_dir, tmp_path, "torn")], env=ENV, capture_output=True, text=True,
                           timeout=600)
     assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
     ckpts = run / "checkpoints"
@@ -289,11 +280,11 @@ def test_a_failure_on_rank_0_alone_reaches_every_rank(tmp_path, case):
 
 
 @pytest.mark.slow
-def test_an_existing_run_folder_stops_both_ranks_with_one_line(tokenizer_dir, tmp_path):
+def test_an_existing_run_folder_stops_both_ranks_with_one_line(stdlib_tokenizer_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("somebody's")
     t0 = time.time()
-    res = subprocess.run(_torchrun(2, _args(tokenizer_dir, tmp_path, "taken")), env=ENV, capture_output=True,
+    res = subprocess.run(_torchrun(2, _args(stdlib_tokenizer_dir, tmp_path, "taken")), env=ENV, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode != 0 and time.time() - t0 < 120  # nobody waits for a collective that never comes
     # rank 0 says it in one line; rank 1 says the same or is stopped by torchrun first, whichever comes first
@@ -345,11 +336,12 @@ def test_a_start_killed_before_its_config_was_written_is_cleared_for_the_restart
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "notes.txt"]
 
 
-def test_the_same_command_again_after_the_run_finished_does_nothing(tokenizer_dir, tmp_path):
+def test_the_same_command_again_after_the_run_finished_does_nothing(stdlib_tokenizer_dir, tmp_path):
     from lmlab.config import load_config
     from lmlab.train.loop import train
 
-    args = _args(tokenizer_dir, tmp_path, "once", "run.if_exists=resume", "train.max_steps=4", "model.dropout=0.0")
+    args = _args(stdlib_tokenizer_dir, tmp_path, "once", "run.if_exists=resume", "train.max_steps=4",
+                 "model.dropout=0.0")
     cfg = lambda: load_config(None, args[1:])  # noqa: E731
     threads = torch.get_num_threads()
     try:

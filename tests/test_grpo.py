@@ -156,15 +156,6 @@ def letter_reward(prompts, completions, **kw):
     return [sum(ch.isalpha() for ch in c) / max(1, len(c)) for c in completions]
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from lmlab.data.tokenizer import train_bpe
-
-    out = tmp_path_factory.mktemp("grpo-tok")
-    train_bpe("stdlib", 512, out, max_chars=200_000)
-    return out
-
-
 def _args(tok: Path, out: Path, name: str, *extra: str) -> list[str]:
     return ["model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2", "model.dense_hidden=32",
             "train.objective=grpo", "data.source=arithmetic", f"data.tokenizer={tok}", "data.seq_len=48",
@@ -190,20 +181,21 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_one_step_moves_the_policy_towards_the_better_completions(tok):
+def test_one_step_moves_the_policy_towards_the_better_completions(stdlib_tokenizer_dir, monkeypatch):
     """Rollouts, rewards and the loss through the objective's own calls; one SGD step on them must raise the
     log-probability of completions with positive advantage relative to the others: Σ A·Δlog π > 0."""
     from lmlab.runtime import setup_runtime
     from lmlab.train.grpo import GRPO
     from lmlab.train.setup import build_model
 
-    sys.path.insert(0, str(HERE.parent))
-    cfg = load_config(None, _args(tok, Path("/nonexistent"), "x", "train.grad_accum=1", "train.batch_size=4"))
+    monkeypatch.syspath_prepend(str(HERE.parent))
+    cfg = load_config(None, _args(stdlib_tokenizer_dir, Path("/nonexistent"), "x", "train.grad_accum=1",
+                                  "train.batch_size=4"))
     rt = setup_runtime("cpu", "fp32", 1)
     obj = GRPO(cfg)
     from lmlab.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(str(tok))
+    tokenizer = load_tokenizer(str(stdlib_tokenizer_dir))
     data = obj.data(cfg, tokenizer, rt)
     model = build_model(cfg, tokenizer)
     obj.check_model(model)
@@ -231,11 +223,11 @@ def test_one_step_moves_the_policy_towards_the_better_completions(tok):
 
 
 @pytest.mark.slow
-def test_a_tiny_run_logs_trls_names_and_samples(tok, tmp_path, monkeypatch):
+def test_a_tiny_run_logs_trls_names_and_samples(stdlib_tokenizer_dir, tmp_path, monkeypatch):
     from lmlab.train.loop import train
 
     monkeypatch.syspath_prepend(str(HERE.parent))
-    cfg = load_config(None, _args(tok, tmp_path, "learn", "rl.beta=0.04", "rl.epsilon_high=0.28"))
+    cfg = load_config(None, _args(stdlib_tokenizer_dir, tmp_path, "learn", "rl.beta=0.04", "rl.epsilon_high=0.28"))
     run = train(cfg, echo=lambda *a: None)
     steps = [e for e in _events(run) if e["kind"] == "train"]
     for k in ("reward", "rewards/format", "rewards/letter_reward", "reward_std", "frac_reward_zero_std", "kl",
@@ -288,12 +280,12 @@ def _script(*argv: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_bitwise_with_its_pending_rollouts(tok, tmp_path):
+def test_a_killed_run_resumes_bitwise_with_its_pending_rollouts(stdlib_tokenizer_dir, tmp_path):
     # μ = 2: the rollouts of step 2 still serve step 3 when the checkpoint after 3 steps is written
     extra = ("rl.iterations=2", "rl.beta=0.04", "model.dropout=0.1")
-    straight = _script("-1", "-", *_args(tok, tmp_path, "straight", *extra))
+    straight = _script("-1", "-", *_args(stdlib_tokenizer_dir, tmp_path, "straight", *extra))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    died = _script("5", "-", *_args(tok, tmp_path, "killed", *extra))
+    died = _script("5", "-", *_args(stdlib_tokenizer_dir, tmp_path, "killed", *extra))
     assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
     killed = tmp_path / "killed"
     assert [p.name for p in (killed / "checkpoints").glob("step-*")] == ["step-00000003"]
@@ -303,7 +295,7 @@ def test_a_killed_run_resumes_bitwise_with_its_pending_rollouts(tok, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _same(_weights(tmp_path / "straight"), _weights(killed)), "the resumed run differs from the straight one"
     # the control: the same kill, resumed without the pending rollouts, ends elsewhere
-    assert _script("5", "-", *_args(tok, tmp_path, "control", *extra)).returncode == -signal.SIGKILL
+    assert _script("5", "-", *_args(stdlib_tokenizer_dir, tmp_path, "control", *extra)).returncode == -signal.SIGKILL
     assert _script("0", str(tmp_path / "control"), "--drop-rollouts").returncode == 0
     assert not _same(_weights(tmp_path / "straight"), _weights(tmp_path / "control"))
 
@@ -315,10 +307,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_rank_ddp_run(tok, tmp_path):
+def test_two_rank_ddp_run(stdlib_tokenizer_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "lmlab.cli", "grpo",
-           *_args(tok, tmp_path, "ddp", "rl.beta=0.04", "train.max_steps=4")]
+           *_args(stdlib_tokenizer_dir, tmp_path, "ddp", "rl.beta=0.04", "train.max_steps=4")]
     p = subprocess.run(cmd, env={**ENV, "PYTHONPATH": str(HERE.parent)}, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     run = tmp_path / "ddp"
@@ -345,11 +337,11 @@ def hostile_code_reward(prompts, completions, **kw):
 
 
 @pytest.mark.slow
-def test_the_trainer_goes_on_while_the_sandbox_fails_hostile_programs(tok, tmp_path, monkeypatch):
+def test_the_trainer_goes_on_while_the_sandbox_fails_hostile_programs(stdlib_tokenizer_dir, tmp_path, monkeypatch):
     from lmlab.train.loop import train
 
     monkeypatch.syspath_prepend(str(HERE.parent))
-    cfg = load_config(None, _args(tok, tmp_path, "hostile", "train.max_steps=2", "train.log_every=1",
+    cfg = load_config(None, _args(stdlib_tokenizer_dir, tmp_path, "hostile", "train.max_steps=2", "train.log_every=1",
                                   "rl.reward_funcs=[test_grpo:hostile_code_reward]", "rl.sandbox_timeout=1",
                                   "rl.sandbox_cpu=1", "rl.sandbox_memory_mb=256", "rl.num_generations=8",
                                   "train.batch_size=1", "train.grad_accum=1", "rl.log_completions=8"))
@@ -364,7 +356,7 @@ def test_the_trainer_goes_on_while_the_sandbox_fails_hostile_programs(tok, tmp_p
 
 
 @pytest.mark.slow
-def test_sft_then_grpo_in_one_multi_stage_run(tok, tmp_path, monkeypatch):
+def test_sft_then_grpo_in_one_multi_stage_run(stdlib_tokenizer_dir, tmp_path, monkeypatch):
     import yaml
 
     from lmlab.data.prompts import arithmetic_problems
@@ -374,7 +366,7 @@ def test_sft_then_grpo_in_one_multi_stage_run(tok, tmp_path, monkeypatch):
     rows = [{"instruction": q, "output": a} for q, a in arithmetic_problems(2, "+", 64)]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = {"name": "mamba-swelu-tiny", "d_model": 32, "n_layers": 2, "dense_hidden": 32}
-    spec = {"model": model, "data": {"tokenizer": str(tok), "seq_len": 48, "val_fraction": 0.05},
+    spec = {"model": model, "data": {"tokenizer": str(stdlib_tokenizer_dir), "seq_len": 48, "val_fraction": 0.05},
             "train": {"batch_size": 2, "threads": 1, "progress": False, "sample_tokens": 2, "warmup_steps": 0,
                       "eval_every": 1000, "eval_batches": 1, "log_every": 1, "lr": 3e-3, "system_every": 0},
             "rl": {"num_generations": 4, "max_completion_length": 6, "arithmetic_prompts": 200},

@@ -108,15 +108,6 @@ def test_a_device_skip_leaves_weights_and_adam_state_bitwise_unchanged_without_r
 
 
 # ------------------------------------------------------------------------------------------ in training
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from lmlab.data.tokenizer import train_bpe
-
-    out = tmp_path_factory.mktemp("tok")
-    train_bpe("stdlib", 512, out, max_chars=300_000)
-    return out
-
-
 class Faulty(Pretrain):
     """Pretraining whose loss is NaN (`nan`) or 30× (`spike`) at chosen optimizer steps."""
 
@@ -164,7 +155,7 @@ def _quiet(*a, **k):
     pass
 
 
-def test_the_device_guard_trains_like_the_host_guard(tok, tmp_path, monkeypatch, faulty):
+def test_the_device_guard_trains_like_the_host_guard(stdlib_tokenizer_dir, tmp_path, monkeypatch, faulty):
     """Both runs use fused AdamW (on CPU here); one decides each step on the host, one on the device."""
     from lmlab.train import optim
 
@@ -180,7 +171,7 @@ def test_the_device_guard_trains_like_the_host_guard(tok, tmp_path, monkeypatch,
         faulty.at = {6: "nan", 10: "spike"}
         if mode == "host":
             monkeypatch.setattr(train_loop, "skips_on_device", lambda opt: False)
-        runs[mode] = train(_cfg(tok, tmp_path, mode), echo=_quiet)
+        runs[mode] = train(_cfg(stdlib_tokenizer_dir, tmp_path, mode), echo=_quiet)
         if mode == "device":
             assert seen == list(range(1, 15)), "the device guard did not decide the steps"
     dev, host = runs["device"], runs["host"]
@@ -199,9 +190,9 @@ def test_the_device_guard_trains_like_the_host_guard(tok, tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("policy", ["skip", "stop", "rollback"])
-def test_an_injected_nan(tok, tmp_path, faulty, policy):
+def test_an_injected_nan(stdlib_tokenizer_dir, tmp_path, faulty, policy):
     faulty.at = {6: "nan"}
-    cfg = _cfg(tok, tmp_path, policy, f"train.guard={policy}", steps=9)
+    cfg = _cfg(stdlib_tokenizer_dir, tmp_path, policy, f"train.guard={policy}", steps=9)
     if policy == "stop":
         with pytest.raises(TrainingDiverged, match="loss is nan at step 6"):
             train(cfg, echo=_quiet)
@@ -223,9 +214,9 @@ def test_an_injected_nan(tok, tmp_path, faulty, policy):
 
 
 @pytest.mark.parametrize("policy", ["skip", "rollback"])
-def test_an_injected_spike(tok, tmp_path, faulty, policy):
+def test_an_injected_spike(stdlib_tokenizer_dir, tmp_path, faulty, policy):
     faulty.at = {10: "spike"}
-    run = train(_cfg(tok, tmp_path, policy, f"train.guard={policy}"), echo=_quiet)
+    run = train(_cfg(stdlib_tokenizer_dir, tmp_path, policy, f"train.guard={policy}"), echo=_quiet)
     events = [r for r in _records(run, "event") if r["event"] in ("guard", "rollback")]
     assert events[0]["event"] == "guard" and events[0]["step"] == 10 and events[0]["action"] == policy
     assert events[0]["reason"].startswith("loss spike") and events[0]["loss"] > 20
@@ -236,7 +227,8 @@ def test_an_injected_spike(tok, tmp_path, faulty, policy):
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
 
 
-def test_the_device_guard_stops_with_the_host_guards_last_good_state(tok, tmp_path, monkeypatch, faulty):
+def test_the_device_guard_stops_with_the_host_guards_last_good_state(stdlib_tokenizer_dir, tmp_path, monkeypatch,
+                                                                     faulty):
     """NaN at steps 9-11, at most 2 skips in a row: the host guard stops at step 11; the device guard learns it
     at the next log step (12), applies nothing in between and saves the same weights and optimizer state."""
     from lmlab.train import optim
@@ -249,7 +241,7 @@ def test_the_device_guard_stops_with_the_host_guards_last_good_state(tok, tmp_pa
         if mode == "host":
             monkeypatch.setattr(train_loop, "skips_on_device", lambda opt: False)
         with pytest.raises(TrainingDiverged, match="loss is nan, 3 bad steps in a row at step 11") as e:
-            train(_cfg(tok, tmp_path, mode, "train.guard_max_skips=2"), echo=_quiet)
+            train(_cfg(stdlib_tokenizer_dir, tmp_path, mode, "train.guard_max_skips=2"), echo=_quiet)
         run = tmp_path / mode
         events = [(r["step"], r["action"], r["reason"]) for r in _records(run, "event") if r["event"] == "guard"]
         assert events == [(9, "skip", "loss is nan"), (10, "skip", "loss is nan"),
@@ -263,13 +255,13 @@ def test_the_device_guard_stops_with_the_host_guards_last_good_state(tok, tmp_pa
     assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
 
 
-def test_a_nan_run_without_the_guard_ends_diverged_not_finished(tok, tmp_path, faulty):
+def test_a_nan_run_without_the_guard_ends_diverged_not_finished(stdlib_tokenizer_dir, tmp_path, faulty):
     """train.guard=off applies step 6's NaN: no samples drawn from NaN probabilities, no export, status
     `diverged` with its reason (so a study's re-run does not take it for finished)."""
     faulty.at = {6: "nan"}
     lines = []
     with pytest.raises(TrainingDiverged, match="the weights are not finite at step 9"):
-        train(_cfg(tok, tmp_path, "noguard", "train.guard=off", steps=9), echo=lines.append)
+        train(_cfg(stdlib_tokenizer_dir, tmp_path, "noguard", "train.guard=off", steps=9), echo=lines.append)
     run = tmp_path / "noguard"
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["status"] == "diverged" and "not finite" in manifest["stop_reason"]

@@ -73,7 +73,6 @@ CHILD = textwrap.dedent(r'''
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_api")
-    os.environ.setdefault("LMLAB_CACHE", str(root / "cache"))
     tok = train_bpe("stdlib", 512, root / "tok", max_chars=200_000)
     folders = {}
     for name in FAMILIES:

@@ -60,7 +60,7 @@ def test_make_optimizer_from_reads_train_optimizer_and_momentum():
 
 def test_deepspeed_refuses_sgd_in_one_line_naming_the_key():
     from lmlab.runtime import Runtime
-    from lmlab.train.strategy import check_deepspeed
+    from lmlab.train.strategies.deepspeed import check_deepspeed
 
     cfg = Config()
     cfg.train.strategy, cfg.train.optimizer = "deepspeed", "sgd"
@@ -68,20 +68,11 @@ def test_deepspeed_refuses_sgd_in_one_line_naming_the_key():
         check_deepspeed(cfg, Runtime(device=torch.device("cpu"), precision="fp32"))
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from lmlab.data.tokenizer import train_bpe
-
-    out = tmp_path_factory.mktemp("tok")
-    train_bpe("stdlib", 512, out, max_chars=300_000)
-    return out
-
-
 @pytest.mark.slow
-def test_sgd_through_the_trainer_resumes_bitwise(tok, tmp_path):
+def test_sgd_through_the_trainer_resumes_bitwise(stdlib_tokenizer_dir, tmp_path):
     cfg = load_config(None, [
         "model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2", "model.dense_hidden=32",
-        "data.source=stdlib", "data.max_docs=40", f"data.tokenizer={tok}", "data.seq_len=32",
+        "data.source=stdlib", "data.max_docs=40", f"data.tokenizer={stdlib_tokenizer_dir}", "data.seq_len=32",
         "train.batch_size=4", "train.max_steps=10", "train.save_every=4", "train.eval_every=5",
         "train.eval_batches=2", "train.log_every=2", "train.threads=2", "train.sample_tokens=2",
         "train.progress=false", "train.warmup_steps=1", "train.lr=0.05", "train.optimizer=sgd",

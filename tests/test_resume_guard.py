@@ -22,15 +22,6 @@ from lmlab.train.loop import TrainingDiverged, train
 from lmlab.train.objectives import OBJECTIVES, Pretrain, register_objective
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from lmlab.data.tokenizer import train_bpe
-
-    out = tmp_path_factory.mktemp("tok")
-    train_bpe("stdlib", 512, out, max_chars=300_000)
-    return out
-
-
 class SpikeAt(Pretrain):
     """Pretraining whose loss is 30× at chosen optimizer steps (1-based), counted by the loop's own step (so a
     resumed run spikes where the uninterrupted one did)."""
@@ -90,7 +81,7 @@ def _weights(run: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["host", "device"])
-def test_a_resume_between_skipped_steps_ends_bitwise_equal(tok, tmp_path, monkeypatch, spiky, mode):
+def test_a_resume_between_skipped_steps_ends_bitwise_equal(stdlib_tokenizer_dir, tmp_path, monkeypatch, spiky, mode):
     """Spikes at steps 10, 11 and 14: the checkpoint of step 12 lies between skipped steps. Without the guard's
     window in it, the resumed run judges nothing for 4 steps and applies step 14's spike."""
     from lmlab.train import optim
@@ -101,7 +92,7 @@ def test_a_resume_between_skipped_steps_ends_bitwise_equal(tok, tmp_path, monkey
     else:
         monkeypatch.setattr(train_loop, "skips_on_device", lambda opt: False)
     spiky.at = {10, 11, 14}
-    whole = train(_cfg(tok, tmp_path, "whole", "train.objective=spike_at"), echo=_quiet)
+    whole = train(_cfg(stdlib_tokenizer_dir, tmp_path, "whole", "train.objective=spike_at"), echo=_quiet)
     skips = [r["step"] for r in _records(whole, "event") if r["event"] == "guard"]
     assert skips == [10, 11, 14]
     saved = torch.load(whole / "checkpoints/step-00000012/trainer.pt", weights_only=True)["state"]["guard"]
@@ -126,8 +117,8 @@ def _drop_guard_state(path: Path) -> None:
     (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 
-def test_a_checkpoint_without_guard_state_still_resumes_and_says_so(tok, tmp_path):
-    run = train(_cfg(tok, tmp_path, "old", steps=8), echo=_quiet)
+def test_a_checkpoint_without_guard_state_still_resumes_and_says_so(stdlib_tokenizer_dir, tmp_path):
+    run = train(_cfg(stdlib_tokenizer_dir, tmp_path, "old", steps=8), echo=_quiet)
     old = _back_to(run, 4, tmp_path / "old-resumed")
     _drop_guard_state(old / "checkpoints/step-00000004")
     lines = []
@@ -136,11 +127,11 @@ def test_a_checkpoint_without_guard_state_still_resumes_and_says_so(tok, tmp_pat
     assert (old / "final").is_dir()
 
 
-def test_a_stop_saves_the_newest_state_whose_next_loss_was_good(tok, tmp_path):
+def test_a_stop_saves_the_newest_state_whose_next_loss_was_good(stdlib_tokenizer_dir, tmp_path):
     """lr=1e6: the first update is judged on the loss before it (fine) and wrecks the weights; the steps after it
     are bad and the run stops. What it saves is the state before that update, so a resume with a sane LR trains
     on without a single bad step."""
-    cfg = _cfg(tok, tmp_path, "wild", "train.lr=1e6", "train.guard_max_skips=3", steps=12)
+    cfg = _cfg(stdlib_tokenizer_dir, tmp_path, "wild", "train.lr=1e6", "train.guard_max_skips=3", steps=12)
     with pytest.raises(TrainingDiverged, match="last good weights") as e:
         train(cfg, echo=_quiet)
     run = tmp_path / "wild"
@@ -166,10 +157,10 @@ def _snapshot(run: Path) -> dict:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
-def test_a_refused_resume_leaves_the_run_folder_as_it_was(tok, tmp_path, capsys):
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(stdlib_tokenizer_dir, tmp_path, capsys):
     from lmlab.cli import main
 
-    run = train(_cfg(tok, tmp_path, "r", steps=4), echo=_quiet)
+    run = train(_cfg(stdlib_tokenizer_dir, tmp_path, "r", steps=4), echo=_quiet)
     shutil.rmtree(run / "final")  # a run to continue
     before = _snapshot(run)
     # the global batch changed: refused by the same-run check

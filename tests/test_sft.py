@@ -20,15 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op th
 MAMBA = ["model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2", "model.dense_hidden=32"]
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    from lmlab.data.tokenizer import train_bpe
-
-    out = tmp_path_factory.mktemp("tok")
-    train_bpe("stdlib", 512, out, max_chars=200_000)
-    return out
-
-
 def _overrides(tok, out, name, steps=4, extra=()):
     return [*MAMBA, "train.objective=sft", f"data.tokenizer={tok}", "data.seq_len=64", "data.val_fraction=0.1",
             "train.batch_size=4", f"train.max_steps={steps}", "train.eval_every=1000", "train.eval_batches=2",
@@ -36,10 +27,10 @@ def _overrides(tok, out, name, steps=4, extra=()):
             "train.warmup_steps=0", "train.lr=3e-3", f"run.out_dir={out}", f"run.name={name}", *extra]
 
 
-def test_targets_are_the_assistant_reply_and_its_end_of_turn(tok_dir):
+def test_targets_are_the_assistant_reply_and_its_end_of_turn(stdlib_tokenizer_dir):
     from lmlab.data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(str(tok_dir))
+    tok = load_tokenizer(str(stdlib_tokenizer_dir))
     fmt = ChatFormat(tok, "plain")
     a = fmt.encode([{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}])
     b = fmt.encode([{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "blue"}])
@@ -136,7 +127,7 @@ def test_fewer_rows_than_a_batch_run_on_across_epochs_and_resume_exactly():
 
 
 @pytest.mark.slow
-def test_tiny_sft_on_stdlib_instruct_lowers_held_out_loss(tok_dir, tmp_path):
+def test_tiny_sft_on_stdlib_instruct_lowers_held_out_loss(stdlib_tokenizer_dir, tmp_path):
     from lmlab.data.tokenizer import load_tokenizer
     from lmlab.eval.perplexity import validation_loss
     from lmlab.models.hf import load_model
@@ -144,7 +135,7 @@ def test_tiny_sft_on_stdlib_instruct_lowers_held_out_loss(tok_dir, tmp_path):
     from lmlab.train.loop import train
     from lmlab.train.setup import build_model
 
-    cfg = load_config(None, _overrides(tok_dir, tmp_path, "sft", steps=30, extra=(
+    cfg = load_config(None, _overrides(stdlib_tokenizer_dir, tmp_path, "sft", steps=30, extra=(
         "data.source=stdlib-instruct", "finetune.max_examples=[400]", "train.eval_every=30")))
     run = train(cfg, echo=lambda *a: None)
     rt = setup_runtime("cpu", "fp32", 1)
@@ -187,13 +178,13 @@ def _finetune_args(**kw):
     return p.parse_args(argv)
 
 
-def test_bad_input_is_one_clear_error_and_leaves_nothing(tok_dir, tmp_path):
+def test_bad_input_is_one_clear_error_and_leaves_nothing(stdlib_tokenizer_dir, tmp_path):
     from lmlab.commands import finetune
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "", "output": ""}\n{"nonsense": 1}\n')
     out = tmp_path / "runs"
-    base = _overrides(tok_dir, out, "x")
+    base = _overrides(stdlib_tokenizer_dir, out, "x")
     for data, err in ((str(tmp_path / "missing.jsonl"), DataError), (str(bad), DataError)):
         with pytest.raises(err) as e:
             finetune.run(_finetune_args(data=[data], overrides=base))
@@ -205,7 +196,8 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(tok_dir, tmp_path):
     assert not out.exists() or not any(Path(out).iterdir())
 
 
-def test_cli_template_with_new_special_tokens_grows_the_base_and_chats(tok_dir, tmp_path, monkeypatch, capsys):
+def test_cli_template_with_new_special_tokens_grows_the_base_and_chats(stdlib_tokenizer_dir, tmp_path, monkeypatch,
+                                                                       capsys):
     """`lmlab finetune --template chatml` on an lmlab base whose tokenizer lacks <|im_start|>/<|im_end|>: the
     tokens are added, the embeddings grow (new rows: the mean of the old ones), the run and its export keep both,
     the export chats in that template, and a run tuned from the run folder is named after it."""
@@ -219,7 +211,7 @@ def test_cli_template_with_new_special_tokens_grows_the_base_and_chats(tok_dir, 
     from lmlab.models.export import export
     from lmlab.models.hf import load_model
 
-    tok = load_tokenizer(str(tok_dir))
+    tok = load_tokenizer(str(stdlib_tokenizer_dir))
     torch.manual_seed(0)
     base = build_model(build_config("mamba-swelu-tiny", vocab_size=len(tok), overrides=dict(
         d_model=32, n_layers=2, dense_hidden=32)))

@@ -12,17 +12,14 @@ from lmlab.train.stages import resume_stages, train_stages
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 
 
-def test_two_stages_chain_and_rerun_skips(tmp_path):
-    from lmlab.data.tokenizer import train_bpe
-
-    train_bpe("stdlib", 512, tmp_path / "tok", max_chars=200_000)
+def test_two_stages_chain_and_rerun_skips(tmp_path, stdlib_tokenizer_dir):
     rows = [{"instruction": f"Double {a}.", "output": str(2 * a)} for a in range(40)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs = [{"prompt": f"Double {a}.", "chosen": str(2 * a), "rejected": str(a)} for a in range(1, 40)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     spec = {
         "model": {"name": "llama-tiny"},
-        "data": {"tokenizer": str(tmp_path / "tok"), "seq_len": 32, "val_fraction": 0.1},
+        "data": {"tokenizer": str(stdlib_tokenizer_dir), "seq_len": 32, "val_fraction": 0.1},
         "train": {"batch_size": 4, "threads": 1, "progress": False, "sample_tokens": 2, "warmup_steps": 0,
                   "eval_every": 1000, "eval_batches": 1, "log_every": 1, "lr": 3e-3},
         "run": {"name": "chain", "out_dir": str(tmp_path / "runs")},

@@ -150,15 +150,6 @@ def _tiny_study(tmp_path, tok, runs, **extra) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from lmlab.data.tokenizer import train_bpe
-
-    out = tmp_path_factory.mktemp("tok")
-    train_bpe("stdlib", 512, out, max_chars=400_000)
-    return out
-
-
 def _manifest(run: Path) -> dict:
     return json.loads((run / "run.json").read_text())
 
@@ -168,9 +159,9 @@ def _study_cmd(path: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killing_the_study_and_rerunning_it_skips_finished_runs_and_resumes_exactly(tokenizer_dir, tmp_path):
+def test_killing_the_study_and_rerunning_it_skips_finished_runs_and_resumes_exactly(stdlib_tokenizer_dir, tmp_path):
     """A real 2-run study through subprocesses: SIGKILL the study and its runs mid-way, start it again."""
-    path = _tiny_study(tmp_path, tokenizer_dir, [{"name": "a", "set": {"train.max_steps": 4}},
+    path = _tiny_study(tmp_path, stdlib_tokenizer_dir, [{"name": "a", "set": {"train.max_steps": 4}},
                                                  {"name": "b", "set": {"train.max_steps": 40}}])
     b_cfg = load_study(path).cells[1].config
     b_cfg.run.out_dir, b_cfg.run.name = str(tmp_path / "straight"), "b"
@@ -215,14 +206,15 @@ def test_killing_the_study_and_rerunning_it_skips_finished_runs_and_resumes_exac
 
 
 @pytest.mark.slow
-def test_slurm_executor_runs_a_job_array_through_submitit_and_requeues_from_the_checkpoint(tokenizer_dir, tmp_path):
+def test_slurm_executor_runs_a_job_array_through_submitit_and_requeues_from_the_checkpoint(stdlib_tokenizer_dir,
+                                                                                            tmp_path):
     import pickle
 
     from submitit.helpers import DelayedSubmission
 
     from lmlab.study.slurm import CellJob, SlurmExecutor
 
-    path = _tiny_study(tmp_path, tokenizer_dir, [{"name": "x", "set": {"train.max_steps": 2}},
+    path = _tiny_study(tmp_path, stdlib_tokenizer_dir, [{"name": "x", "set": {"train.max_steps": 2}},
                                                  {"name": "y", "set": {"train.max_steps": 2, "train.seed": 7}}],
                        slurm={"partition": "gpu", "timeout_min": 10})
     study = load_study(path)
@@ -246,9 +238,9 @@ def test_slurm_executor_runs_a_job_array_through_submitit_and_requeues_from_the_
 
 
 @pytest.mark.slow
-def test_ray_executor_runs_each_cell_as_a_task(tokenizer_dir, tmp_path):
+def test_ray_executor_runs_each_cell_as_a_task(stdlib_tokenizer_dir, tmp_path):
     ray = pytest.importorskip("ray")
-    path = _tiny_study(tmp_path, tokenizer_dir, [{"name": "r", "set": {"train.max_steps": 2}}])
+    path = _tiny_study(tmp_path, stdlib_tokenizer_dir, [{"name": "r", "set": {"train.max_steps": 2}}])
     try:
         results = run_study(load_study(path), "ray", echo=lambda s: None,
                             init_kwargs={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False})
@@ -301,8 +293,8 @@ def _stop_study_with(path: Path, signals: list[int], grace: float = 0.0) -> tupl
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_to_the_study_pid_stops_its_runs_after_they_save(tokenizer_dir, tmp_path, sig):
-    path = _tiny_study(tmp_path, tokenizer_dir, [{"name": "long", "set": {"train.max_steps": 5000}}])
+def test_a_signal_to_the_study_pid_stops_its_runs_after_they_save(stdlib_tokenizer_dir, tmp_path, sig):
+    path = _tiny_study(tmp_path, stdlib_tokenizer_dir, [{"name": "long", "set": {"train.max_steps": 5000}}])
     res, run = _stop_study_with(path, [sig])
     assert "stopped   long" in res.stdout and "study stopped" in res.stdout, res.stdout
     m = _manifest(run)
@@ -314,8 +306,8 @@ def test_a_signal_to_the_study_pid_stops_its_runs_after_they_save(tokenizer_dir,
 
 
 @pytest.mark.slow
-def test_a_second_sigint_does_not_leave_a_run_behind(tokenizer_dir, tmp_path):
-    path = _tiny_study(tmp_path, tokenizer_dir, [{"name": "long", "set": {"train.max_steps": 5000}}])
+def test_a_second_sigint_does_not_leave_a_run_behind(stdlib_tokenizer_dir, tmp_path):
+    path = _tiny_study(tmp_path, stdlib_tokenizer_dir, [{"name": "long", "set": {"train.max_steps": 5000}}])
     res, run = _stop_study_with(path, [signal.SIGINT, signal.SIGINT])
     assert "study stopped" in res.stdout, res.stdout  # the study waited for its run (checked: no process left)
     assert _manifest(run)["status"] != "running"
@@ -323,8 +315,8 @@ def test_a_second_sigint_does_not_leave_a_run_behind(tokenizer_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_killed_study_does_not_leave_its_run_training(tokenizer_dir, tmp_path):
+def test_a_killed_study_does_not_leave_its_run_training(stdlib_tokenizer_dir, tmp_path):
     """SIGKILL to the study alone (nothing forwarded): its run is told to save and stop all the same."""
-    path = _tiny_study(tmp_path, tokenizer_dir, [{"name": "long", "set": {"train.max_steps": 5000}}])
+    path = _tiny_study(tmp_path, stdlib_tokenizer_dir, [{"name": "long", "set": {"train.max_steps": 5000}}])
     res, run = _stop_study_with(path, [signal.SIGKILL], grace=60)
     assert _manifest(run)["status"] == "stopped"  # it saved and stopped

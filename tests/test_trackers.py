@@ -18,15 +18,6 @@ from lmlab.monitor import trackers
 from lmlab.monitor.trackers import scalars
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from lmlab.data.tokenizer import train_bpe
-
-    out = tmp_path_factory.mktemp("tok")
-    train_bpe("stdlib", 512, out, max_chars=300_000)
-    return out
-
-
 def _args(tok, out, name, steps):
     return ["model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2", "model.dense_hidden=32",
             "data.source=stdlib", "data.max_docs=40", f"data.tokenizer={tok}", "data.seq_len=32",
@@ -68,7 +59,7 @@ def test_defaults_are_off_and_offline():
 
 
 @pytest.mark.parametrize("service", ["wandb", "trackio"])
-def test_a_missing_package_is_one_line_naming_the_extra(service, tok, tmp_path, monkeypatch):
+def test_a_missing_package_is_one_line_naming_the_extra(service, stdlib_tokenizer_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, service, None)  # `import wandb` now fails, as if not installed
     from lmlab.cli import main
 
@@ -77,7 +68,7 @@ def test_a_missing_package_is_one_line_naming_the_extra(service, tok, tmp_path, 
         load_config(None, [f"log.{service}=true"])
     assert str(e.value) == (f"log.{service}: the {service} package is not installed; "
                             f"install it with: pip install 'lmlab[{service}]'")
-    assert main(["pretrain", *_args(tok, out, "x", 2), f"log.{service}=true"]) == 2
+    assert main(["pretrain", *_args(stdlib_tokenizer_dir, out, "x", 2), f"log.{service}=true"]) == 2
     assert not out.exists()  # refused before any run folder
     load_config(None, ["log.wandb=true", "log.wandb_mode=disabled"] if service == "wandb" else [])
 
@@ -124,7 +115,7 @@ class _Good(_Flaky):
         _Good.finished.append(status)
 
 
-def test_a_failing_tracker_never_stops_training(tok, tmp_path, monkeypatch):
+def test_a_failing_tracker_never_stops_training(stdlib_tokenizer_dir, tmp_path, monkeypatch):
     from lmlab.train.loop import train
 
     monkeypatch.setattr(trackers, "missing_package", lambda name: False)
@@ -132,7 +123,7 @@ def test_a_failing_tracker_never_stops_training(tok, tmp_path, monkeypatch):
     monkeypatch.setitem(trackers.SERVICES, "trackio", _Good)
     _Flaky.seen, _Flaky.finished, _Good.seen, _Good.finished = [], [], [], []
     lines = []
-    cfg = load_config(None, [*_args(tok, tmp_path, "flaky", 6), "log.wandb=true", "log.trackio=true"])
+    cfg = load_config(None, [*_args(stdlib_tokenizer_dir, tmp_path, "flaky", 6), "log.wandb=true", "log.trackio=true"])
     run = train(cfg, echo=lines.append)
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert [r["step"] for r in _records(run, "train")] == [1, 2, 3, 4, 5, 6]
@@ -176,7 +167,7 @@ def test_a_slow_tracker_never_holds_up_the_sink(tmp_path, monkeypatch):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 20  # the run's own records are whole
 
 
-def test_a_tracker_that_cannot_start_is_one_line_and_the_run_goes_on(tok, tmp_path, monkeypatch):
+def test_a_tracker_that_cannot_start_is_one_line_and_the_run_goes_on(stdlib_tokenizer_dir, tmp_path, monkeypatch):
     from lmlab.train.loop import train
 
     class NoLogin(_Flaky):
@@ -186,7 +177,7 @@ def test_a_tracker_that_cannot_start_is_one_line_and_the_run_goes_on(tok, tmp_pa
     monkeypatch.setattr(trackers, "missing_package", lambda name: False)
     monkeypatch.setitem(trackers.SERVICES, "wandb", NoLogin)
     lines = []
-    run = train(load_config(None, [*_args(tok, tmp_path, "nologin", 2), "log.wandb=true",
+    run = train(load_config(None, [*_args(stdlib_tokenizer_dir, tmp_path, "nologin", 2), "log.wandb=true",
                                    "log.wandb_mode=online"]), echo=lines.append)
     msg = "wandb: not started (RuntimeError: api_key not configured (no-tty)); training continues without it"
     assert msg in lines and msg in (run / "train.log").read_text()
@@ -254,13 +245,13 @@ def _offline_env(tmp_path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_wandb_offline_and_trackio_local_log_what_metrics_jsonl_has(tok, tmp_path):
+def test_wandb_offline_and_trackio_local_log_what_metrics_jsonl_has(stdlib_tokenizer_dir, tmp_path):
     pytest.importorskip("wandb")
     pytest.importorskip("trackio")
     env = _offline_env(tmp_path)
     out, run = tmp_path / "runs", tmp_path / "runs" / "tracked"
     cli = [sys.executable, "-m", "lmlab.cli"]
-    first = subprocess.run([*cli, "pretrain", *_args(tok, out, "tracked", 4), "log.wandb=true",
+    first = subprocess.run([*cli, "pretrain", *_args(stdlib_tokenizer_dir, out, "tracked", 4), "log.wandb=true",
                             "log.wandb_mode=offline", "log.trackio=true", "log.trackio_project=lmlab-test"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -16,15 +16,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_
        "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from lmlab.data.tokenizer import train_bpe
-
-    out = tmp_path_factory.mktemp("tok")
-    train_bpe("stdlib", 512, out, max_chars=400_000)
-    return out
-
-
 MAMBA = ("model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2", "model.dense_hidden=32")
 
 
@@ -98,13 +89,13 @@ def _assert_resume_is_exact(straight: Path, killed: Path, total: int) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_is_bitwise_identical(tokenizer_dir, tmp_path):
-    straight = _cli("pretrain", *_args(tokenizer_dir, tmp_path, "straight"))
+def test_sigkill_and_resume_is_bitwise_identical(stdlib_tokenizer_dir, tmp_path):
+    straight = _cli("pretrain", *_args(stdlib_tokenizer_dir, tmp_path, "straight"))
     assert straight.returncode == 0, straight.stderr
-    _kill_after_checkpoint(_args(tokenizer_dir, tmp_path, "killed"), tmp_path / "killed", 12)
+    _kill_after_checkpoint(_args(stdlib_tokenizer_dir, tmp_path, "killed"), tmp_path / "killed", 12)
     _assert_resume_is_exact(tmp_path / "straight", tmp_path / "killed", 40)
     # SIGTERM: a checkpoint at the end of the current step, status "stopped", exit 0, then the same exact resume
-    _kill_after_checkpoint(_args(tokenizer_dir, tmp_path, "termed"), tmp_path / "termed", 8, sig=signal.SIGTERM)
+    _kill_after_checkpoint(_args(stdlib_tokenizer_dir, tmp_path, "termed"), tmp_path / "termed", 8, sig=signal.SIGTERM)
     assert json.loads((tmp_path / "termed" / "run.json").read_text())["status"] == "stopped"
     _assert_resume_is_exact(tmp_path / "straight", tmp_path / "termed", 40)
     # the same run folder on another global batch is refused, naming what changed
@@ -119,21 +110,21 @@ def test_sigkill_and_resume_is_bitwise_identical(tokenizer_dir, tmp_path):
     ("model.name=llama-tiny", "model.hidden_size=32", "model.intermediate_size=64", "model.num_attention_heads=2",
      "model.num_key_value_heads=2", "model.attention_dropout=0.1"),
 ], ids=["inl", "llama"])
-def test_other_families_resume_exactly(tokenizer_dir, tmp_path, model):
+def test_other_families_resume_exactly(stdlib_tokenizer_dir, tmp_path, model):
     """INL-LLM and the Llama baseline go through the same trainer: SIGKILL + resume is bitwise exact."""
     steps = 16
     kw = dict(steps=steps, dropout=None, model=model)
-    straight = _cli("pretrain", *_args(tokenizer_dir, tmp_path, "straight", **kw))
+    straight = _cli("pretrain", *_args(stdlib_tokenizer_dir, tmp_path, "straight", **kw))
     assert straight.returncode == 0, straight.stderr
-    _kill_after_checkpoint(_args(tokenizer_dir, tmp_path, "killed", **kw), tmp_path / "killed", 4)
+    _kill_after_checkpoint(_args(stdlib_tokenizer_dir, tmp_path, "killed", **kw), tmp_path / "killed", 4)
     _assert_resume_is_exact(tmp_path / "straight", tmp_path / "killed", steps)
 
 
 @pytest.mark.slow
-def test_swelu_values_are_logged_and_inspect_shows_them(tokenizer_dir, tmp_path):
+def test_swelu_values_are_logged_and_inspect_shows_them(stdlib_tokenizer_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    res = _cli("pretrain", *_args(tokenizer_dir, tmp_path, "sw", steps=8))
+    res = _cli("pretrain", *_args(stdlib_tokenizer_dir, tmp_path, "sw", steps=8))
     assert res.returncode == 0, res.stderr
     run = tmp_path / "sw"
     recs = [e for e in _events(run) if e["kind"] == "swelu"]
@@ -149,7 +140,7 @@ def test_swelu_values_are_logged_and_inspect_shows_them(tokenizer_dir, tmp_path)
         assert name in out.stdout
     assert "k first" in out.stdout and "λ now" in out.stdout
     assert (tmp_path / "sw.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    no_swelu = _cli("pretrain", *_args(tokenizer_dir, tmp_path, "silu", steps=2,
+    no_swelu = _cli("pretrain", *_args(stdlib_tokenizer_dir, tmp_path, "silu", steps=2,
                                        extra=("model.activation=silu",)))
     assert no_swelu.returncode == 0, no_swelu.stderr
     bad = _cli("inspect", str(tmp_path / "silu"))
@@ -157,12 +148,12 @@ def test_swelu_values_are_logged_and_inspect_shows_them(tokenizer_dir, tmp_path)
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one(tokenizer_dir, tmp_path):
-    one = _cli("pretrain", *_args(tokenizer_dir, tmp_path, "one", steps=12, dropout=0.0, batch=4))
+def test_ddp_two_processes_match_one(stdlib_tokenizer_dir, tmp_path):
+    one = _cli("pretrain", *_args(stdlib_tokenizer_dir, tmp_path, "one", steps=12, dropout=0.0, batch=4))
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-         "-m", "lmlab.cli", "pretrain", *_args(tokenizer_dir, tmp_path, "two", steps=12, dropout=0.0, batch=2)],
+         "-m", "lmlab.cli", "pretrain", *_args(stdlib_tokenizer_dir, tmp_path, "two", steps=12, dropout=0.0, batch=2)],
         capture_output=True, text=True, env=ENV, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
 
@@ -182,13 +173,13 @@ def test_ddp_two_processes_match_one(tokenizer_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_loads_with_auto_classes_and_generates(tokenizer_dir, tmp_path):
+def test_export_loads_with_auto_classes_and_generates(stdlib_tokenizer_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     import lmlab.models  # noqa: F401  (registers the Auto classes)
     from lmlab.inference import load_for_inference
 
-    res = _cli("pretrain", *_args(tokenizer_dir, tmp_path, "exp", steps=6))
+    res = _cli("pretrain", *_args(stdlib_tokenizer_dir, tmp_path, "exp", steps=6))
     assert res.returncode == 0, res.stderr
     run = tmp_path / "exp"
     for f in ("config.yaml", "run.json", "metrics.jsonl", "train.log", "samples.jsonl", "final/config.json",

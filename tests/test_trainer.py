@@ -26,15 +26,6 @@ from lmlab.train.step import compute_gradients
 CPU = Runtime(device=torch.device("cpu"), precision="fp32")
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from lmlab.data.tokenizer import train_bpe
-
-    out = tmp_path_factory.mktemp("tok")
-    train_bpe("stdlib", 512, out, max_chars=300_000)
-    return out
-
-
 def _cfg(tok, out, name, *extra, steps=12):
     return load_config(None, [
         "model.name=mamba-swelu-tiny", "model.d_model=32", "model.n_layers=2", "model.dense_hidden=32",
@@ -67,10 +58,10 @@ class LabelSmoothed(Pretrain):
         return token_loss_sum(logits, batch["targets"], label_smoothing=0.1), {}
 
 
-def test_a_new_objective_is_one_class_and_one_registry_line(tok, tmp_path):
+def test_a_new_objective_is_one_class_and_one_registry_line(stdlib_tokenizer_dir, tmp_path):
     register_objective(LabelSmoothed)
     try:
-        cfg = _cfg(tok, tmp_path, "smooth", "train.objective=label_smoothed", steps=3)
+        cfg = _cfg(stdlib_tokenizer_dir, tmp_path, "smooth", "train.objective=label_smoothed", steps=3)
         # the loss the trainer logs at step 1 is the objective's, on the first batch, for the fresh model
         parts = build(cfg, CPU, make_objective(cfg))
         batch = parts.data.train.next()
@@ -86,9 +77,9 @@ def test_a_new_objective_is_one_class_and_one_registry_line(tok, tmp_path):
         OBJECTIVES.pop("label_smoothed", None)
 
 
-def test_unknown_objective_is_refused_before_anything(tok, tmp_path):
+def test_unknown_objective_is_refused_before_anything(stdlib_tokenizer_dir, tmp_path):
     with pytest.raises(ConfigError, match="train.objective: unknown objective 'nope'; allowed: pretrain, sft, dpo"):
-        train(_cfg(tok, tmp_path, "nope", "train.objective=nope"), echo=_quiet)
+        train(_cfg(stdlib_tokenizer_dir, tmp_path, "nope", "train.objective=nope"), echo=_quiet)
     assert not (tmp_path / "nope").exists()
 
 
@@ -156,9 +147,9 @@ def test_decay_groups_and_decay_all_parameters():
 
 
 # ------------------------------------------------------------------------------------------- whole runs
-def test_training_lowers_the_loss_and_two_runs_at_two_threads_are_bitwise_equal(tok, tmp_path):
-    a = train(_cfg(tok, tmp_path, "a", steps=16), echo=_quiet)
-    b = train(_cfg(tok, tmp_path, "b", steps=16), echo=_quiet)
+def test_training_lowers_the_loss_and_two_runs_at_two_threads_are_bitwise_equal(stdlib_tokenizer_dir, tmp_path):
+    a = train(_cfg(stdlib_tokenizer_dir, tmp_path, "a", steps=16), echo=_quiet)
+    b = train(_cfg(stdlib_tokenizer_dir, tmp_path, "b", steps=16), echo=_quiet)
     losses = [r["loss"] for r in _records(a, "train")]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3
     wa, wb = load_file(str(a / "final/model.safetensors")), load_file(str(b / "final/model.safetensors"))
@@ -203,17 +194,17 @@ def test_spike_detection_after_warmup_only():
     assert early.check(1, 100.0, 1.0).apply  # nothing to compare with yet
 
 
-def test_document_masking_reaches_the_model_and_bf16_runs_on_cpu(tok, tmp_path):
-    run = train(_cfg(tok, tmp_path, "docmask", "data.document_masking=true", "train.precision=bf16", steps=3),
-                echo=_quiet)
+def test_document_masking_reaches_the_model_and_bf16_runs_on_cpu(stdlib_tokenizer_dir, tmp_path):
+    run = train(_cfg(stdlib_tokenizer_dir, tmp_path, "docmask", "data.document_masking=true", "train.precision=bf16",
+                     steps=3), echo=_quiet)
     assert all(r["loss"] == r["loss"] for r in _records(run, "train"))
-    cfg = _cfg(tok, tmp_path, "x", "data.document_masking=true")
+    cfg = _cfg(stdlib_tokenizer_dir, tmp_path, "x", "data.document_masking=true")
     parts = build(cfg, CPU, make_objective(cfg))
     assert "seq_idx" in parts.data.train.next()
 
 
-def test_document_masking_refused_for_a_model_that_cannot_reset(tok, tmp_path):
-    cfg = _cfg(tok, tmp_path, "llama", "data.document_masking=true")
+def test_document_masking_refused_for_a_model_that_cannot_reset(stdlib_tokenizer_dir, tmp_path):
+    cfg = _cfg(stdlib_tokenizer_dir, tmp_path, "llama", "data.document_masking=true")
     cfg.model.name, cfg.model.overrides = "llama-tiny", {}
     with pytest.raises(ConfigError, match="data.document_masking"):
         train(cfg, echo=_quiet)
@@ -260,8 +251,8 @@ class _Evil:
         return (os.system, (f"touch {self.path}",))
 
 
-def test_a_checkpoint_carrying_code_is_refused_and_a_damaged_one_is_skipped(tok, tmp_path):
-    run = train(_cfg(tok, tmp_path, "safe", steps=8), echo=_quiet)
+def test_a_checkpoint_carrying_code_is_refused_and_a_damaged_one_is_skipped(stdlib_tokenizer_dir, tmp_path):
+    run = train(_cfg(stdlib_tokenizer_dir, tmp_path, "safe", steps=8), echo=_quiet)
     root = run / "checkpoints"
     last, previous = ckpt.list_checkpoints(root)[-1], ckpt.list_checkpoints(root)[-2]
     # a pickle that would run a command, with the manifest rewritten to match
@@ -290,23 +281,23 @@ def test_a_checkpoint_carrying_code_is_refused_and_a_damaged_one_is_skipped(tok,
     assert "model.safetensors" in lines[0] and last.name in lines[0]
 
 
-def test_export_loads_in_a_python_that_never_imported_lmlab(tok, tmp_path):
-    run = train(_cfg(tok, tmp_path, "export", steps=2), echo=_quiet)
+def test_export_loads_in_a_python_that_never_imported_lmlab(stdlib_tokenizer_dir, tmp_path):
+    run = train(_cfg(stdlib_tokenizer_dir, tmp_path, "export", steps=2), echo=_quiet)
     code = ("import torch\nfrom transformers import AutoModelForCausalLM\n"
             f"m = AutoModelForCausalLM.from_pretrained({str(run / 'final')!r}, trust_remote_code=True)\n"
             "ids = torch.arange(10)[None]\n"
-            "print(type(m).__name__, float(m(ids).logits.double().sum()))\n")
+            f"torch.save(m(ids).logits.detach(), {str(tmp_path / 'logits.pt')!r})\n"
+            "print(type(m).__name__)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    name, total = out.stdout.split()
-    assert name == "MambaSWELUForCausalLM"
+    assert out.stdout.split() == ["MambaSWELUForCausalLM"]
     from lmlab.inference import load_for_inference
 
     model, _ = load_for_inference(str(run))
-    with torch.no_grad():
-        assert float(model(torch.arange(10)[None]).logits.double().sum()) == pytest.approx(float(total), rel=1e-6)
+    with torch.no_grad():  # the same function up to float32 rounding (the two processes differ in thread count)
+        torch.testing.assert_close(model(torch.arange(10)[None]).logits, torch.load(tmp_path / "logits.pt"))
 
 
 def test_a_full_disk_stops_the_save_cleanly_and_keeps_the_previous_checkpoint(tmp_path):
@@ -339,10 +330,10 @@ except LmlabError as e:
     ckpt.verify(root / "step-00000001")
 
 
-def test_early_stopping_on_validation_loss(tok, tmp_path):
+def test_early_stopping_on_validation_loss(stdlib_tokenizer_dir, tmp_path):
     # a learning rate of ~0 never improves by 0.5: stop after two evaluations without a new best, then export
-    run = train(_cfg(tok, tmp_path, "early", "train.lr=1e-9", "train.eval_every=2", "train.early_stop_patience=2",
-                     "train.early_stop_min_delta=0.5", steps=12), echo=_quiet)
+    run = train(_cfg(stdlib_tokenizer_dir, tmp_path, "early", "train.lr=1e-9", "train.eval_every=2",
+                     "train.early_stop_patience=2", "train.early_stop_min_delta=0.5", steps=12), echo=_quiet)
     stop = [r for r in _records(run, "event") if r["event"] == "early_stop"]
     assert len(stop) == 1 and stop[0]["step"] == 6  # evals at 2 (first), 4 and 6 (no gain)
     assert (run / "final" / "config.json").is_file()
@@ -383,7 +374,7 @@ except LmlabError as e:
     ckpt.verify(root / "step-00000001")
 
 
-def test_warmup_is_capped_at_a_tenth_of_a_short_run_with_a_line(tok, tmp_path):
+def test_warmup_is_capped_at_a_tenth_of_a_short_run_with_a_line(stdlib_tokenizer_dir, tmp_path):
     from lmlab.train.optim import warmup_steps
 
     assert (warmup_steps(100, 50), warmup_steps(100, 5000), warmup_steps(0, 50), warmup_steps(100, 3)) == (5, 100, 0, 1)
@@ -391,7 +382,7 @@ def test_warmup_is_capped_at_a_tenth_of_a_short_run_with_a_line(tok, tmp_path):
     assert [lr_at(i, **kw) for i in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     assert lr_at(5, **kw) == pytest.approx(1.0)
     lines = []
-    run = train(_cfg(tok, tmp_path, "warm", "train.warmup_steps=100", "train.log_every=1", steps=10),
+    run = train(_cfg(stdlib_tokenizer_dir, tmp_path, "warm", "train.warmup_steps=100", "train.log_every=1", steps=10),
                 echo=lines.append)
     assert any("train.warmup_steps=100 is more than a tenth of the run's 10 steps: warming up over 1" in line
                for line in lines)
@@ -425,12 +416,12 @@ class NoHeldOut(Pretrain):
                                                     for b in d.val()))
 
 
-def test_no_held_out_data_gives_no_value_no_best_and_no_early_stop(tok, tmp_path):
+def test_no_held_out_data_gives_no_value_no_best_and_no_early_stop(stdlib_tokenizer_dir, tmp_path):
     register_objective(NoHeldOut)
     try:
         lines = []
-        run = train(_cfg(tok, tmp_path, "noval", "train.objective=no_held_out", "train.early_stop_patience=1",
-                         steps=8), echo=lines.append)
+        run = train(_cfg(stdlib_tokenizer_dir, tmp_path, "noval", "train.objective=no_held_out",
+                         "train.early_stop_patience=1", steps=8), echo=lines.append)
     finally:
         OBJECTIVES.pop("no_held_out", None)
     assert [r for r in _records(run, "eval") if "val_loss" in r] == []
