@@ -32,6 +32,15 @@ FLAG_SETS = (
 )
 
 
+def kernel_source(filename: str) -> str:
+    """A kernel's source as compiled: vmath.h (the vectorisable exp/log the kernels share), then `filename`, both
+    package data of lmlab.models. The whole text keys the build cache, so an edit to either builds anew."""
+    from importlib import resources
+
+    files = resources.files(__package__)
+    return "\n".join(files.joinpath(f).read_text(encoding="utf-8") for f in ("vmath.h", filename))
+
+
 def cache_dir(name: str) -> Path:
     root = os.environ.get("LMLAB_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmlab")

@@ -6,9 +6,6 @@
 // Everything computes in fp32 (the inputs and outputs may be bf16). Reductions (dk, dλ, the conv's weight and bias
 // gradients) are summed per fixed block of elements / rows and the blocks are added in order, so the results do not
 // depend on the number of threads. Built by lmlab.models.cpp_build with the same flags as the selective scan.
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -35,54 +32,72 @@ inline void store(uint16_t* p, int64_t i, float v) {  // round to nearest even, 
     p[i] = static_cast<uint16_t>(bits >> 16);
 }
 
+constexpr float TINY = 1.17549435e-38f;  // the smallest normal float: vlog's domain (a denormal |z| reads as it)
 constexpr int64_t SWELU_BLOCK = 4096;  // elements per partial sum of dk, dλ
 constexpr int64_t CONV_ROWS = 64;      // (b, t) rows per partial sum of the conv's dw, dbias
 
 inline int threads_for(int requested) { return requested > 0 ? requested : 1; }
 
 // ------------------------------------------------------------------------------------------------ SWELU
+// one block of SWELU's forward: its own function over restrict pointers, so the loop vectorises
+template <typename T>
+inline void swelu_fwd_block(const T* __restrict z, T* __restrict y, int64_t m, float k, float lam) {
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) {
+        const float v = load(z, i);
+        const float a = std::fabs(v);
+        const float safe = a > TINY ? a : (a > 0.f ? TINY : 1.f);  // no fmax: it would not vectorise
+        const float ak = a > 0.f ? vexp(k * vlog(safe)) : 0.f;
+        const float s = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
+        store(y, i, lam * s * (1.f - vexp(-ak)));
+    }
+}
+
 template <typename T>
 void swelu_fwd(const T* z, T* y, int64_t n, float k, float lam, int nthreads) {
+    const int64_t blocks = (n + SWELU_BLOCK - 1) / SWELU_BLOCK;
 #pragma omp parallel for num_threads(threads_for(nthreads)) schedule(static)
-    for (int64_t blk = 0; blk < n; blk += SWELU_BLOCK) {
-        const int64_t end = blk + SWELU_BLOCK < n ? blk + SWELU_BLOCK : n;
-        for (int64_t i = blk; i < end; ++i) {
-            const float v = load(z, i);
-            const float a = std::fabs(v);
-            const float safe = a > 0.f ? a : 1.f;
-            const float ak = a > 0.f ? std::exp(k * std::log(safe)) : 0.f;
-            const float s = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
-            store(y, i, lam * s * (1.f - std::exp(-ak)));
-        }
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t start = b * SWELU_BLOCK, m = start + SWELU_BLOCK < n ? SWELU_BLOCK : n - start;
+        swelu_fwd_block(z + start, y + start, m, k, lam);
     }
 }
 
 // gz = g·λ·k·max(a, eps)^(k−1)·e^(−a^k); dk = Σ g·λ·s·e^(−a^k)·a^k·ln a (0 at a = 0); dλ = Σ g·s·(1 − e^(−a^k))
 template <typename T, typename G>
+inline void swelu_bwd_block(const T* __restrict z, const G* __restrict g, G* __restrict gz, int64_t m, float k,
+                            float lam, float eps, float eps_slope, int need_gz, double* partial) {
+    float sk = 0.f, sl = 0.f;
+#pragma omp simd reduction(+ : sk, sl)
+    for (int64_t i = 0; i < m; ++i) {
+        const float v = load(z, i), gi = load(g, i);
+        const float a = std::fabs(v);
+        const float safe = a > TINY ? a : (a > 0.f ? TINY : 1.f);  // no fmax: it would not vectorise
+        const float la = vlog(safe);  // 0 at a = 0
+        const float ak = a > 0.f ? vexp(k * la) : 0.f;
+        const float e = vexp(-ak);
+        const float s = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
+        if (need_gz) {
+            const float pow_km1 = a >= eps ? ak / safe : eps_slope;
+            store(gz, i, gi * lam * k * pow_km1 * e);
+        }
+        sk += gi * s * e * ak * la;
+        sl += gi * s * (1.f - e);
+    }
+    partial[0] = static_cast<double>(sk) * lam;
+    partial[1] = sl;
+}
+
+template <typename T, typename G>
 void swelu_bwd(const T* z, const G* g, G* gz, int64_t n, float k, float lam, float eps, double* partial,
                int need_gz, int nthreads) {
-    const float eps_slope = std::exp((k - 1.f) * std::log(eps));  // max(a, eps)^(k−1) below eps
+    const float eps_slope = std::exp((k - 1.f) * std::log(eps));  // max(a, eps)^(k−1) below eps (libm, once)
+    const int64_t blocks = (n + SWELU_BLOCK - 1) / SWELU_BLOCK;
 #pragma omp parallel for num_threads(threads_for(nthreads)) schedule(static)
-    for (int64_t blk = 0; blk < n; blk += SWELU_BLOCK) {
-        const int64_t end = blk + SWELU_BLOCK < n ? blk + SWELU_BLOCK : n;
-        float sk = 0.f, sl = 0.f;
-        for (int64_t i = blk; i < end; ++i) {
-            const float v = load(z, i), gi = load(g, i);
-            const float a = std::fabs(v);
-            const float safe = a > 0.f ? a : 1.f;
-            const float la = std::log(safe);  // 0 at a = 0
-            const float ak = a > 0.f ? std::exp(k * la) : 0.f;
-            const float e = std::exp(-ak);
-            const float s = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
-            if (need_gz) {
-                const float pow_km1 = a >= eps ? ak / safe : eps_slope;
-                store(gz, i, gi * lam * k * pow_km1 * e);
-            }
-            sk += gi * s * e * ak * la;
-            sl += gi * s * (1.f - e);
-        }
-        partial[2 * (blk / SWELU_BLOCK)] = static_cast<double>(sk) * lam;
-        partial[2 * (blk / SWELU_BLOCK) + 1] = sl;
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t start = b * SWELU_BLOCK, m = start + SWELU_BLOCK < n ? SWELU_BLOCK : n - start;
+        swelu_bwd_block(z + start, g + start, need_gz ? gz + start : gz, m, k, lam, eps, eps_slope, need_gz,
+                        partial + 2 * b);
     }
 }
 
@@ -117,7 +132,8 @@ void conv_silu_fwd(const T* x, const float* wt, const float* bias, const int64_t
         for (int64_t row = 0; row < B * l; ++row) {
             conv_row(x, wt, bias, seq, row / l, row % l, l, d, K, sxb, sxl, acc.data());
             O* o = out + row * d;
-            for (int64_t c = 0; c < d; ++c) store(o, c, acc[c] / (1.f + std::exp(-acc[c])));
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) store(o, c, acc[c] / (1.f + vexp(-acc[c])));
         }
     }
 }
@@ -137,8 +153,9 @@ void conv_silu_bwd(const T* x, const float* wt, const float* bias, const int64_t
         for (int64_t row = 0; row < rows; ++row) {
             conv_row(x, wt, bias, seq, row / l, row % l, l, d, K, sxb, sxl, acc.data());
             float* gp = gpre.data() + row * d;
+#pragma omp simd
             for (int64_t c = 0; c < d; ++c) {
-                const float p = acc[c], sg = 1.f / (1.f + std::exp(-p));
+                const float p = acc[c], sg = 1.f / (1.f + vexp(-p));
                 gp[c] = load(gu, row * d + c) * sg * (1.f + p * (1.f - sg));
             }
         }

@@ -18,20 +18,15 @@ import contextlib
 import ctypes
 import math
 import threading
-from pathlib import Path
 
 import torch
 
-from .cpp_build import Library
+from .cpp_build import Library, kernel_source
 
 _off = threading.local()  # reference(): this thread runs the torch reference paths
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SWELU_BLOCK = 4096  # as in kernels_cpu.cpp
 _EPS = 1e-6  # lmlab.models.swelu._EPS: where the slope for k < 1 is clamped
-
-
-def _source() -> str:
-    return Path(__file__).with_name("kernels_cpu.cpp").read_text(encoding="utf-8")
 
 
 def _declare(lib) -> None:
@@ -44,8 +39,8 @@ def _declare(lib) -> None:
         fn.restype = None
 
 
-LIBRARY = Library("kernels_cpu", _source, what="fused C++ CPU kernels", fallback="the torch reference paths",
-                  disable_env="LMLAB_DISABLE_CPP_KERNELS", declare=_declare)
+LIBRARY = Library("kernels_cpu", lambda: kernel_source("kernels_cpu.cpp"), what="fused C++ CPU kernels",
+                  fallback="the torch reference paths", disable_env="LMLAB_DISABLE_CPP_KERNELS", declare=_declare)
 
 
 def available() -> bool:

@@ -31,11 +31,10 @@ compiler it warns once and runs `chunked`.
 from __future__ import annotations
 
 import ctypes
-from importlib import resources
 
 import torch
 
-from .cpp_build import Library, build
+from .cpp_build import Library, build, kernel_source
 
 # ------------------------------------------------------------------------------------------ chunked
 CHUNK = 32  # steps per chunk of the torch path: (b, d, T, n) per chunk is what lives in memory
@@ -137,7 +136,7 @@ CPP_SOURCE = "scan_cpu.cpp"
 
 def cpp_source() -> str:
     """The C++ kernel's source text (part of the build cache key: an edited source builds anew)."""
-    return resources.files(__package__).joinpath(CPP_SOURCE).read_text(encoding="utf-8")
+    return kernel_source(CPP_SOURCE)
 
 
 def _compile() -> ctypes.CDLL:
