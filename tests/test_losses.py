@@ -377,9 +377,10 @@ def test_token_logps_of_a_model_as_grpo_takes_them():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-def test_auto_leaves_a_small_batch_on_the_plain_path(monkeypatch):
+def test_auto_leaves_a_small_batch_on_the_plain_path_where_chunks_are_not_faster(monkeypatch):
     import lmlab.train.losses as losses
 
+    monkeypatch.setattr(losses, "FASTER_CHUNKED_ON", ())  # as on a GPU
     model = _model("mamba-swelu-tiny")
     x, y = _token_batch()
     calls = []
@@ -387,6 +388,19 @@ def test_auto_leaves_a_small_batch_on_the_plain_path(monkeypatch):
     lm_loss_sum(model, lambda: model(x), y, LossChunking("auto", 1.0))  # 38 tokens × 50 × 4 B < 1 MiB
     assert calls == []
     lm_loss_sum(model, lambda: model(x), y, LossChunking("auto", 38 * V * 4 / 2 ** 20 * 0.99))
+    assert calls == [1]
+
+
+def test_auto_chunks_even_a_small_batch_on_the_cpu(monkeypatch):
+    import lmlab.train.losses as losses
+
+    model = _model("mamba-swelu-tiny")
+    x, y = _token_batch()
+    calls = []
+    monkeypatch.setattr(losses, "linear_cross_entropy_sum", lambda *a, **k: calls.append(1) or a[0].sum())
+    lm_loss_sum(model, lambda: model(x), y, LossChunking("auto", 1.0))
+    assert calls == [1]
+    lm_loss_sum(model, lambda: model(x), y, LossChunking("off", 1.0))
     assert calls == [1]
 
 

@@ -127,7 +127,7 @@ class TrainConfig:
     compile: bool = doc(False, "torch.compile each block (the selective scan stays out of the graph)")
     chunked_loss: Literal["auto", "on", "off"] = doc(
         "auto", "LM head + loss a chunk of tokens at a time, the full logits never stored; auto: when a "
-                "micro-batch's logits exceed loss_chunk_mb")
+                "micro-batch's logits exceed loss_chunk_mb, and always on CPU (faster there)")
     loss_chunk_mb: int = doc(256, "fp32 logits per chunk of the chunked loss, in MiB (> 0)")
 
 

@@ -23,7 +23,8 @@ has it whole (FSDP2 gathers it there; DDP and DeepSpeed see it used). lmlab's mo
 what the head returns as `.logits`; a model whose forward changes it (a soft cap, a scale) is found out on its
 first micro-batch and takes the plain path from then on. `LossChunking` (train.chunked_loss,
 train.loss_chunk_mb) decides per micro-batch: `on`, `off`, or `auto` = on when the micro-batch's fp32 logits
-would exceed one chunk.
+would exceed one chunk, and always on the CPU, where even one chunk is faster than the plain path (it never
+builds the log-softmax and its gradient separately: bench/bench_profile.py --chunked-loss).
 """
 
 from __future__ import annotations
@@ -254,6 +255,9 @@ def head_computes(model: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], t
 
 
 # ------------------------------------------------------------------------------------- the policy
+FASTER_CHUNKED_ON = ("cpu",)  # device types where even one chunk beats the plain path: `auto` always chunks there
+
+
 @dataclass(frozen=True)
 class LossChunking:
     """train.chunked_loss and train.loss_chunk_mb: whether, and in chunks of how many tokens, a micro-batch's loss
@@ -294,7 +298,10 @@ class LossChunking:
         if self.mode == "off" or core_model(model) in _TRANSFORMING:
             return None
         head = output_head(model)
-        return head if head is not None and self.wanted(tokens, head.weight.size(0)) else None
+        if head is None:
+            return None
+        faster = self.mode == "auto" and head.weight.device.type in FASTER_CHUNKED_ON
+        return head if faster or self.wanted(tokens, head.weight.size(0)) else None
 
 
 # models whose forward changed what their head returned (a soft cap, a scale): the plain path from then on
