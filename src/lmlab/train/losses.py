@@ -92,6 +92,21 @@ def _selected(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, tor
     return rows, h.reshape(-1, h.size(-1)).index_select(0, rows), t.index_select(0, rows)
 
 
+def _add_chunk_grads(g: torch.Tensor, w: torch.Tensor, hc: torch.Tensor, c: slice, grad_h: torch.Tensor | None,
+                     grad_w: torch.Tensor | None) -> None:
+    """A chunk's gradient dL/dz (rows × V, in the compute dtype) into grad_h's rows and the head's gradient."""
+    if grad_h is not None:
+        grad_h[c] = g @ w
+    if grad_w is not None:
+        grad_w += g.t() @ hc
+
+
+def _scatter_rows(grad: torch.Tensor, rows: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """The selected rows' gradient back in h's shape, zero where the target was -100."""
+    full = torch.zeros(shape[:-1].numel(), grad.size(-1), dtype=dtype, device=grad.device)
+    return full.index_copy_(0, rows, grad.to(dtype)).view(shape)
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, label_smoothing: float, chunk: int, need_h: bool, need_w: bool):
@@ -121,14 +136,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 g.scatter_add_(1, tc.unsqueeze(1), g.new_full((tc.numel(), 1), eps - 1.0))
                 if eps:
                     g.sub_(eps / vocab)
-                g = g.to(cdt)
-                if grad_h is not None:
-                    grad_h[c] = g @ w
-                if grad_w is not None:
-                    grad_w += g.t() @ hc
+                _add_chunk_grads(g.to(cdt), w, hc, c, grad_h, grad_w)
         if grad_h is not None:
-            full = torch.zeros(shape[:-1].numel(), d, dtype=h.dtype, device=h.device)
-            grad_h = full.index_copy_(0, rows, grad_h.to(h.dtype)).view(shape)
+            grad_h = _scatter_rows(grad_h, rows, shape, h.dtype)
         # kept on ctx rather than saved: the backward scales them in place and hands them over (no second copy)
         ctx.grads = (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         return total
@@ -187,14 +197,9 @@ class _LinearTokenLogps(torch.autograd.Function):
                 p = upcast_half(hc @ w.t()).sub_(lse[c].unsqueeze(1)).exp_()  # softmax of the recomputed logits
                 g = p.mul_(-gc.unsqueeze(1))  # d logp_t / d z = onehot − softmax, times the incoming gradient
                 g.scatter_add_(1, tc.unsqueeze(1), gc.unsqueeze(1))
-                g = g.to(cdt)
-                if grad_h is not None:
-                    grad_h[c] = g @ w
-                if grad_w is not None:
-                    grad_w += g.t() @ hc
+                _add_chunk_grads(g.to(cdt), w, hc, c, grad_h, grad_w)
         if grad_h is not None:
-            full = torch.zeros(ctx.h_shape[:-1].numel(), d, dtype=ctx.h_dtype, device=hs.device)
-            grad_h = full.index_copy_(0, rows, grad_h.to(ctx.h_dtype)).view(ctx.h_shape)
+            grad_h = _scatter_rows(grad_h, rows, ctx.h_shape, ctx.h_dtype)
         return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None
 
 
