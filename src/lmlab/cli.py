@@ -23,7 +23,7 @@ class Command(NamedTuple):
 
 # command name -> Command(module, help)
 COMMANDS: dict[str, Command] = {
-    "quickstart": Command("quickstart", "train mamba-swelu-tiny on the Python standard library in ~3 minutes on a CPU "
+    "quickstart": Command("quickstart", "train mamba-swelu-tiny on the Python standard library in ~2 minutes on a CPU "
                                         "(no network needed)"),
     "pretrain": Command("pretrain", "pretrain a model on raw text (new run folder under runs/)"),
     "resume": Command("resume", "continue a run from its latest checkpoint (model, optimizer, RNG and data position "

@@ -1,4 +1,4 @@
-"""lmlab quickstart: the whole loop in about three minutes on a 2-core CPU, with no network.
+"""lmlab quickstart: the whole loop in about two minutes on a 2-core CPU, with no network.
 
 Trains `mamba-swelu-tiny` on the running interpreter's standard library (a real corpus of code and
 English docstrings, read at run time) with lmlab's own BPE tokenizer (trained and cached on first
