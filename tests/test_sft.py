@@ -11,8 +11,9 @@ import torch
 
 from lmlab.config import load_config
 from lmlab.data.chat import IGNORE, ChatFormat, pack
+from lmlab.data.examples import RowStream, to_batch
 from lmlab.errors import ConfigError, DataError
-from lmlab.train.sft import SFT, RowStream, packed_logits, to_batch
+from lmlab.train.sft import SFT, packed_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (conftest)
 

@@ -119,3 +119,21 @@ def error_line(e: BaseException) -> str:
     """An exception of another library as one line: its type and the first line of its message."""
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file, [] if it is missing; a torn line (a crash mid-write) is skipped."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out

@@ -138,6 +138,22 @@ def source_specs(cfg) -> list:
                        max_examples=ft.max_examples[i] if ft.max_examples else None) for i, s in enumerate(sources)]
 
 
+def load_tuning_data(load: Callable, cfg):
+    """(the split data, max_len) of an objective's data.source: `load` is load_instruct, load_preference or
+    load_unpaired, called with the run's sources, held-out fraction, split seed and error policy; max_len is
+    finetune.max_len capped by data.seq_len."""
+    ft = cfg.finetune
+    data = load(source_specs(cfg), val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed_for(cfg.train.seed),
+                on_error=ft.on_error)
+    return data, min(ft.max_len or cfg.data.seq_len, cfg.data.seq_len)
+
+
+def encode_kept(rows, encode_one: Callable, fmt: ChatFormat, max_len: int, overlong: str) -> list:
+    """`encode_one(row, fmt, max_len, overlong)` of each row, the ones it drops (None: too long) left out."""
+    out = (encode_one(r, fmt, max_len, overlong) for r in rows)
+    return [e for e in out if e is not None]
+
+
 def to_batch(p: Packed, rows=None) -> Batch:
     """Rows of packed examples as a batch of the trainer's form (targets = labels shifted left by one)."""
     rows = slice(None) if rows is None else torch.as_tensor(np.asarray(rows), dtype=torch.long)

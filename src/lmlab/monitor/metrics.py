@@ -63,15 +63,6 @@ class MetricsWriter:
 
 def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
     """All records of a run (optionally of one kind); a torn last line (crash mid-write) is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    out = []
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if kind is None or rec.get("kind") == kind:
-            out.append(rec)
-    return out
+    from ..fsutil import read_jsonl
+
+    return [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if kind is None or r.get("kind") == kind]

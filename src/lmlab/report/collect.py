@@ -21,6 +21,7 @@ import yaml
 
 from .. import runs
 from ..errors import LmlabError
+from ..fsutil import read_jsonl
 from ..monitor.runread import last_applied, num, objective_metrics, stop_info
 
 # config keys that do not change what a run computes: runs differing only in these (and train.seed) are seeds
@@ -139,7 +140,7 @@ def load_run(path: Path | str) -> Run:
     manifest = _read_json(path / "run.json") or {}
     config = _read_config(path / "config.yaml")
     run = Run(dir=path, name=manifest.get("name") or path.name, config=config, manifest=manifest)
-    records = _read_jsonl(path / "metrics.jsonl")
+    records = read_jsonl(path / "metrics.jsonl")
     _annotate_time(records)
     run.wall_s = records[-1]["_active_s"] if records and "_active_s" in records[-1] else _manifest_wall(manifest)
     by_kind: dict[str, dict[int, dict]] = {"train": {}, "eval": {}, "swelu": {}}
@@ -151,7 +152,7 @@ def load_run(path: Path | str) -> Run:
     run.evals = [by_kind["eval"][s] for s in sorted(by_kind["eval"])]
     run.swelu = [by_kind["swelu"][s] for s in sorted(by_kind["swelu"])]
     run.events = [rec for rec in records if rec.get("kind") == "event"]
-    run.samples = _read_jsonl(path / "samples.jsonl")
+    run.samples = read_jsonl(path / "samples.jsonl")
     run.devices = _devices(manifest, path)
     run.energy_kwh = _energy(manifest, records)
     run.hardware = manifest.get("hardware") or manifest.get("gpu")
@@ -260,17 +261,3 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out

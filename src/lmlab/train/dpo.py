@@ -27,7 +27,16 @@ import torch
 import torch.nn.functional as F
 
 from ..data.chat import IGNORE
-from ..data.examples import RowStream, chat_format, format_lines, pad_id, source_specs, summary_lines, val_slices
+from ..data.examples import (
+    RowStream,
+    chat_format,
+    encode_kept,
+    format_lines,
+    load_tuning_data,
+    pad_id,
+    summary_lines,
+    val_slices,
+)
 from ..errors import ConfigError
 from .losses import lm_token_logps
 from .objectives import Batch, Objective, ObjectiveData, upcast_half
@@ -110,15 +119,8 @@ class DPO(Objective):
 
         ft, t = cfg.finetune, cfg.train
         fmt = self.format = chat_format(cfg, tokenizer)
-        data = load_preference(source_specs(cfg), val_fraction=cfg.data.val_fraction,
-                               seed=cfg.data.split_seed_for(t.seed), on_error=ft.on_error)
-        max_len = min(ft.max_len or cfg.data.seq_len, cfg.data.seq_len)
-
-        def encode(pairs):
-            out = [encode_pair(p, fmt, max_len, ft.overlong) for p in pairs]
-            return [e for e in out if e is not None]
-
-        train, val = encode(data.train), encode(data.val)
+        data, max_len = load_tuning_data(load_preference, cfg)
+        train, val = (encode_kept(rows, encode_pair, fmt, max_len, ft.overlong) for rows in (data.train, data.val))
         if not train:
             raise ConfigError(f"finetune.max_len: no preference pair fits in {max_len} tokens")
         pad = pad_id(tokenizer)

@@ -47,11 +47,11 @@ from pathlib import Path
 import torch
 
 from ..data.chat import IGNORE
+from ..data.examples import RowStream, chat_format
 from ..errors import ConfigError
 from .ipo import FrozenReference
 from .losses import lm_token_logps, token_logps  # noqa: F401  (token_logps: the plain path, re-exported)
 from .objectives import Batch, Objective, ObjectiveData
-from .sft import RowStream, chat_format
 
 ADV_EPS = 1e-4  # TRL's: advantages / (std + 1e-4)
 

@@ -23,11 +23,11 @@ from collections.abc import Iterator
 
 import torch
 
+from ..data.examples import RowStream, chat_format, encode_kept, load_tuning_data, pad_id, summary_lines
 from ..errors import ConfigError
 from .ipo import FrozenReference
 from .losses import lm_token_logps
 from .objectives import Batch, Objective, ObjectiveData
-from .sft import RowStream, chat_format, source_specs, summary_lines
 
 
 def kto_terms(policy: torch.Tensor, ref: torch.Tensor, policy_kl: torch.Tensor, ref_kl: torch.Tensor,
@@ -66,18 +66,11 @@ class KTO(Objective):
             raise ConfigError("train.batch_size: KTO needs at least 2 examples per batch (its KL estimate pairs "
                               "each prompt with another example's reply)")
         fmt = chat_format(cfg, tokenizer)
-        data = load_unpaired(source_specs(cfg), val_fraction=cfg.data.val_fraction,
-                             seed=cfg.data.split_seed_for(t.seed), on_error=ft.on_error)
-        max_len = min(ft.max_len or cfg.data.seq_len, cfg.data.seq_len)
-
-        def encode(rows):
-            out = [encode_unpaired(e, fmt, max_len, ft.overlong) for e in rows]
-            return [e for e in out if e is not None]
-
-        train, val = encode(data.train), encode(data.val)
+        data, max_len = load_tuning_data(load_unpaired, cfg)
+        train, val = (encode_kept(rows, encode_unpaired, fmt, max_len, ft.overlong) for rows in (data.train, data.val))
         if not train:
             raise ConfigError(f"finetune.max_len: no example fits in {max_len} tokens")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id(tokenizer)
         stream = RowStream(len(train), t.batch_size, lambda idx: collate_unpaired([train[i] for i in idx], pad),
                            seed=t.seed, rank=rt.rank, world_size=rt.world_size, what="KTO examples")
 

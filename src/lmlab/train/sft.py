@@ -26,13 +26,13 @@ from collections.abc import Iterator
 import torch
 
 from ..data.chat import IGNORE, block_causal_mask, encode_examples
-from ..data.examples import (  # noqa: F401  (re-exported: the objectives built on these import them from here)
+from ..data.examples import (
     RowStream,
     chat_format,
     format_lines,
+    load_tuning_data,
     pad_id,
     rows_of,
-    source_specs,
     summary_lines,
     to_batch,
     val_slices,
@@ -64,9 +64,7 @@ class SFT(Objective):
 
         ft, t = cfg.finetune, cfg.train
         fmt = self.format = chat_format(cfg, tokenizer)
-        data = load_instruct(source_specs(cfg), val_fraction=cfg.data.val_fraction,
-                             seed=cfg.data.split_seed_for(t.seed), on_error=ft.on_error)
-        max_len = min(ft.max_len or cfg.data.seq_len, cfg.data.seq_len)
+        data, max_len = load_tuning_data(load_instruct, cfg)
         train = encode_examples(data.train, fmt, max_len=max_len, overlong=ft.overlong, summary=data.summary)
         val = encode_examples(data.val, fmt, max_len=max_len, overlong=ft.overlong) if data.val else []
         pad = pad_id(tokenizer)
