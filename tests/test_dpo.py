@@ -50,11 +50,11 @@ def test_sequence_logps_keep_float64_and_raise_half_precision():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from lmlab.data.tokenizer import train_bpe
+def setup(tmp_path_factory, stdlib_tokenizer_dir):
+    import shutil
 
     root = tmp_path_factory.mktemp("dpo")
-    train_bpe("stdlib", 512, root / "tok", max_chars=200_000)
+    shutil.copytree(stdlib_tokenizer_dir, root / "tok")  # a copy of the session's tokenizer, beside the data
     rows = [{"prompt": f"Is {a} less than {b}?", "chosen": "yes" if a < b else "no", "rejected": "no" if a < b
              else "yes, certainly"} for a in range(8) for b in range(8) if a != b]
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -8,7 +8,6 @@ KTO) on tiny models with train.chunked_loss on and off, through DDP and FSDP2 of
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
@@ -405,21 +404,7 @@ def test_auto_chunks_even_a_small_batch_on_the_cpu(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ strategies
-@pytest.fixture
-def one_rank(monkeypatch):
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1").items():
-        monkeypatch.setenv(k, v)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def test_under_ddp_the_gradients_equal_the_plain_path(one_rank):
+def test_under_ddp_the_gradients_equal_the_plain_path(one_rank_group):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = _model("llama-tiny", tied=False)
@@ -439,7 +424,7 @@ def test_under_ddp_the_gradients_equal_the_plain_path(one_rank):
 
 @pytest.mark.parametrize("kind", ["loss", "logps"])
 @pytest.mark.parametrize("name", ["llama-tiny", "mamba-swelu-tiny"])
-def test_under_fsdp2_the_head_is_computed_whole_inside_the_forward(one_rank, name, kind, monkeypatch):
+def test_under_fsdp2_the_head_is_computed_whole_inside_the_forward(one_rank_group, name, kind, monkeypatch):
     """Outside the forward FSDP2's weights are sharded DTensors; the chunked head reads the weight inside the
     forward, where the root has it gathered (and the log-probabilities' backward finds it gathered again), and
     its gradient reaches the shards as the plain path's does."""

@@ -22,11 +22,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op th
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    from lmlab.data.tokenizer import train_bpe
+def root(tmp_path_factory, stdlib_tokenizer_dir):
+    import shutil
 
     root = tmp_path_factory.mktemp("lifecycle")
-    train_bpe("stdlib", 512, root / "tok", max_chars=200_000)
+    shutil.copytree(stdlib_tokenizer_dir, root / "tok")  # a copy of the session's tokenizer, beside the data
     rows = [{"prompt": f"Is {a} less than {b}?", "chosen": "yes" if a < b else "no",
              "rejected": "no" if a < b else "yes, certainly"} for a in range(6) for b in range(6) if a != b]
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -154,50 +154,37 @@ def test_dpo_reference_is_built_in_setup_after_wrapping(root, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "mamba-swelu-tiny"])
-def test_frozen_copy_of_an_fsdp_sharded_policy(name, monkeypatch):
+def test_frozen_copy_of_an_fsdp_sharded_policy(name, one_rank_group):
     """FSDP2 refuses deepcopy: the reference is the same architecture sharded the same way, with the policy's
     shards copied in; it computes what the policy computed and stays put when the policy steps."""
-    import socket
-
-    import torch.distributed as dist
-
     from lmlab.models import build_config, build_model
     from lmlab.runtime import setup_runtime
     from lmlab.train.dpo import frozen_copy
     from lmlab.train.strategies.fsdp import shard
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1").items():
-        monkeypatch.setenv(k, v)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        rt = setup_runtime("cpu", "fp32", 1)
-        torch.manual_seed(0)
-        over = dict(d_model=32, n_layers=2, dense_hidden=32) if name.startswith("mamba") else {}
-        model = build_model(build_config(name, vocab_size=64, overrides=over))
-        shard(model, rt)
-        with pytest.raises(AssertionError, match="deepcopy"):
-            import copy
+    rt = setup_runtime("cpu", "fp32", 1)
+    torch.manual_seed(0)
+    over = dict(d_model=32, n_layers=2, dense_hidden=32) if name.startswith("mamba") else {}
+    model = build_model(build_config(name, vocab_size=64, overrides=over))
+    shard(model, rt)
+    with pytest.raises(AssertionError, match="deepcopy"):
+        import copy
 
-            copy.deepcopy(model)
-        ref = frozen_copy(model, rt)
-        assert not ref.training and not any(p.requires_grad for p in ref.parameters())
-        x = torch.randint(0, 64, (2, 9))
-        model.eval()
-        with torch.no_grad():
-            before = model(x).logits
-            torch.testing.assert_close(ref(x).logits, before, rtol=0, atol=0)
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        model(x).logits.square().mean().backward()
-        opt.step()
-        with torch.no_grad():
-            assert not torch.equal(model.eval()(x).logits, before)
-            torch.testing.assert_close(ref(x).logits, before, rtol=0, atol=0)
-    finally:
-        dist.destroy_process_group()
+        copy.deepcopy(model)
+    ref = frozen_copy(model, rt)
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    x = torch.randint(0, 64, (2, 9))
+    model.eval()
+    with torch.no_grad():
+        before = model(x).logits
+        torch.testing.assert_close(ref(x).logits, before, rtol=0, atol=0)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).logits.square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        assert not torch.equal(model.eval()(x).logits, before)
+        torch.testing.assert_close(ref(x).logits, before, rtol=0, atol=0)
 
 
 @pytest.mark.slow

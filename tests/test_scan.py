@@ -230,7 +230,7 @@ def test_missing_compiler_falls_back_with_one_warning(monkeypatch, tmp_path):
 def test_kernel_source_is_package_data_and_keys_the_build_cache(monkeypatch, tmp_path):
     """The C++ source ships as scan_cpu.cpp beside the module; the compiler is handed exactly that text, and an
     edited source builds anew (a new cache key) instead of loading the library built from the old one."""
-    from lmlab.models import scan_cpu
+    from lmlab.models import cpp_build, scan_cpu
     from lmlab.models.cpp_build import FLAG_SETS
 
     source = scan_cpu.cpp_source()
@@ -245,7 +245,7 @@ def test_kernel_source_is_package_data_and_keys_the_build_cache(monkeypatch, tmp
 
     def build() -> set[str]:
         with pytest.raises(RuntimeError, match="could not build scan_cpu"):
-            scan_cpu._compile()
+            cpp_build.build("scan_cpu", scan_cpu.cpp_source())
         return {p.name for p in (tmp_path / "cache").rglob("*.so")}
 
     first = build()

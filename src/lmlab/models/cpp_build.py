@@ -1,9 +1,9 @@
 """Building lmlab's C++ CPU kernels: compiled once per source, compiler, flags and CPU, cached on disk, loaded with
 ctypes (no Python headers, no torch C++ API: the kernels take raw pointers, so any g++ or clang++ builds them).
 
-    lib = build("kernels_cpu", Path(__file__).with_name("kernels_cpu.cpp").read_text())
-    KERNELS = Library("kernels_cpu", source_fn, what="fused C++ CPU kernels", fallback="the torch reference paths",
-                      disable_env="LMLAB_DISABLE_CPP_KERNELS")
+    lib = build("kernels_cpu", kernel_source("kernels_cpu.cpp"))       # vmath.h + the file: compiled or cached
+    KERNELS = Library("kernels_cpu", lambda: kernel_source("kernels_cpu.cpp"), what="fused C++ CPU kernels",
+                      fallback="the torch reference paths", disable_env="LMLAB_DISABLE_CPP_KERNELS")
     KERNELS.available()                      # built once per process, on first use; False with one warning
 
 Flag sets are tried in order; the first that compiles wins. -ffast-math is for compiling only: linked with it,

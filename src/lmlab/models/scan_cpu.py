@@ -34,7 +34,7 @@ import ctypes
 
 import torch
 
-from .cpp_build import Library, build, kernel_source
+from .cpp_build import Library, kernel_source
 
 # ------------------------------------------------------------------------------------------ chunked
 CHUNK = 32  # steps per chunk of the torch path: (b, d, T, n) per chunk is what lives in memory
@@ -137,10 +137,6 @@ CPP_SOURCE = "scan_cpu.cpp"
 def cpp_source() -> str:
     """The C++ kernel's source text (part of the build cache key: an edited source builds anew)."""
     return kernel_source(CPP_SOURCE)
-
-
-def _compile() -> ctypes.CDLL:
-    return build("scan_cpu", cpp_source())
 
 
 LIBRARY = Library("scan_cpu", lambda: cpp_source(), what="C++ selective scan",

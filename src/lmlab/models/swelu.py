@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels_cpu
 from .common import inv_softplus
 
 _EPS = 1e-6  # bounds the slope at z = 0 for k < 1 (1e3·λ·k at k = 0.5)
@@ -72,11 +73,8 @@ def swelu(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
 
     On CPU the fused C++ kernel (`kernels_cpu.swelu_fused`: one pass forward, one backward, fp32 arithmetic for
     bf16 inputs too) runs; elsewhere, or without a C++ compiler, `swelu_torch`, its reference."""
-    if z.device.type == "cpu":
-        from . import kernels_cpu
-
-        if kernels_cpu.usable(z):
-            return kernels_cpu.swelu_fused(z, k, lam)
+    if z.device.type == "cpu" and kernels_cpu.usable(z):
+        return kernels_cpu.swelu_fused(z, k, lam)
     return swelu_torch(z, k, lam)
 
 

@@ -1,7 +1,8 @@
 """Measure what one training step really takes, to hold the planner's memory model to the truth.
 
     measure_training_peak("mamba-swelu-small", seq_len=256, micro_batch=8)          # CPU, fresh process
-    -> {"device": "cpu", "state_bytes": ..., "peak_bytes": ..., "params": ..., "seconds": ...}
+    -> {"device": "cpu", "state_bytes": ..., "peak_bytes": ..., "params": ..., "seconds": ..., "loss": ...,
+        "process_peak_bytes": ...}                                                   (the last on CPU only)
 
 The step is the trainer's: logits, fp32 cross-entropy (chunked as train.chunked_loss and train.loss_chunk_mb
 say, lmlab.train.losses), backward, AdamW (decay groups as in training),
@@ -114,9 +115,10 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     rt, objective = Runtime(device=dev, precision=precision), Pretrain(cfg=None)
     objective.chunking = LossChunking(spec.get("chunked_loss", "auto"), spec.get("loss_chunk_mb", 256))
 
-    def step() -> None:  # the trainer's step
-        compute_gradients(model, objective, [batch], rt, optimizer=opt)
+    def step() -> float:  # the trainer's step
+        res = compute_gradients(model, objective, [batch], rt, optimizer=opt)
         apply_update(opt)
+        return float(res.loss)
 
     step()  # allocates AdamW's states
     gc.collect()
@@ -128,15 +130,20 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         state = torch.cuda.memory_allocated(dev) - base
         torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
-    step()
+    loss = step()
     if cpu:
         peak = _hwm() - base
     else:
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - base
     seconds = time.perf_counter() - t0
-    return {"device": str(dev), "params": registry.count_parameters(model), "vocab_size": V,
-            "state_bytes": int(state), "peak_bytes": int(peak), "seconds": seconds}
+    out = {"device": str(dev), "params": registry.count_parameters(model), "vocab_size": V,
+           "state_bytes": int(state), "peak_bytes": int(peak), "seconds": seconds, "loss": loss}
+    if cpu:  # the whole process's peak resident set (weights and optimizer state included); KiB on Linux
+        import resource
+
+        out["process_peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
 
 
 def main() -> int:
