@@ -26,8 +26,11 @@ def run(args) -> int:
 
     run_dir = Path(args.run)
     if (run_dir / "stages.yaml").is_file():  # a multi-stage run: each stage is a run of its own
-        from ..train.stages import resume_stages
+        from ..train.stages import SPEC, resume_stages
 
+        if args.overrides:  # each stage's budget and settings come from the spec it was started with
+            raise ConfigError(f"override {args.overrides[0]!r}: a multi-stage run continues with its own {SPEC} "
+                              f"({run_dir / SPEC}); resume without overrides")
         resume_stages(run_dir, preflight=memory_line)
         return 0
     if not (run_dir / "config.yaml").is_file():

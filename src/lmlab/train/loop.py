@@ -26,7 +26,7 @@ import torch
 
 from .. import runs
 from ..config import Config
-from ..errors import LmlabError
+from ..errors import ConfigError, LmlabError
 from ..eval.perplexity import perplexity, validation_loss
 from ..runtime import Runtime, setup_runtime
 from . import checkpoint as ckpt
@@ -60,8 +60,10 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=Non
 
     `preflight(cfg, rt, model) -> str`, when given, adds a line before the first step (the CLI passes the
     planner's memory check, `lmlab.plan.estimate.memory_line`). A resume whose tokenizer, data, world size or
-    tokens per step differ from the run's is refused unless `force`. `rewrite_config` (a resume with changed
-    settings) saves `cfg` as the run's config.yaml, once the run's lock is taken and the checks passed."""
+    tokens per step differ from the run's is refused unless `force`; one whose budget ends before its latest
+    checkpoint is refused (`check_budget`), and one of a finished run whose budget ends at it does nothing.
+    `rewrite_config` (a resume with changed settings) saves `cfg` as the run's config.yaml, once the run's lock
+    is taken and the checks passed."""
     rt = setup_runtime(cfg.train.device, cfg.train.precision, cfg.train.threads)
     clean = False
     try:
@@ -69,13 +71,19 @@ def train(cfg: Config, run_dir: Path | None = None, *, echo=print, preflight=Non
             run_dir = existing_run(cfg, rt)
             if run_dir is not None and _finished(run_dir, rt):  # a launcher that runs the command again
                 if rt.is_main:
-                    echo(f"run       {run_dir} finished already; nothing to do (lmlab resume {run_dir} "
-                         f"train.max_steps=N trains on)")
+                    echo(_finished_line(run_dir))
                 clean = True
                 return run_dir
         objective = make_objective(cfg)
         parts = build(cfg, rt, objective, saved_tokenizer=Path(run_dir) / "tokenizer" if run_dir else None)
         latest = latest_valid_checkpoint(Path(run_dir) / runs.CHECKPOINTS, echo) if run_dir else None
+        if latest is not None:  # before the folder is touched: a refusal leaves it as it was
+            check_budget(cfg, parts.plan.total_steps, Path(run_dir), latest)
+            if _step_of(latest) == parts.plan.total_steps and _finished(Path(run_dir), rt):
+                if rt.is_main:  # its last step trained and exported: a second finish would only repeat it
+                    echo(_finished_line(Path(run_dir)))
+                clean = True
+                return Path(run_dir)
         manifest = {"parameters": parts.params, "total_steps": parts.plan.total_steps,
                     "tokens_per_step": parts.plan.tokens_per_step, "world_size": rt.world_size,
                     "device": str(rt.device), **parts.data.manifest}
@@ -391,6 +399,31 @@ def check_same_run(run_dir: Path, now: dict, resharded: bool = False) -> None:
     if changed:
         raise LmlabError(f"{run_dir}: cannot resume exactly, changed: {'; '.join(changed)}; "
                          f"pass --force to continue anyway")
+
+
+def check_budget(cfg: Config, total_steps: int, run_dir: Path, latest: Path) -> None:
+    """Refuse a budget of `total_steps` that ends before `latest`, the checkpoint a resume of `run_dir` starts
+    from: the run would be past its end before its first step. A budget that ends at it trains nothing and
+    finishes the run there (its export), unless that is done already."""
+    step = _step_of(latest)
+    if step <= total_steps:
+        return
+    t = cfg.train
+    if t.max_steps is not None:
+        budget = f"train.max_steps={t.max_steps}"
+    elif t.max_tokens is not None:
+        budget = f"train.max_tokens={t.max_tokens} ({total_steps:,} steps)"
+    elif t.token_ratio is not None:
+        budget = f"train.token_ratio={t.token_ratio:g} ({total_steps:,} steps)"
+    else:
+        budget = f"the default budget of {total_steps:,} steps"
+    advice = "give a larger value" if "=" in budget else "set train.max_steps"
+    raise ConfigError(f"{budget} is below step {step:,} of {run_dir}'s latest checkpoint ({latest}); {advice}")
+
+
+def _finished_line(run_dir: Path) -> str:
+    return (f"run       {run_dir} finished already; nothing to do (lmlab resume {run_dir} train.max_steps=N "
+            f"trains on)")
 
 
 def existing_run(cfg: Config, rt: Runtime) -> Path | None:
