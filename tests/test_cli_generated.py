@@ -218,3 +218,19 @@ def test_budget_and_hardware_flags_are_shared():
     for command in ("estimate", "report"):
         assert _flag(command, "--price-per-hour").type is float
     assert build_parser("report").parse_args(["report", "runs", "--gpu", "h100"]).hardware == "h100"  # old spelling
+
+
+# ------------------------------------------------------------------------------------- overrides after flags
+def test_overrides_are_taken_before_and_after_flags(capsys):
+    """`lmlab resume RUN --force train.max_steps=20` and `lmlab pretrain --model M key=value --seq N key=value`:
+    every key=value reaches the overrides in the order given, wherever the flags stand; anything else after a
+    flag is still refused in one line."""
+    from lmlab.cli import _parse
+
+    args = _parse(build_parser("resume"), ["resume", "runs/r", "train.lr=1e-4", "--force", "train.max_steps=20"])
+    assert args.force and args.run == "runs/r" and args.overrides == ["train.lr=1e-4", "train.max_steps=20"]
+    argv = ["pretrain", "--model", "mamba-swelu-tiny", "train.lr=1e-3", "--seq", "64", "train.max_steps=3"]
+    args = _parse(build_parser("pretrain"), argv)
+    assert args.overrides == ["train.lr=1e-3", "train.max_steps=3"]
+    assert main(["resume", "runs/r", "--force", "train.max_steps=20", "stray"]) == 2
+    assert "unrecognized arguments: stray" in capsys.readouterr().err

@@ -163,6 +163,7 @@ def test_the_device_guard_trains_like_the_host_guard(stdlib_tokenizer_dir, tmp_p
         return torch.optim.AdamW(optim.param_groups(model, wd), lr=lr, betas=betas, eps=eps, fused=True)
 
     monkeypatch.setattr(train_setup, "make_optimizer", fused)
+    monkeypatch.setattr(train_loop, "DEVICE_GUARD_ON", ("cuda", "cpu"))  # the CUDA decision, taken on the CPU
     seen = []
     real = DeviceGuard.check
     monkeypatch.setattr(DeviceGuard, "check", lambda self, *a: seen.append(a[0]) or real(self, *a))
@@ -235,6 +236,7 @@ def test_the_device_guard_stops_with_the_host_guards_last_good_state(stdlib_toke
 
     monkeypatch.setattr(train_setup, "make_optimizer", lambda model, lr, wd, betas, eps, device, **kw:
                         torch.optim.AdamW(optim.param_groups(model, wd), lr=lr, betas=betas, eps=eps, fused=True))
+    monkeypatch.setattr(train_loop, "DEVICE_GUARD_ON", ("cuda", "cpu"))
     saved = {}
     for mode in ("device", "host"):
         faulty.at = {9: "nan", 10: "nan", 11: "nan"}  # step 12 is fine: it must not be applied either

@@ -106,6 +106,68 @@ def test_backend_float64_is_exact(backend):
     assert_close_to_ref(run(kw, backend, torch.float64, weights), ref, rtol=1e-10)
 
 
+def as_row_views(kw):
+    """The same values as the mixer hands them over: u, delta, z (b, d, l) and B, C (b, n, l) as transposed views
+    of (b, l, ·) rows, z a slice of a wider row (every channel stride 1, time strides > d)."""
+    out = dict(kw)
+    b, d, l = kw["u"].shape
+    xz = torch.cat([kw["u"], kw["z"]], dim=1).transpose(1, 2).contiguous()  # (b, l, 2d)
+    out["u"], out["z"] = xz[..., :d].transpose(1, 2), xz[..., d:].transpose(1, 2)
+    bc = torch.cat([kw["B"], kw["C"]], dim=1).transpose(1, 2).contiguous()  # (b, l, 2n)
+    n = kw["B"].shape[1]
+    out["B"], out["C"] = bc[..., :n].transpose(1, 2), bc[..., n:].transpose(1, 2)
+    out["delta"] = kw["delta"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert out["u"].stride(1) == out["z"].stride(1) == out["delta"].stride(1) == 1
+    return out
+
+
+ROW_CASES = [(2, 40, 70, 16, True, True), (3, 16, 65, 5, False, False), (1, 33, 9, 16, True, False)]
+
+
+def _needs_kernel():
+    if not S.scan_cpu.cpu_kernel_available():
+        pytest.skip("no C++ compiler: the cpu backend runs `chunked`")
+
+
+@pytest.mark.parametrize("case", ROW_CASES, ids=case_id)
+def test_cpu_row_views_equal_contiguous_inputs_bitwise(case):
+    """The kernel's vector loads of the mixer's row views (full 16-channel blocks, and a short last one) give the
+    bits its strided loads of contiguous (b, d, l) tensors give, outputs and every gradient; both near the reference."""
+    _needs_kernel()
+    kw = make_inputs(*case)
+    weights = (torch.randn(case[0], case[1], case[2]), torch.randn(case[0], case[1], case[3]))
+    got, want = run(as_row_views(kw), "cpu", torch.float32, weights), run(kw, "cpu", torch.float32, weights)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert_close_to_ref(got, run(kw, "ref", torch.float64, weights), rtol=1e-4)
+
+
+def test_cpu_bf16_storage_is_the_float32_scan_rounded():
+    """bf16 inputs are read and outputs written as bf16 with everything computed in fp32 (the state, A, D, the
+    parameter gradients stay fp32): every result equals the fp32 scan of the same (bf16-valued) inputs, rounded
+    to bf16 as torch rounds, to the bit."""
+    _needs_kernel()
+    kw = make_inputs(2, 40, 70, 16, True, True)
+    for k in ("u", "delta", "z", "B", "C"):
+        kw[k] = kw[k].to(torch.bfloat16).float()
+    rows = as_row_views(kw)
+    weights = (torch.randn(2, 40, 70).to(torch.bfloat16).float(), torch.randn(2, 40, 16))
+
+    def scan(dtype):
+        leaves = {k: (v.to(dtype) if k in ("u", "delta", "z", "B", "C") else v).detach().requires_grad_()
+                  if k != "seq_idx" else v for k, v in rows.items()}
+        y, last = S.selective_scan(**leaves, return_last_state=True, backend="cpu")
+        loss = (y.float() * weights[0]).sum() + (last * weights[1]).sum()
+        names = [k for k in NAMES if k in leaves]
+        return {"y": y, "last": last, **dict(zip(names, torch.autograd.grad(loss, [leaves[k] for k in names])))}
+
+    got, want = scan(torch.bfloat16), scan(torch.float32)
+    assert got["y"].dtype == got["u"].dtype == got["B"].dtype == torch.bfloat16 and got["last"].dtype == torch.float32
+    assert got["A"].dtype == torch.float32
+    for key in want:
+        assert torch.equal(got[key], want[key].to(got[key].dtype)), key
+
+
 @pytest.mark.parametrize("backend", ["ref", *FAST])
 def test_without_optional_inputs(backend):
     """No D, z, bias, softplus; no last state: the plain return value."""

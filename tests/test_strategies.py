@@ -443,8 +443,8 @@ def test_deepspeed_sigkill_and_lmlab_resume_is_bitwise(tmp_path):
 
     auto = AutoModelForCausalLM.from_pretrained(str(killed / "final"))
     assert all(torch.equal(v, b[k]) for k, v in auto.state_dict().items() if k in b)
-    # the same run on one process: refused in one line, even with --force (ZeRO partitions are per rank)
-    one = subprocess.run([sys.executable, "-m", "lmlab.cli", "resume", str(killed), "--force"],
+    # the same run extended on one process: refused in one line, even with --force (ZeRO partitions are per rank)
+    one = subprocess.run([sys.executable, "-m", "lmlab.cli", "resume", str(killed), "--force", "train.max_steps=20"],
                          capture_output=True, text=True, env=env, timeout=240)
     assert one.returncode == 2 and "Traceback" not in one.stderr, one.stderr[-3000:]
     assert "written by deepspeed on 2 rank(s), this run has 1" in one.stderr

@@ -13,25 +13,6 @@
 
 namespace {
 
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) {
-    uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(uint16_t* p, int64_t i, float v) {  // round to nearest even, as torch does
-    uint32_t bits;
-    std::memcpy(&bits, &v, 4);
-    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) {  // NaN stays NaN
-        p[i] = static_cast<uint16_t>((bits >> 16) | 0x40);
-        return;
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    p[i] = static_cast<uint16_t>(bits >> 16);
-}
-
 constexpr float TINY = 1.17549435e-38f;  // the smallest normal float: vlog's domain (a denormal |z| reads as it)
 constexpr int64_t SWELU_BLOCK = 4096;  // elements per partial sum of dk, dλ
 constexpr int64_t CONV_ROWS = 64;      // (b, t) rows per partial sum of the conv's dw, dbias

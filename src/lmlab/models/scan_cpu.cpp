@@ -34,232 +34,344 @@ template <typename T> struct Scratch {
     T& operator[](int64_t i) const { return p[i]; }
 };
 
-// Everything one call needs. (b, d, l) inputs and (b, n, l) B, C come with their strides, so the
-// transposed views the mixer makes are read in place. Outputs are contiguous. Optional pointers are null.
+// Everything one call needs. Inputs come as (b, d, l) / (b, n, l) with their strides, so the mixer's transposed
+// views of its (b, l, ·) rows are read in place. The per-element tensors (u, Δ, z, B, C, the output gradient,
+// and out, du, dΔ, dz, dB, dC) are stored in the "storage" type (float, double or bf16); everything else — A, D,
+// the Δ bias, the states, the parameter gradients, checkpoints and partial sums — in the compute type (float,
+// or double for double). Outputs are written as (b, l, d) / (b, l, n) rows. Optional pointers are null.
 struct Args {
     const void *u, *delta, *bias, *A, *B, *C, *D, *z, *h0, *gout, *ghlast;
     const uint8_t* reset;                          // (b, l) contiguous
-    void *out, *hlast, *ckpt;                      // (b, d, l), (b, d, n), (b, d, nc, n)
-    void *gu, *gdelta, *gz, *gh0;                  // (b, d, l) x3, (b, d, n)
+    void *out, *hlast, *ckpt;                      // (b, l, d), (b, d, n), (b, nb, nc, n, W)
+    void *gu, *gdelta, *gz, *gh0;                  // (b, l, d) x3, (b, d, n)
     void *gA, *gD, *gbias, *gB, *gC;               // (d, n), (d,), (d,), (b, l, n), (b, l, n)
     void *pA, *pD, *pbias, *pB, *pC;               // scratch: (b, d, n), (b, d), (b, d), (b, G, l, n) x2
-    int64_t b, d, l, n, chunk, groups;             // groups: G, channel groups per batch row (backward)
-    int64_t su[3], sdt[3], sz[3], sB[3], sC[3];    // strides (elements) of u, delta, z, B, C
+    int64_t b, d, l, n, chunk, groups;             // groups: G, channel-block groups per batch row (backward)
+    int64_t su[3], sdt[3], sz[3], sB[3], sC[3], sgo[3];  // strides (elements) of u, delta, z, B, C, gout
     int32_t softplus, nthreads;
 };
 
-template <typename T> struct Item {  // per (b, d) channel pointers and scalars
-    const T *u, *dt, *z, *B, *C, *A;
-    const uint8_t* r;
-    int64_t su, sdt, sz, sBl, sBn, sCl, sCn;
-    T bias, D;
-    Item(const Args& a, int64_t bi, int64_t di) {
-        u = (const T*)a.u + bi * a.su[0] + di * a.su[1]; su = a.su[2];
-        dt = (const T*)a.delta + bi * a.sdt[0] + di * a.sdt[1]; sdt = a.sdt[2];
-        z = a.z ? (const T*)a.z + bi * a.sz[0] + di * a.sz[1] : nullptr; sz = a.sz[2];
-        B = (const T*)a.B + bi * a.sB[0]; sBn = a.sB[1]; sBl = a.sB[2];
-        C = (const T*)a.C + bi * a.sC[0]; sCn = a.sC[1]; sCl = a.sC[2];
-        A = (const T*)a.A + di * a.n;
-        r = a.reset ? a.reset + bi * a.l : nullptr;
-        bias = a.bias ? ((const T*)a.bias)[di] : T(0);
-        D = a.D ? ((const T*)a.D)[di] : T(0);
+// Channels per block: the kernels walk time for W channels at once, one SIMD lane a channel (16 floats are one
+// AVX-512 register), so a step's Δ, u, z and output are contiguous loads and stores in the (b, l, d) layout and
+// the sum over states is a plain add per lane. The last block of a row may be short: its missing lanes read
+// zeros (u = 0, output gradient = 0, state = 0), which keeps them zero and out of every sum.
+constexpr int64_t W = 16;
+
+template <typename T, typename S>
+static inline void gather(T* __restrict dst, const S* __restrict p, int64_t stride, int64_t w) {
+    if (w == W && stride == 1) {
+#pragma omp simd
+        for (int64_t c = 0; c < W; ++c) dst[c] = load(p, c);
+    } else {
+        for (int64_t c = 0; c < W; ++c) dst[c] = c < w ? load(p, c * stride) : T(0);
     }
-    // Δ (after bias and softplus) and, with z, SiLU(z) and σ(z) of steps [s, e): gathered first,
-    // then transformed in branch-free loops that vectorise
-    inline void prepare(int64_t s, int64_t e, int softplus_, T* dtr, T* sig_dt, T* silu, T* sig_z) const {
-        const int64_t m = e - s;
-        for (int64_t j = 0; j < m; ++j) dtr[j] = dt[(s + j) * sdt] + bias;
-        if (sig_dt) {
+}
+
+template <typename T, typename S>
+static inline void scatter(S* __restrict p, const T* __restrict src, int64_t w) {
+    if (w == W) {
 #pragma omp simd
-            for (int64_t j = 0; j < m; ++j) sig_dt[j] = vsigmoid(dtr[j]);
+        for (int64_t c = 0; c < W; ++c) store(p, c, src[c]);
+    } else {
+        for (int64_t c = 0; c < w; ++c) store(p, c, src[c]);
+    }
+}
+
+// (channel, n) values of channels [d0, d0 + w) ↔ lanes [k · W + c]
+template <typename T>
+static inline void state_in(T* __restrict dst, const T* src, int64_t n, int64_t w) {
+    for (int64_t k = 0; k < n; ++k)
+        for (int64_t c = 0; c < W; ++c) dst[k * W + c] = (src && c < w) ? src[c * n + k] : T(0);
+}
+template <typename T>
+static inline void state_out(T* dst, const T* __restrict src, int64_t n, int64_t w) {
+    for (int64_t k = 0; k < n; ++k)
+        for (int64_t c = 0; c < w; ++c) dst[c * n + k] = src[k * W + c];
+}
+
+template <typename T, typename S>
+struct Lanes {  // batch row bi, channels [d0, d0 + w): the per-step inputs
+    const Args& a;
+    int64_t bi, d0, w;
+    const S *u, *dt, *z;
+    alignas(64) T bias[W], D[W];
+    Lanes(const Args& a_, int64_t bi_, int64_t d0_, int64_t w_) : a(a_), bi(bi_), d0(d0_), w(w_) {
+        u = (const S*)a.u + bi * a.su[0] + d0 * a.su[1];
+        dt = (const S*)a.delta + bi * a.sdt[0] + d0 * a.sdt[1];
+        z = a.z ? (const S*)a.z + bi * a.sz[0] + d0 * a.sz[1] : nullptr;
+        for (int64_t c = 0; c < W; ++c) {
+            bias[c] = (a.bias && c < w) ? ((const T*)a.bias)[d0 + c] : T(0);
+            D[c] = (a.D && c < w) ? ((const T*)a.D)[d0 + c] : T(0);
         }
-        if (softplus_) {
+    }
+    // step t: Δ (bias added, softplus-ed), σ(Δ + bias) if sdt, u, and with z SiLU(z) and σ(z) if sz
+    inline void step(int64_t t, T* __restrict dtv, T* __restrict sdt, T* __restrict uv, T* __restrict sil,
+                     T* __restrict sz) const {
+        gather(dtv, dt + t * a.sdt[2], a.sdt[1], w);
 #pragma omp simd
-            for (int64_t j = 0; j < m; ++j) dtr[j] = vsoftplus(dtr[j]);
+        for (int64_t c = 0; c < W; ++c) dtv[c] += bias[c];
+        if (sdt) {
+#pragma omp simd
+            for (int64_t c = 0; c < W; ++c) sdt[c] = vsigmoid(dtv[c]);
         }
+        if (a.softplus) {
+#pragma omp simd
+            for (int64_t c = 0; c < W; ++c) dtv[c] = vsoftplus(dtv[c]);
+        }
+        gather(uv, u + t * a.su[2], a.su[1], w);
         if (z) {
-            for (int64_t j = 0; j < m; ++j) silu[j] = z[(s + j) * sz];
+            gather(sil, z + t * a.sz[2], a.sz[1], w);
 #pragma omp simd
-            for (int64_t j = 0; j < m; ++j) {
-                const T sg = vsigmoid(silu[j]);
-                if (sig_z) sig_z[j] = sg;
-                silu[j] *= sg;
+            for (int64_t c = 0; c < W; ++c) {
+                const T sg = vsigmoid(sil[c]);
+                if (sz) sz[c] = sg;
+                sil[c] *= sg;
             }
         }
     }
 };
 
-template <typename T, int NT>
+template <typename T, typename S, int NT>
 static void fwd(const Args& a) {
     const int64_t n = NT > 0 ? NT : a.n, l = a.l, d = a.d, chunk = a.chunk;
-    const int64_t nc = (l + chunk - 1) / chunk;
-    const bool contiguous_n = a.sB[1] == 1 && a.sC[1] == 1;
+    const int64_t nc = (l + chunk - 1) / chunk, nb = (d + W - 1) / W;
 #pragma omp parallel num_threads(a.nthreads)
     {
-        Scratch<T> hv(n), Bv(n), Cv(n), dtr(l), silu(l);
-        alignas(64) T hloc[NT > 0 ? NT : 1];  // fixed n: the state lives in registers
-        T* __restrict__ h = NT > 0 ? hloc : hv.data();
+        Scratch<T> hs(n * W), As(n * W);
         // any schedule is exact here: a channel's outputs depend on that channel alone
-#pragma omp for schedule(dynamic, 16)
-        for (int64_t item = 0; item < a.b * d; ++item) {
-            const Item<T> it(a, item / d, item % d);
-            T* out = (T*)a.out + item * l;
-            T* ck = (T*)a.ckpt + item * nc * n;
-            for (int64_t k = 0; k < n; ++k) h[k] = a.h0 ? ((const T*)a.h0)[item * n + k] : T(0);
-            it.prepare(0, l, a.softplus, dtr.data(), nullptr, silu.data(), nullptr);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < a.b * nb; ++item) {
+            const int64_t bi = item / nb, d0 = (item % nb) * W, w = d - d0 < W ? d - d0 : W;
+            const Lanes<T, S> in(a, bi, d0, w);
+            T* __restrict h = hs.data();
+            T* __restrict Al = As.data();
+            state_in(Al, (const T*)a.A + d0 * n, n, w);
+            state_in(h, a.h0 ? (const T*)a.h0 + (bi * d + d0) * n : nullptr, n, w);
+            T* ck = (T*)a.ckpt + item * nc * n * W;
+            S* out = (S*)a.out + bi * l * d + d0;
+            const S* Bb = (const S*)a.B + bi * a.sB[0];
+            const S* Cb = (const S*)a.C + bi * a.sC[0];
+            alignas(64) T dtv[W], uv[W], sil[W], du[W], y[W];
             for (int64_t t = 0; t < l; ++t) {
-                if (t % chunk == 0) std::memcpy(ck + (t / chunk) * n, h, n * sizeof(T));
-                const T dtv = dtr[t], uv = it.u[t * it.su], du = dtv * uv;
-                const T keep = (it.r && it.r[t]) ? T(0) : T(1);
-                const T* Bt = it.B + t * it.sBl;
-                const T* Ct = it.C + t * it.sCl;
-                if (!contiguous_n) {
-                    for (int64_t k = 0; k < n; ++k) { Bv[k] = Bt[k * it.sBn]; Cv[k] = Ct[k * it.sCn]; }
-                    Bt = Bv.data();
-                    Ct = Cv.data();
+                if (t % chunk == 0) std::memcpy(ck + (t / chunk) * n * W, h, n * W * sizeof(T));
+                in.step(t, dtv, nullptr, uv, sil, nullptr);
+                const T keep = (a.reset && a.reset[bi * l + t]) ? T(0) : T(1);
+#pragma omp simd
+                for (int64_t c = 0; c < W; ++c) {
+                    du[c] = dtv[c] * uv[c];
+                    y[c] = 0;
                 }
-                T acc = 0;
-#pragma omp simd reduction(+ : acc)
                 for (int64_t k = 0; k < n; ++k) {
-                    const T hk = vexp(dtv * it.A[k]) * keep * h[k] + du * Bt[k];
-                    h[k] = hk;
-                    acc += hk * Ct[k];
+                    const T bk = load(Bb, k * a.sB[1] + t * a.sB[2]), ckv = load(Cb, k * a.sC[1] + t * a.sC[2]);
+                    T* __restrict hk = h + k * W;
+                    const T* __restrict Ak = Al + k * W;
+#pragma omp simd
+                    for (int64_t c = 0; c < W; ++c) {
+                        const T v = vexp(dtv[c] * Ak[c]) * keep * hk[c] + du[c] * bk;
+                        hk[c] = v;
+                        y[c] += v * ckv;
+                    }
                 }
-                const T y = acc + it.D * uv;
-                out[t] = it.z ? y * silu[t] : y;
+                if (in.z) {
+#pragma omp simd
+                    for (int64_t c = 0; c < W; ++c) y[c] = (y[c] + in.D[c] * uv[c]) * sil[c];
+                } else {
+#pragma omp simd
+                    for (int64_t c = 0; c < W; ++c) y[c] += in.D[c] * uv[c];
+                }
+                scatter(out + t * d, y, w);
             }
-            std::memcpy((T*)a.hlast + item * n, h, n * sizeof(T));
+            state_out((T*)a.hlast + (bi * d + d0) * n, h, n, w);
         }
     }
 }
 
-// The backward. One work item is one batch row bi and one fixed group of channels [d0, d1): it walks
-// them in order, each backwards in time, and adds their dB, dC contributions into the group's own
-// (l, n) partial sums. The groups are a function of (b, d) only, never of the thread count, and the
-// closing reduction (over groups for dB, dC; over batch rows for dA, dD, dbias) runs in a fixed
-// order, so every gradient is the same to the bit whichever thread ran which item, with any number
-// of threads.
-template <typename T, int NT>
+// The backward. One work item is one batch row and a fixed group of channel blocks. It walks time backwards a
+// chunk at a time; inside a chunk it takes its blocks in order, recomputes each block's states from the saved
+// boundary state and runs the adjoint recurrence (each block's ∂L/∂h is carried from chunk to chunk), adding the
+// blocks' dB, dC contributions lane by lane into one (chunk, n, W) buffer, whose lanes are then summed into the
+// group's own (l, n) partial sums. The groups are a function of (b, d) only, never of the thread count, and the
+// closing reduction (over groups for dB, dC; over batch rows for dA, dD, dbias) runs in a fixed order, so every
+// gradient is the same to the bit whichever thread ran which item, with any number of threads.
+template <typename T, typename S, int NT>
 static void bwd(const Args& a) {
     const int64_t n = NT > 0 ? NT : a.n, l = a.l, d = a.d, chunk = a.chunk, G = a.groups;
-    const int64_t nc = (l + chunk - 1) / chunk;
-    const bool contiguous_n = a.sB[1] == 1 && a.sC[1] == 1;
+    const int64_t nc = (l + chunk - 1) / chunk, nb = (d + W - 1) / W, per = (nb + G - 1) / G;
+    const int64_t nw = n * W;
 #pragma omp parallel num_threads(a.nthreads)
     {
-        Scratch<T> gv(n), gAv(n), hbv(chunk * n), abv(chunk * n), Bbuf(chunk * n), Cbuf(chunk * n);
-        Scratch<T> dtbuf(chunk), ybuf(chunk), sdbuf(chunk), silbuf(chunk), szbuf(chunk);
-        alignas(64) T gloc[NT > 0 ? NT : 1];
-        alignas(64) T gAloc[NT > 0 ? NT : 1];
-        T* __restrict__ g = NT > 0 ? gloc : gv.data();
-        T* __restrict__ gAl = NT > 0 ? gAloc : gAv.data();
-        T* hbuf = hbv.data();
-        T* abuf = abv.data();
+        Scratch<T> hbuf(chunk * nw), abuf(chunk * nw), PB(chunk * nw), PC(chunk * nw), As(nw);
+        Scratch<T> dtb(chunk * W), sdb(chunk * W), ub(chunk * W), silb(chunk * W), szb(chunk * W), yb(chunk * W);
+        Scratch<T> gcar(per * nw), gAcar(per * nw), gDcar(per * W), gbcar(per * W);
+        T* __restrict Al = As.data();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t work = 0; work < a.b * G; ++work) {
             const int64_t bi = work / G, grp = work % G;
-            const int64_t d0 = grp * d / G, d1 = (grp + 1) * d / G;
+            const int64_t k0 = grp * nb / G, k1 = (grp + 1) * nb / G;
+            const S* Bb = (const S*)a.B + bi * a.sB[0];
+            const S* Cb = (const S*)a.C + bi * a.sC[0];
+            for (int64_t blk = k0; blk < k1; ++blk) {
+                const int64_t d0 = blk * W, w = d - d0 < W ? d - d0 : W, o = blk - k0;
+                state_in(gcar.data() + o * nw, a.ghlast ? (const T*)a.ghlast + (bi * d + d0) * n : nullptr, n, w);
+                std::memset(gAcar.data() + o * nw, 0, nw * sizeof(T));
+                std::memset(gDcar.data() + o * W, 0, W * sizeof(T));
+                std::memset(gbcar.data() + o * W, 0, W * sizeof(T));
+            }
             T* gBb = (T*)a.pB + work * l * n;  // this group's partial sums, (l, n)
             T* gCb = (T*)a.pC + work * l * n;
-            std::memset(gBb, 0, l * n * sizeof(T));
-            std::memset(gCb, 0, l * n * sizeof(T));
-            for (int64_t di = d0; di < d1; ++di) {
-                const int64_t item = bi * d + di;
-                const Item<T> it(a, bi, di);
-                const T* gout = (const T*)a.gout + item * l;
-                T* gu = (T*)a.gu + item * l;
-                T* gdelta = (T*)a.gdelta + item * l;
-                T* gz = a.z ? (T*)a.gz + item * l : nullptr;
-                T gD = 0, gbias = 0;
-                for (int64_t k = 0; k < n; ++k) {
-                    g[k] = a.ghlast ? ((const T*)a.ghlast)[item * n + k] : T(0);
-                    gAl[k] = 0;
-                }
-                for (int64_t c = nc - 1; c >= 0; --c) {
-                    const int64_t s = c * chunk, e = (s + chunk < l) ? s + chunk : l;
-                    const T* hc = (const T*)a.ckpt + (item * nc + c) * n;
+            for (int64_t c = nc - 1; c >= 0; --c) {
+                const int64_t s = c * chunk, e = (s + chunk < l) ? s + chunk : l, m = e - s;
+                std::memset(PB.data(), 0, m * nw * sizeof(T));
+                std::memset(PC.data(), 0, m * nw * sizeof(T));
+                for (int64_t blk = k0; blk < k1; ++blk) {
+                    const int64_t d0 = blk * W, w = d - d0 < W ? d - d0 : W, o = blk - k0;
+                    const Lanes<T, S> in(a, bi, d0, w);
+                    state_in(Al, (const T*)a.A + d0 * n, n, w);
+                    T* __restrict g = gcar.data() + o * nw;
+                    T* __restrict gAl = gAcar.data() + o * nw;
+                    T* __restrict gD = gDcar.data() + o * W;
+                    T* __restrict gbias = gbcar.data() + o * W;
+                    const T* hc = (const T*)a.ckpt + ((bi * nb + blk) * nc + c) * nw;
                     // recompute the chunk: Δ, decays, states and C·h
-                    it.prepare(s, e, a.softplus, dtbuf.data(), sdbuf.data(), silbuf.data(), szbuf.data());
-                    for (int64_t t = s; t < e; ++t) {
-                        const int64_t j = t - s;
-                        const T dtv = dtbuf[j], du = dtv * it.u[t * it.su];
-                        const T keep = (it.r && it.r[t]) ? T(0) : T(1);
-                        T* Bt = Bbuf.data() + j * n;
-                        T* Ct = Cbuf.data() + j * n;
-                        for (int64_t k = 0; k < n; ++k) {
-                            Bt[k] = contiguous_n ? it.B[t * it.sBl + k] : it.B[t * it.sBl + k * it.sBn];
-                            Ct[k] = contiguous_n ? it.C[t * it.sCl + k] : it.C[t * it.sCl + k * it.sCn];
+                    for (int64_t j = 0; j < m; ++j) {
+                        const int64_t t = s + j;
+                        T* __restrict dtv = dtb.data() + j * W;
+                        T* __restrict uv = ub.data() + j * W;
+                        in.step(t, dtv, a.softplus ? sdb.data() + j * W : nullptr, uv, silb.data() + j * W,
+                                szb.data() + j * W);
+                        const T keep = (a.reset && a.reset[bi * l + t]) ? T(0) : T(1);
+                        alignas(64) T du[W];
+                        T* __restrict y = yb.data() + j * W;
+#pragma omp simd
+                        for (int64_t cc = 0; cc < W; ++cc) {
+                            du[cc] = dtv[cc] * uv[cc];
+                            y[cc] = 0;
                         }
-                        const T* hp = j > 0 ? hbuf + (j - 1) * n : hc;
-                        T* ht = hbuf + j * n;
-                        T* at = abuf + j * n;
-                        T acc = 0;
-#pragma omp simd reduction(+ : acc)
+                        const T* hp = j > 0 ? hbuf.data() + (j - 1) * nw : hc;
                         for (int64_t k = 0; k < n; ++k) {
-                            const T av = vexp(dtv * it.A[k]) * keep;
-                            at[k] = av;
-                            const T hk = av * hp[k] + du * Bt[k];
-                            ht[k] = hk;
-                            acc += hk * Ct[k];
+                            const T bk = load(Bb, k * a.sB[1] + t * a.sB[2]);
+                            const T ckv = load(Cb, k * a.sC[1] + t * a.sC[2]);
+                            const T* __restrict Ak = Al + k * W;
+                            const T* __restrict hpk = hp + k * W;
+                            T* __restrict ak = abuf.data() + j * nw + k * W;
+                            T* __restrict hk = hbuf.data() + j * nw + k * W;
+#pragma omp simd
+                            for (int64_t cc = 0; cc < W; ++cc) {
+                                const T av = vexp(dtv[cc] * Ak[cc]) * keep;
+                                ak[cc] = av;
+                                const T v = av * hpk[cc] + du[cc] * bk;
+                                hk[cc] = v;
+                                y[cc] += v * ckv;
+                            }
                         }
-                        ybuf[j] = acc;
                     }
                     // adjoint, backwards in time
-                    for (int64_t t = e - 1; t >= s; --t) {
-                        const int64_t j = t - s;
-                        const T dtv = dtbuf[j], uv = it.u[t * it.su], du = dtv * uv;
-                        T gyt = gout[t];
+                    for (int64_t j = m - 1; j >= 0; --j) {
+                        const int64_t t = s + j;
+                        const T* __restrict dtv = dtb.data() + j * W;
+                        const T* __restrict uv = ub.data() + j * W;
+                        alignas(64) T gy[W], du[W], sB[W], sA[W], gdt[W], gu[W];
+                        if (a.gout) {
+                            gather(gy, (const S*)a.gout + bi * a.sgo[0] + d0 * a.sgo[1] + t * a.sgo[2], a.sgo[1], w);
+                        } else {
+                            for (int64_t cc = 0; cc < W; ++cc) gy[cc] = 0;
+                        }
                         // out = (y + D u) · silu(z),  silu' = σ (1 + z (1 − σ)) = σ + silu (1 − σ)
-                        if (it.z) {
-                            const T sg = szbuf[j], sl = silbuf[j];
-                            gz[t] = gyt * (ybuf[j] + it.D * uv) * (sg + sl * (T(1) - sg));
-                            gyt *= sl;
+                        if (in.z) {
+                            const T* __restrict sg = szb.data() + j * W;
+                            const T* __restrict sl = silb.data() + j * W;
+                            const T* __restrict y = yb.data() + j * W;
+                            alignas(64) T gz[W];
+#pragma omp simd
+                            for (int64_t cc = 0; cc < W; ++cc) {
+                                gz[cc] = gy[cc] * (y[cc] + in.D[cc] * uv[cc]) * (sg[cc] + sl[cc] * (T(1) - sg[cc]));
+                                gy[cc] *= sl[cc];
+                            }
+                            scatter((S*)a.gz + (bi * l + t) * d + d0, gz, w);
                         }
-                        gD += gyt * uv;
-                        const T* Bt = Bbuf.data() + j * n;
-                        const T* Ct = Cbuf.data() + j * n;
-                        const T* hp = j > 0 ? hbuf + (j - 1) * n : hc;
-                        const T* ht = hbuf + j * n;
-                        const T* at = abuf + j * n;
-                        T* gBt = gBb + t * n;
-                        T* gCt = gCb + t * n;
-                        T sB = 0, sA = 0;
-#pragma omp simd reduction(+ : sB, sA)
+#pragma omp simd
+                        for (int64_t cc = 0; cc < W; ++cc) {
+                            gD[cc] += gy[cc] * uv[cc];
+                            du[cc] = dtv[cc] * uv[cc];
+                            sB[cc] = 0;
+                            sA[cc] = 0;
+                        }
+                        const T* hp = j > 0 ? hbuf.data() + (j - 1) * nw : hc;
                         for (int64_t k = 0; k < n; ++k) {
-                            const T gk = g[k] + gyt * Ct[k];
-                            gCt[k] += gyt * ht[k];
-                            sB += gk * Bt[k];
-                            gBt[k] += gk * du;
-                            const T w = gk * hp[k] * at[k];
-                            sA += w * it.A[k];
-                            gAl[k] += w * dtv;
-                            g[k] = gk * at[k];
+                            const T bk = load(Bb, k * a.sB[1] + t * a.sB[2]);
+                            const T ckv = load(Cb, k * a.sC[1] + t * a.sC[2]);
+                            const T* __restrict Ak = Al + k * W;
+                            const T* __restrict hpk = hp + k * W;
+                            const T* __restrict ak = abuf.data() + j * nw + k * W;
+                            const T* __restrict hk = hbuf.data() + j * nw + k * W;
+                            T* __restrict pb = PB.data() + j * nw + k * W;
+                            T* __restrict pc = PC.data() + j * nw + k * W;
+                            T* __restrict gk_ = g + k * W;
+                            T* __restrict gAk = gAl + k * W;
+#pragma omp simd
+                            for (int64_t cc = 0; cc < W; ++cc) {
+                                const T gk = gk_[cc] + gy[cc] * ckv;
+                                pc[cc] += gy[cc] * hk[cc];
+                                sB[cc] += gk * bk;
+                                pb[cc] += gk * du[cc];
+                                const T wv = gk * hpk[cc] * ak[cc];
+                                sA[cc] += wv * Ak[cc];
+                                gAk[cc] += wv * dtv[cc];
+                                gk_[cc] = gk * ak[cc];
+                            }
                         }
-                        T gdt = sA + sB * uv;  // ∂L/∂Δ
-                        if (a.softplus) gdt *= sdbuf[j];
-                        gdelta[t] = gdt;
-                        gbias += gdt;
-                        gu[t] = sB * dtv + gyt * it.D;
+                        const T* __restrict sd = sdb.data() + j * W;
+#pragma omp simd
+                        for (int64_t cc = 0; cc < W; ++cc) {
+                            T v = sA[cc] + sB[cc] * uv[cc];  // ∂L/∂Δ
+                            if (a.softplus) v *= sd[cc];
+                            gdt[cc] = v;
+                            gbias[cc] += v;
+                            gu[cc] = sB[cc] * dtv[cc] + gy[cc] * in.D[cc];
+                        }
+                        scatter((S*)a.gdelta + (bi * l + t) * d + d0, gdt, w);
+                        scatter((S*)a.gu + (bi * l + t) * d + d0, gu, w);
                     }
                 }
-                for (int64_t k = 0; k < n; ++k) {
-                    ((T*)a.gh0)[item * n + k] = g[k];
-                    ((T*)a.pA)[item * n + k] = gAl[k];
+                // the group's dB, dC of this chunk's steps: the lanes summed
+                for (int64_t jk = 0; jk < m * n; ++jk) {
+                    const T* pb = PB.data() + jk * W;
+                    const T* pc = PC.data() + jk * W;
+                    T sb = 0, sc = 0;
+#pragma omp simd reduction(+ : sb, sc)
+                    for (int64_t cc = 0; cc < W; ++cc) {
+                        sb += pb[cc];
+                        sc += pc[cc];
+                    }
+                    gBb[s * n + jk] = sb;
+                    gCb[s * n + jk] = sc;
                 }
-                ((T*)a.pD)[item] = gD;
-                ((T*)a.pbias)[item] = gbias;
+            }
+            for (int64_t blk = k0; blk < k1; ++blk) {
+                const int64_t d0 = blk * W, w = d - d0 < W ? d - d0 : W, o = blk - k0;
+                state_out((T*)a.gh0 + (bi * d + d0) * n, gcar.data() + o * nw, n, w);
+                state_out((T*)a.pA + (bi * d + d0) * n, gAcar.data() + o * nw, n, w);
+                for (int64_t cc = 0; cc < w; ++cc) {
+                    ((T*)a.pD)[bi * d + d0 + cc] = gDcar[o * W + cc];
+                    ((T*)a.pbias)[bi * d + d0 + cc] = gbcar[o * W + cc];
+                }
             }
         }
         // fixed-order reductions (the implied barrier above makes every partial sum complete)
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < a.b * l; ++row) {  // dB, dC of (bi, t): Σ over groups 0..G-1
             const int64_t bi = row / l, t = row % l;
-            T* oB = (T*)a.gB + row * n;
-            T* oC = (T*)a.gC + row * n;
             const T* pB = (const T*)a.pB + (bi * G * l + t) * n;
             const T* pC = (const T*)a.pC + (bi * G * l + t) * n;
-            for (int64_t k = 0; k < n; ++k) { oB[k] = pB[k]; oC[k] = pC[k]; }
-            for (int64_t grp = 1; grp < G; ++grp)
-                for (int64_t k = 0; k < n; ++k) { oB[k] += pB[grp * l * n + k]; oC[k] += pC[grp * l * n + k]; }
+            for (int64_t k = 0; k < n; ++k) {
+                T vB = pB[k], vC = pC[k];
+                for (int64_t grp = 1; grp < G; ++grp) {
+                    vB += pB[grp * l * n + k];
+                    vC += pC[grp * l * n + k];
+                }
+                store((S*)a.gB, row * n + k, vB);
+                store((S*)a.gC, row * n + k, vC);
+            }
         }
 #pragma omp for schedule(static)
         for (int64_t di = 0; di < d; ++di) {  // dA, dD, dbias of channel di: Σ over batch rows 0..b-1
@@ -279,8 +391,14 @@ static void bwd(const Args& a) {
 }
 
 // d_state 16 (the Mamba default) gets a fully unrolled kernel; anything else the generic one.
-extern "C" void scan_fwd_f32(const Args* a) { if (a->n == 16) fwd<float, 16>(*a); else fwd<float, 0>(*a); }
-extern "C" void scan_bwd_f32(const Args* a) { if (a->n == 16) bwd<float, 16>(*a); else bwd<float, 0>(*a); }
-extern "C" void scan_fwd_f64(const Args* a) { fwd<double, 0>(*a); }
-extern "C" void scan_bwd_f64(const Args* a) { bwd<double, 0>(*a); }
+extern "C" void scan_fwd_f32(const Args* a) { if (a->n == 16) fwd<float, float, 16>(*a); else fwd<float, float, 0>(*a); }
+extern "C" void scan_bwd_f32(const Args* a) { if (a->n == 16) bwd<float, float, 16>(*a); else bwd<float, float, 0>(*a); }
+extern "C" void scan_fwd_bf16(const Args* a) {
+    if (a->n == 16) fwd<float, uint16_t, 16>(*a); else fwd<float, uint16_t, 0>(*a);
+}
+extern "C" void scan_bwd_bf16(const Args* a) {
+    if (a->n == 16) bwd<float, uint16_t, 16>(*a); else bwd<float, uint16_t, 0>(*a);
+}
+extern "C" void scan_fwd_f64(const Args* a) { fwd<double, double, 0>(*a); }
+extern "C" void scan_bwd_f64(const Args* a) { bwd<double, double, 0>(*a); }
 extern "C" int64_t scan_args_size() { return sizeof(Args); }

@@ -156,7 +156,7 @@ class _Args(ctypes.Structure):
                   "out", "hlast", "ckpt", "gu", "gdelta", "gz", "gh0", "gA", "gD", "gbias", "gB", "gC",
                   "pA", "pD", "pbias", "pB", "pC")]
                 + [(name, ctypes.c_int64) for name in ("b", "d", "l", "n", "chunk", "groups")]
-                + [(name, ctypes.c_int64 * 3) for name in ("su", "sdt", "sz", "sB", "sC")]
+                + [(name, ctypes.c_int64 * 3) for name in ("su", "sdt", "sz", "sB", "sC", "sgo")]
                 + [("softplus", ctypes.c_int32), ("nthreads", ctypes.c_int32)])
 
 
@@ -175,25 +175,40 @@ def _strides(t: torch.Tensor | None):
 
 
 def _call(kind: str, dtype: torch.dtype, a: _Args) -> None:
-    fn = getattr(LIBRARY.lib, f"scan_{kind}_{'f64' if dtype == torch.float64 else 'f32'}")
+    fn = getattr(LIBRARY.lib, f"scan_{kind}_{STORAGE[dtype]}")
     fn(ctypes.byref(a))
 
 
+# the storage types the kernel reads and writes per element (it computes in float, or double for double)
+STORAGE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float64: "f64"}
+LANES = 16  # channels per block of the kernel (W in the source)
+
+
 def backward_groups(b: int, d: int) -> int:
-    """Channel groups per batch row in the backward: about GROUP_ITEMS work items in all, whatever the
-    thread count (the rounding of dB, dC depends on the groups, so they must not depend on threads)."""
-    return max(1, min(d, -(-GROUP_ITEMS // b)))
+    """Groups of LANES-channel blocks per batch row in the backward: about GROUP_ITEMS work items in all, whatever
+    the thread count (the rounding of dB, dC depends on the groups, so they must not depend on threads)."""
+    return max(1, min(-(-d // LANES), -(-GROUP_ITEMS // b)))
+
+
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """(b, l, ·) rows as the (b, ·, l) view the caller's shapes ask for."""
+    return t.transpose(1, 2) if t is not None else None
 
 
 class _CppScan(torch.autograd.Function):
-    """The whole selective scan in two C++ calls: Δ bias + softplus, recurrence, D skip and SiLU(z) gate."""
+    """The whole selective scan in two C++ calls: Δ bias + softplus, recurrence, D skip and SiLU(z) gate.
+
+    u, delta, z, B, C come in one storage dtype (float32, bfloat16 or float64) as any strided views; A, D, bias
+    and h0 in the compute dtype (float32, or float64). The output and du, dΔ, dz are written as (b, l, d) rows
+    (returned as (b, d, l) views of them), so the mixer's matmuls read them without a copy."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, bias, h0, reset, softplus, chunk):
         b, d, l = u.shape
         n = A.shape[1]
-        nc = (l + chunk - 1) // chunk
-        out, hlast, ckpt = u.new_empty(b, d, l), u.new_empty(b, d, n), u.new_empty(b, d, nc, n)
+        nc, nb = (l + chunk - 1) // chunk, -(-d // LANES)
+        out = u.new_empty(b, l, d)
+        hlast, ckpt = A.new_empty(b, d, n), A.new_empty(b, nb, nc, n, LANES)
         r8 = reset.to(torch.uint8).contiguous() if reset is not None else None
         a = _args(u=u, delta=delta, bias=bias, A=A, B=B, C=C, D=D, z=z, h0=h0, reset=r8, out=out, hlast=hlast,
                   ckpt=ckpt, b=b, d=d, l=l, n=n, chunk=chunk, softplus=int(softplus),
@@ -202,7 +217,7 @@ class _CppScan(torch.autograd.Function):
         _call("fwd", u.dtype, a)
         ctx.save_for_backward(u, delta, A, B, C, D, z, bias, r8, ckpt)
         ctx.softplus, ctx.chunk, ctx.has_h0 = softplus, chunk, h0 is not None
-        return out, hlast
+        return out.transpose(1, 2), hlast
 
     @staticmethod
     def backward(ctx, gout, ghlast):
@@ -210,22 +225,22 @@ class _CppScan(torch.autograd.Function):
         b, d, l = u.shape
         n = A.shape[1]
         groups = backward_groups(b, d)
-        gout = gout.contiguous() if gout is not None else u.new_zeros(b, d, l)
-        ghlast = ghlast.contiguous() if ghlast is not None else None
-        gu, gdelta = u.new_empty(b, d, l), u.new_empty(b, d, l)
-        gz = u.new_empty(b, d, l) if z is not None else None
-        gh0, gA, gD, gbias = u.new_empty(b, d, n), u.new_empty(d, n), u.new_empty(d), u.new_empty(d)
+        gout = gout.to(u.dtype) if gout is not None else None
+        ghlast = ghlast.to(A.dtype).contiguous() if ghlast is not None else None
+        gu, gdelta = u.new_empty(b, l, d), u.new_empty(b, l, d)
+        gz = u.new_empty(b, l, d) if z is not None else None
+        gh0, gA, gD, gbias = A.new_empty(b, d, n), A.new_empty(d, n), A.new_empty(d), A.new_empty(d)
         gB, gC = u.new_empty(b, l, n), u.new_empty(b, l, n)
         # partial sums the kernel reduces in a fixed order: per batch row (dA, dD, dbias), per group (dB, dC)
-        pA, pD, pbias = u.new_empty(b, d, n), u.new_empty(b, d), u.new_empty(b, d)
-        pB, pC = u.new_empty(b, groups, l, n), u.new_empty(b, groups, l, n)
+        pA, pD, pbias = A.new_empty(b, d, n), A.new_empty(b, d), A.new_empty(b, d)
+        pB, pC = A.new_empty(b, groups, l, n), A.new_empty(b, groups, l, n)
         a = _args(u=u, delta=delta, bias=bias, A=A, B=B, C=C, D=D, z=z, reset=r8, ckpt=ckpt, gout=gout,
                   ghlast=ghlast, gu=gu, gdelta=gdelta, gz=gz, gh0=gh0, gA=gA, gD=gD, gbias=gbias, gB=gB, gC=gC,
                   pA=pA, pD=pD, pbias=pbias, pB=pB, pC=pC, b=b, d=d, l=l, n=n, chunk=ctx.chunk, groups=groups,
                   softplus=int(ctx.softplus), nthreads=torch.get_num_threads())
-        a.su, a.sdt, a.sz, a.sB, a.sC = (_strides(t) for t in (u, delta, z, B, C))
+        a.su, a.sdt, a.sz, a.sB, a.sC, a.sgo = (_strides(t) for t in (u, delta, z, B, C, gout))
         _call("bwd", u.dtype, a)
-        return (gu, gdelta, gA, gB.transpose(1, 2), gC.transpose(1, 2), gD if D is not None else None, gz,
+        return (_rows(gu), _rows(gdelta), gA, _rows(gB), _rows(gC), gD if D is not None else None, _rows(gz),
                 gbias if bias is not None else None, gh0 if ctx.has_h0 else None, None, None, None)
 
 
@@ -238,10 +253,11 @@ def fused_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     if u.device.type != "cpu":
         raise ValueError(f"the C++ scan needs CPU tensors, got {u.device}")
     dtype_in = u.dtype
-    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
-    u, delta, B, C = (t.to(cdt) for t in (u, delta, B, C))
+    sdt = dtype_in if dtype_in in STORAGE else torch.float32  # what the kernel reads and writes per element
+    cdt = torch.float64 if sdt == torch.float64 else torch.float32  # what it computes in
+    u, delta, B, C = (t.to(sdt) for t in (u, delta, B, C))
+    z = z.to(sdt) if z is not None else None
     A = A.to(cdt).contiguous()
     D, bias, h0 = (t.to(cdt).contiguous() if t is not None else None for t in (D, delta_bias, initial_state))
-    z = z.to(cdt) if z is not None else None
     out, last = _CppScan.apply(u, delta, A, B, C, D, z, bias, h0, reset, delta_softplus, chunk)
     return out.to(dtype_in), last

@@ -51,3 +51,26 @@ static inline float vlog(float x) {
     y += -0.5f * z;
     return m + y + 0.693359375f * e;
 }
+
+// Element loads and stores that compute in float (or double) whatever the storage: float, double, or bfloat16 as
+// its uint16 bits. A bf16 store rounds to nearest even, as torch does, and keeps a NaN a NaN.
+static inline float load(const float* p, int64_t i) { return p[i]; }
+static inline double load(const double* p, int64_t i) { return p[i]; }
+static inline float load(const uint16_t* p, int64_t i) {
+    uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+static inline void store(float* p, int64_t i, float v) { p[i] = v; }
+static inline void store(double* p, int64_t i, double v) { p[i] = v; }
+static inline void store(uint16_t* p, int64_t i, float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) {  // NaN stays NaN
+        p[i] = static_cast<uint16_t>((bits >> 16) | 0x40);
+        return;
+    }
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    p[i] = static_cast<uint16_t>(bits >> 16);
+}

@@ -37,6 +37,8 @@ from .run import Run, open_run
 from .setup import Parts, build
 from .step import apply_update, compute_gradients, discard_update
 
+DEVICE_GUARD_ON = ("cuda",)  # device types where a skipping optimizer is judged by the device guard
+
 
 class TrainingDiverged(LmlabError):
     exit_code = 3
@@ -123,10 +125,11 @@ def loop(cfg: Config, rt: Runtime, p: Parts, objective: Objective, run: Run, s: 
     """Train until the budget is spent ("finished") or a stop is asked for ("stopped")."""
     t, total = cfg.train, p.plan.total_steps
     guard = Guard.from_config(t)
-    # skip on the device where the optimizer can (fused AdamW on CUDA): no host synchronisation per step;
-    # a strategy that steps its own state (DeepSpeed's engine) decides for itself
+    # skip on the device where the optimizer can (fused AdamW) and a host synchronisation costs (CUDA): none per
+    # step; a strategy that steps its own state (DeepSpeed's engine) decides for itself. On the CPU the host guard
+    # decides (it stops after too many skips at the step itself, the device guard only at the next log step).
     fast = DeviceGuard(guard, rt.device) if guard.policy == "skip" and p.scaler is None and skips_on_device(
-        p.optimizer) and not p.strategy.steps_itself else None
+        p.optimizer) and rt.device.type in DEVICE_GUARD_ON and not p.strategy.steps_itself else None
     if s.guard is not None:
         (fast or guard).load_state_dict(s.guard)
     elif s.step > 0 and guard.policy != "off":

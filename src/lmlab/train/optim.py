@@ -1,7 +1,8 @@
 """The optimizer (`train.optimizer`) with weight decay on matrices only, and the learning-rate schedules.
 
-    adamw   torch AdamW: decoupled weight decay (p ← p − lr·wd·p, apart from the gradient); fused on CUDA, the
-            for-each implementation (one op over every parameter at a time) elsewhere
+    adamw   torch AdamW: decoupled weight decay (p ← p − lr·wd·p, apart from the gradient); fused (one kernel over
+            each parameter: on the CPU about 3.5× faster than the for-each form) on CUDA and the CPU, the for-each
+            implementation (one op over every parameter at a time) elsewhere
     sgd     torch SGD with heavy-ball momentum `train.momentum` (0: plain SGD); its weight decay is SGD's own,
             coupled: wd·p is added to the gradient before the momentum (classic L2), on the same groups
 
@@ -42,20 +43,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 OPTIMIZERS = ("adamw", "sgd")
+FUSED_ADAMW_ON = ("cuda", "cpu")  # device types whose AdamW is torch's fused kernel
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                    eps: float, device: torch.device, *, kind: str = "adamw",
                    momentum: float = 0.0) -> torch.optim.Optimizer:
-    """`kind` adamw (fused on CUDA: the device guard skips it without a host synchronisation; for-each
-    elsewhere) or sgd. A fused AdamW on the CPU would hand the skip decisions to the device guard, whose stop
-    after too many skips comes a few steps later than the host guard's: CPU runs keep the host guard."""
+    """`kind` adamw (fused on CUDA and the CPU, for-each elsewhere) or sgd."""
     groups = param_groups(model, weight_decay)
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if kind != "adamw":
         raise ValueError(f"unknown optimizer {kind!r}; one of {', '.join(OPTIMIZERS)}")
-    fused = device.type == "cuda"
+    fused = device.type in FUSED_ADAMW_ON
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True)
 
 
