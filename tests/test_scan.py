@@ -131,7 +131,7 @@ def _needs_kernel():
 
 @pytest.mark.parametrize("case", ROW_CASES, ids=case_id)
 def test_cpu_row_views_equal_contiguous_inputs_bitwise(case):
-    """The kernel's vector loads of the mixer's row views (full 16-channel blocks, and a short last one) give the
+    """The kernel's vector loads of the mixer's row views (full channel blocks, and a short last one) give the
     bits its strided loads of contiguous (b, d, l) tensors give, outputs and every gradient; both near the reference."""
     _needs_kernel()
     kw = make_inputs(*case)

@@ -20,7 +20,7 @@ from lmlab.models import scan as S
 from lmlab.models.scan_cpu import backward_groups, cpu_kernel_available
 
 # (b, d, l, n, seq_idx, initial_state): l never a power of two; generic and unrolled (16) state sizes;
-# groups of one and of several 16-channel blocks, uneven, with a short last block; documents starting inside
+# groups of one and of several 8-channel blocks, uneven, with a short last block; documents starting inside
 # and on CPU_CHUNK boundaries
 CASES = [
     (2, 37, 130, 16, True, True),
@@ -67,9 +67,9 @@ def assert_bitwise_equal(got: dict, want: dict, what: str):
 
 
 def test_groups_depend_on_shapes_only():
-    # groups of 16-channel blocks: at most one group a block, about 64 (batch row, group) items in all
+    # groups of LANES-channel blocks (8): at most one group a block, about 64 (batch row, group) items in all
     shapes = [(1, 200), (2, 37), (5, 9), (64, 8), (100, 8), (20, 100), (4, 512), (8, 2048)]
-    assert [backward_groups(b, d) for b, d in shapes] == [13, 3, 1, 1, 1, 4, 16, 8]
+    assert [backward_groups(b, d) for b, d in shapes] == [25, 5, 2, 1, 1, 4, 16, 8]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}d{}l{}n{}".format(*c[:4]))

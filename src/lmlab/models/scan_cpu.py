@@ -17,15 +17,16 @@ and runs the adjoint recurrence backwards in time:
 
 `cpu` (C++/OpenMP in scan_cpu.cpp beside this file, built at first use by cpp_build.py with the system C++
 compiler into ~/.cache/lmlab or $LMLAB_CACHE, loaded with ctypes, no torch headers, ~3 s to build) is the same
-algorithm fused with everything around it: Δ bias + softplus, the D skip and the SiLU(z) gate, reading the mixer's
-transposed views in place through their strides. One OpenMP work item is one (b, d) channel walking
-time with its n states in SIMD registers; the backward recomputes states chunk by chunk (CPU_CHUNK)
-from the saved boundary states. Its work item is a batch row and a fixed group of channels
-(`backward_groups`), which sums its channels' dB, dC into its own partial buffer; the partials, and
-dA, dD, dbias over batch rows, are then reduced in a fixed order. So outputs and gradients are
-bitwise the same at any thread count and under any OpenMP schedule. Measured
-against `chunked` it is 10–15× faster (docs/benchmarks.md), hence `auto` on CPU. Without a working
-compiler it warns once and runs `chunked`.
+algorithm fused with everything around it: Δ bias + softplus, the D skip and the SiLU(z) gate. It walks time for a
+block of LANES channels at once, one SIMD lane a channel, so it reads the mixer's transposed views of its (b, l, ·)
+rows in place with contiguous loads (any other strides work too, element by element), writes the output and du,
+dΔ, dz as (b, l, d) rows the next matmul reads without a copy, and reads and writes bf16 directly (computing in
+fp32: the state, A, D and the parameter gradients stay fp32). The backward recomputes states chunk by chunk
+(CPU_CHUNK) from the saved boundary states. Its work item is a batch row and a fixed group of channel blocks
+(`backward_groups`), which sums its channels' dB, dC into its own partial buffer; the partials, and dA, dD, dbias
+over batch rows, are then reduced in a fixed order. So outputs and gradients are bitwise the same at any thread
+count and under any OpenMP schedule. Measured against `chunked` it is 10–15× faster (docs/benchmarks.md), hence
+`auto` on CPU. Without a working compiler it warns once and runs `chunked`.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def _call(kind: str, dtype: torch.dtype, a: _Args) -> None:
 
 # the storage types the kernel reads and writes per element (it computes in float, or double for double)
 STORAGE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float64: "f64"}
-LANES = 16  # channels per block of the kernel (W in the source)
+LANES = 8  # channels per block of the kernel (W in the source)
 
 
 def backward_groups(b: int, d: int) -> int:
