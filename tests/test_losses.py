@@ -63,6 +63,33 @@ def test_cross_entropy_sum_matches_the_plain_path(dtype, tol, chunk, smoothing):
     assert got_grads[0][0, :11].abs().max() == 0  # rows without a target get no gradient
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_fused_cpu_softmax_equals_the_torch_ops(dtype, smoothing, monkeypatch):
+    """The CPU kernel that turns a chunk's logits into its loss and gradient (kernels_cpu.ce_rows) against the
+    torch ops it replaces (kernels_cpu.reference()): it runs, and loss and gradients agree."""
+    from lmlab.models import kernels_cpu
+
+    if not kernels_cpu.available():
+        pytest.skip("no C++ compiler: the torch ops run")
+    calls = []
+    real = kernels_cpu.ce_rows
+    monkeypatch.setattr(kernels_cpu, "ce_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    h, w, t = _data(dtype, b=4, l=40)
+    got = linear_cross_entropy_sum(h, w, t, smoothing, chunk_tokens=16)
+    got_grads = _grads(got, h, w)
+    assert len(calls) == 10  # 4 · 40 rows less the 12 without a target, in chunks of 16
+    with kernels_cpu.reference():
+        want = linear_cross_entropy_sum(h, w, t, smoothing, chunk_tokens=16)
+        want_grads = _grads(want, h, w)
+    assert len(calls) == 10
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
 def test_cross_entropy_sum_with_a_tied_weight():
     """The weight also feeds the hidden states (an input embedding tied to the head): both gradients add up."""
     _, w, t = _data(torch.float64)

@@ -2,6 +2,7 @@
 //
 //   swelu_fwd / swelu_bwd      SWELU(z) = λ·sign(z)·(1 − exp(−|z|^k)) and its three derivatives in one pass each
 //   conv_silu_fwd / _bwd       causal depthwise conv over time + bias + SiLU, on (b, l, d) rows, documents kept apart
+//   ce_rows                    cross-entropy of logit rows (label smoothing too) and its gradient, in place
 //
 // Everything computes in fp32 (the inputs and outputs may be bf16). Reductions (dk, dλ, the conv's weight and bias
 // gradients) are summed per fixed block of elements / rows and the blocks are added in order, so the results do not
@@ -192,10 +193,48 @@ void conv_silu_bwd(const T* x, const float* wt, const float* bias, const int64_t
     }
 }
 
+// ------------------------------------------------------------------------------------------------ cross-entropy rows
+// z (n, V) logits of the rows whose target is t (n,); eps the label smoothing. Per row, in fp32 whatever z's
+// storage: loss = (1 − ε)(lse − z_t) + ε(lse − mean z), and with `grad` the gradient of that loss in place of z:
+// softmax(z) − (1 − ε)·onehot(t) − ε/V. A row's max, Σ exp and Σ z are each one vectorised pass over the row.
+template <typename T>
+void ce_rows(T* z, const int64_t* targets, int64_t n, int64_t V, float eps, float* loss, int grad, int nthreads) {
+#pragma omp parallel for num_threads(threads_for(nthreads)) schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+        T* __restrict row = z + r * V;
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < V; ++j) {
+            const float v = load(row, j);
+            m = v > m ? v : m;
+        }
+        float s = 0.f, sz = 0.f;
+#pragma omp simd reduction(+ : s, sz)
+        for (int64_t j = 0; j < V; ++j) {
+            const float v = load(row, j);
+            s += vexp(v - m);
+            sz += v;
+        }
+        const float lse = m + std::log(s), picked = load(row, targets[r]);
+        loss[r] = (1.f - eps) * (lse - picked) + eps * (lse - sz / static_cast<float>(V));
+        if (!grad) continue;
+        const float off = eps / static_cast<float>(V);
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) store(row, j, vexp(load(row, j) - lse) - off);
+        store(row, targets[r], load(row, targets[r]) - (1.f - eps));
+    }
+}
+
 }  // namespace
 
 extern "C" {
 // dtype codes: 0 = float32, 1 = bfloat16 (as uint16 bits)
+void lmlab_ce_rows(int dt, void* z, const int64_t* targets, int64_t n, int64_t V, float eps, float* loss, int grad,
+                   int nthreads) {
+    if (dt == 0) ce_rows(static_cast<float*>(z), targets, n, V, eps, loss, grad, nthreads);
+    else ce_rows(static_cast<uint16_t*>(z), targets, n, V, eps, loss, grad, nthreads);
+}
+
 void lmlab_swelu_fwd(int dt, const void* z, void* y, int64_t n, float k, float lam, int nthreads) {
     if (dt == 0) swelu_fwd(static_cast<const float*>(z), static_cast<float*>(y), n, k, lam, nthreads);
     else swelu_fwd(static_cast<const uint16_t*>(z), static_cast<uint16_t*>(y), n, k, lam, nthreads);

@@ -5,8 +5,12 @@
     conv_silu(x, weight, bias, seq_idx)   SiLU(causal depthwise conv(x) + bias) over (b, l, d) rows, reading x in
                                           place from the in_proj output and writing the (b, l, d) layout the
                                           x_proj matmul reads; the reference is `mamba.causal_conv` + SiLU
+    ce_rows(z, targets, eps, grad)        cross-entropy of each logit row and, in place of the logits, its
+                                          gradient: the chunked loss's per-chunk softmax work in one kernel (bf16
+                                          logits are read as they are, never raised to an fp32 copy); the
+                                          reference is the torch path in `lmlab.train.losses`
 
-Both compute in fp32 whatever the input dtype (fp32 or bf16, the latter under CPU autocast): SWELU's steep
+All compute in fp32 whatever the input dtype (fp32 or bf16, the latter under CPU autocast): SWELU's steep
 slope near 0 and its exp/pow keep fp32 precision, and only the stored result is rounded to bf16. The tests hold
 each to its reference, values and gradients (tests/test_kernels_cpu.py); `LMLAB_DISABLE_CPP_KERNELS=1` turns them
 off (the references run instead), as a missing C++ compiler does, with one warning.
@@ -35,7 +39,9 @@ def _declare(lib) -> None:
     lib.lmlab_swelu_bwd.argtypes = [i32, i32, p, p, p, i64, f32, f32, f32, p, i32, i32]
     lib.lmlab_conv_silu_fwd.argtypes = [i32, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
     lib.lmlab_conv_silu_bwd.argtypes = [i32, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
-    for fn in (lib.lmlab_swelu_fwd, lib.lmlab_swelu_bwd, lib.lmlab_conv_silu_fwd, lib.lmlab_conv_silu_bwd):
+    lib.lmlab_ce_rows.argtypes = [i32, p, p, i64, i64, f32, p, i32, i32]
+    for fn in (lib.lmlab_swelu_fwd, lib.lmlab_swelu_bwd, lib.lmlab_conv_silu_fwd, lib.lmlab_conv_silu_bwd,
+               lib.lmlab_ce_rows):
         fn.restype = None
 
 
@@ -150,3 +156,20 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     weight (d, 1, K) as nn.Conv1d holds it. With seq_idx (b, l), taps never cross a document start.
     Returns (b, l, d) contiguous in x's dtype."""
     return _ConvSiLU.apply(x, weight, bias, seq_idx)
+
+
+# ------------------------------------------------------------------------------------------------ cross-entropy rows
+@torch.compiler.disable
+def ce_rows(z: torch.Tensor, targets: torch.Tensor, eps: float = 0.0, grad: bool = False) -> torch.Tensor:
+    """(n,) fp32 cross-entropy of each row of z (n, V), contiguous fp32 or bf16, against targets (n,) in [0, V),
+    with label smoothing `eps`: (1 − ε)(lse − z_t) + ε(lse − mean z). With `grad`, z is overwritten (in its dtype)
+    by that loss's gradient, softmax(z) − (1 − ε)·onehot(t) − ε/V. No autograd: the caller uses it inside its own
+    backward."""
+    if not z.is_contiguous():
+        raise ValueError("ce_rows needs contiguous logits")
+    n, vocab = z.shape
+    t = targets.to(torch.int64).contiguous()
+    loss = torch.empty(n, dtype=torch.float32)
+    LIBRARY.lib.lmlab_ce_rows(_DTYPES[z.dtype], _ptr(z), _ptr(t), n, vocab, float(eps), _ptr(loss), int(grad),
+                              torch.get_num_threads())
+    return loss

@@ -14,7 +14,9 @@ gradient, which is exact because the loss is a sum. `linear_token_logps` feeds l
 log-probabilities (DPO and its kin, GRPO): its backward recomputes each chunk's logits (one matmul more).
 Both compute only the rows whose target is not -100 (masked SFT and preference replies skip the prompt), run
 the matmuls in the autocast dtype when autocast is on (else in the inputs' dtype) and everything after them in
-float32, as the plain path does.
+float32, as the plain path does. On the CPU the per-chunk work after the matmul (max, Σ exp, the loss, and the
+gradient written over the logits) is one fused kernel, `lmlab.models.kernels_cpu.ce_rows`, which reads bf16 logits
+as they are instead of raising a copy to fp32; `kernels_cpu.reference()` runs these torch ops instead.
 
 The models compute the head themselves: `head_computes(model, fn)` swaps the model's output embedding (a bias-
 free `nn.Linear`, `get_output_embeddings()`) for a module that calls `fn(h, head.weight)` with the final hidden
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..models import kernels_cpu
 
 IGNORE = -100
 MIB = 2 ** 20
@@ -94,11 +97,15 @@ def _selected(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def _add_chunk_grads(g: torch.Tensor, w: torch.Tensor, hc: torch.Tensor, c: slice, grad_h: torch.Tensor | None,
                      grad_w: torch.Tensor | None) -> None:
-    """A chunk's gradient dL/dz (rows × V, in the compute dtype) into grad_h's rows and the head's gradient."""
+    """A chunk's gradient dL/dz (rows × V, in the compute dtype) into grad_h's rows and the head's gradient (the
+    matmuls write and accumulate in place where the dtypes allow: no product tensor to copy or add)."""
     if grad_h is not None:
-        grad_h[c] = g @ w
+        torch.mm(g, w, out=grad_h[c])
     if grad_w is not None:
-        grad_w += g.t() @ hc
+        if grad_w.dtype == g.dtype:
+            grad_w.addmm_(g.t(), hc)
+        else:
+            grad_w += g.t() @ hc
 
 
 def _scatter_rows(grad: torch.Tensor, rows: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -122,7 +129,13 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for c in _chunks(rows.numel(), chunk):
                 hc, tc = hs[c].to(cdt), ts[c]
-                z = upcast_half(hc @ w.t())  # (n, V) fp32 (fp64 stays), as the plain path upcasts its logits
+                z = hc @ w.t()
+                if kernels_cpu.usable(z):  # the fused CPU kernel: the loss and, in place of z, its gradient
+                    total += kernels_cpu.ce_rows(z, tc, eps, grad=grad_h is not None or grad_w is not None).sum()
+                    if grad_h is not None or grad_w is not None:
+                        _add_chunk_grads(z, w, hc, c, grad_h, grad_w)
+                    continue
+                z = upcast_half(z)  # (n, V) fp32 (fp64 stays), as the plain path upcasts its logits
                 picked = z.gather(1, tc.unsqueeze(1)).squeeze(1)
                 mean = z.mean(-1) if eps else None
                 e, lse = _exp_lse(z)
