@@ -196,31 +196,39 @@ void conv_silu_bwd(const T* x, const float* wt, const float* bias, const int64_t
 // ------------------------------------------------------------------------------------------------ cross-entropy rows
 // z (n, V) logits of the rows whose target is t (n,); eps the label smoothing. Per row, in fp32 whatever z's
 // storage: loss = (1 − ε)(lse − z_t) + ε(lse − mean z), and with `grad` the gradient of that loss in place of z:
-// softmax(z) − (1 − ε)·onehot(t) − ε/V. A row's max, Σ exp and Σ z are each one vectorised pass over the row.
+// softmax(z) − (1 − ε)·onehot(t) − ε/V. Three vectorised passes over a row: its max (and Σ z); exp(z − max) and
+// their sum, the exps kept in the row when a gradient is wanted; their scaling into the softmax.
 template <typename T>
 void ce_rows(T* z, const int64_t* targets, int64_t n, int64_t V, float eps, float* loss, int grad, int nthreads) {
 #pragma omp parallel for num_threads(threads_for(nthreads)) schedule(static)
     for (int64_t r = 0; r < n; ++r) {
         T* __restrict row = z + r * V;
-        float m = -INFINITY;
-#pragma omp simd reduction(max : m)
+        float m = -INFINITY, sz = 0.f;
+#pragma omp simd reduction(max : m) reduction(+ : sz)
         for (int64_t j = 0; j < V; ++j) {
             const float v = load(row, j);
             m = v > m ? v : m;
-        }
-        float s = 0.f, sz = 0.f;
-#pragma omp simd reduction(+ : s, sz)
-        for (int64_t j = 0; j < V; ++j) {
-            const float v = load(row, j);
-            s += vexp(v - m);
             sz += v;
         }
-        const float lse = m + std::log(s), picked = load(row, targets[r]);
+        const float picked = load(row, targets[r]);
+        float s = 0.f;
+        if (grad) {
+#pragma omp simd reduction(+ : s)
+            for (int64_t j = 0; j < V; ++j) {
+                const float e = vexp(load(row, j) - m);
+                s += e;
+                store(row, j, e);
+            }
+        } else {
+#pragma omp simd reduction(+ : s)
+            for (int64_t j = 0; j < V; ++j) s += vexp(load(row, j) - m);
+        }
+        const float lse = m + std::log(s);
         loss[r] = (1.f - eps) * (lse - picked) + eps * (lse - sz / static_cast<float>(V));
         if (!grad) continue;
-        const float off = eps / static_cast<float>(V);
+        const float inv = 1.f / s, off = eps / static_cast<float>(V);
 #pragma omp simd
-        for (int64_t j = 0; j < V; ++j) store(row, j, vexp(load(row, j) - lse) - off);
+        for (int64_t j = 0; j < V; ++j) store(row, j, load(row, j) * inv - off);
         store(row, targets[r], load(row, targets[r]) - (1.f - eps));
     }
 }

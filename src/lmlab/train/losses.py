@@ -96,20 +96,26 @@ def _selected(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def _add_chunk_grads(g: torch.Tensor, w: torch.Tensor, hc: torch.Tensor, c: slice, grad_h: torch.Tensor | None,
-                     grad_w: torch.Tensor | None) -> None:
-    """A chunk's gradient dL/dz (rows × V, in the compute dtype) into grad_h's rows and the head's gradient (the
-    matmuls write and accumulate in place where the dtypes allow: no product tensor to copy or add)."""
+                     grad_w: torch.Tensor | None, need_w: bool, acc: torch.dtype) -> torch.Tensor | None:
+    """A chunk's gradient dL/dz (rows × V, in the compute dtype) into grad_h's rows, and the head's gradient so far
+    (in `acc`) returned: the first chunk's product taken as it is (no zeros to fill), the next ones accumulated
+    in place by the matmul where the dtypes allow."""
     if grad_h is not None:
         torch.mm(g, w, out=grad_h[c])
-    if grad_w is not None:
-        if grad_w.dtype == g.dtype:
-            grad_w.addmm_(g.t(), hc)
-        else:
-            grad_w += g.t() @ hc
+    if not need_w:
+        return None
+    if grad_w is None:
+        return (g.t() @ hc).to(acc)
+    if grad_w.dtype == g.dtype:
+        return grad_w.addmm_(g.t(), hc)
+    return grad_w.add_(g.t() @ hc)
 
 
 def _scatter_rows(grad: torch.Tensor, rows: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """The selected rows' gradient back in h's shape, zero where the target was -100."""
+    """The selected rows' gradient back in h's shape, zero where the target was -100 (as it is when every row
+    was selected: `rows` are ascending)."""
+    if rows.numel() == shape[:-1].numel():
+        return grad.to(dtype).view(shape)
     full = torch.zeros(shape[:-1].numel(), grad.size(-1), dtype=dtype, device=grad.device)
     return full.index_copy_(0, rows, grad.to(dtype)).view(shape)
 
@@ -124,16 +130,16 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         eps = float(label_smoothing)
         acc = torch.promote_types(cdt, torch.float32)  # what the logits are raised to
         total = torch.zeros((), dtype=acc, device=h.device)
-        grad_h = torch.zeros(rows.numel(), d, dtype=cdt, device=h.device) if need_h else None
-        grad_w = torch.zeros(vocab, d, dtype=acc, device=h.device) if need_w else None
+        grad_h = torch.empty(rows.numel(), d, dtype=cdt, device=h.device) if need_h else None  # every row written
+        grad_w = None
         with torch.autocast(h.device.type, enabled=False):
             for c in _chunks(rows.numel(), chunk):
                 hc, tc = hs[c].to(cdt), ts[c]
                 z = hc @ w.t()
                 if kernels_cpu.usable(z):  # the fused CPU kernel: the loss and, in place of z, its gradient
-                    total += kernels_cpu.ce_rows(z, tc, eps, grad=grad_h is not None or grad_w is not None).sum()
-                    if grad_h is not None or grad_w is not None:
-                        _add_chunk_grads(z, w, hc, c, grad_h, grad_w)
+                    total += kernels_cpu.ce_rows(z, tc, eps, grad=need_h or need_w).sum()
+                    if need_h or need_w:
+                        grad_w = _add_chunk_grads(z, w, hc, c, grad_h, grad_w, need_w, acc)
                     continue
                 z = upcast_half(z)  # (n, V) fp32 (fp64 stays), as the plain path upcasts its logits
                 picked = z.gather(1, tc.unsqueeze(1)).squeeze(1)
@@ -143,13 +149,15 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 if eps:
                     loss = (1 - eps) * loss + eps * (lse - mean)
                 total += loss.sum()
-                if grad_h is None and grad_w is None:
+                if not (need_h or need_w):
                     continue
                 g = e.div_(e.sum(-1, keepdim=True))  # the softmax, in place of the logits
                 g.scatter_add_(1, tc.unsqueeze(1), g.new_full((tc.numel(), 1), eps - 1.0))
                 if eps:
                     g.sub_(eps / vocab)
-                _add_chunk_grads(g.to(cdt), w, hc, c, grad_h, grad_w)
+                grad_w = _add_chunk_grads(g.to(cdt), w, hc, c, grad_h, grad_w, need_w, acc)
+        if need_w and grad_w is None:  # nothing to predict
+            grad_w = torch.zeros(vocab, d, dtype=acc, device=h.device)
         if grad_h is not None:
             grad_h = _scatter_rows(grad_h, rows, shape, h.dtype)
         # kept on ctx rather than saved: the backward scales them in place and hands them over (no second copy)
@@ -202,15 +210,17 @@ class _LinearTokenLogps(torch.autograd.Function):
         go = grad_out.reshape(-1).index_select(0, rows).to(lse.dtype)
         w = weight.to(cdt)
         d = hs.size(-1)
-        grad_h = torch.zeros(rows.numel(), d, dtype=cdt, device=hs.device) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=lse.dtype) if need_w else None
+        grad_h = torch.empty(rows.numel(), d, dtype=cdt, device=hs.device) if need_h else None  # every row written
+        grad_w = None
         with torch.autocast(hs.device.type, enabled=False):
             for c in _chunks(rows.numel(), ctx.chunk):
                 hc, tc, gc = hs[c].to(cdt), ts[c], go[c]
                 p = upcast_half(hc @ w.t()).sub_(lse[c].unsqueeze(1)).exp_()  # softmax of the recomputed logits
                 g = p.mul_(-gc.unsqueeze(1))  # d logp_t / d z = onehot − softmax, times the incoming gradient
                 g.scatter_add_(1, tc.unsqueeze(1), gc.unsqueeze(1))
-                _add_chunk_grads(g.to(cdt), w, hc, c, grad_h, grad_w)
+                grad_w = _add_chunk_grads(g.to(cdt), w, hc, c, grad_h, grad_w, need_w, lse.dtype)
+        if need_w and grad_w is None:  # nothing to predict
+            grad_w = torch.zeros_like(weight, dtype=lse.dtype)
         if grad_h is not None:
             grad_h = _scatter_rows(grad_h, rows, ctx.h_shape, ctx.h_dtype)
         return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None
