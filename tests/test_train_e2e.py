@@ -98,8 +98,8 @@ def test_sigkill_and_resume_is_bitwise_identical(stdlib_tokenizer_dir, tmp_path)
     _kill_after_checkpoint(_args(stdlib_tokenizer_dir, tmp_path, "termed"), tmp_path / "termed", 8, sig=signal.SIGTERM)
     assert json.loads((tmp_path / "termed" / "run.json").read_text())["status"] == "stopped"
     _assert_resume_is_exact(tmp_path / "straight", tmp_path / "termed", 40)
-    # the same run folder on another global batch is refused, naming what changed
-    refused = _cli("resume", str(tmp_path / "termed"), "train.batch_size=2")
+    # the finished run extended on another global batch is refused, naming what changed
+    refused = _cli("resume", str(tmp_path / "termed"), "train.batch_size=2", "train.max_steps=60")
     assert refused.returncode == 2 and "global batch (tokens per step) (128 → 64)" in refused.stderr
 
 
