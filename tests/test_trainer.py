@@ -109,8 +109,8 @@ def test_accumulation_normalises_over_target_tokens_not_micro_batches():
     g2 = _grads(model)
     assert int(r1.count) == int(r2.count) == int((y != -100).sum())
     torch.testing.assert_close(r1.loss, r2.loss, rtol=1e-6, atol=1e-6)
-    for n in g1:
-        torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-7, msg=n)
+    for n in g1:  # fp32 sums grouped differently: equal to a millionth of each gradient's largest entry
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-5, atol=1e-6 * float(g2[n].abs().max()), msg=n)
     # the mean of the two micro-batch means is not the step's loss here
     with torch.no_grad():
         means = [float(obj.loss(model, b)[0] / obj.count(b)) for b in halves]
