@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -105,9 +106,15 @@ def test_fixtures_have_the_stock_schemas():
     assert all(len(_docs(t, 1000)) >= 50 for t in TASKS)  # --limit 50 has 50 items everywhere
 
 
-def test_lm_eval_scores_match_a_hand_computation(tiny):
+def test_lm_eval_scores_match_a_hand_computation(tiny, monkeypatch):
+    """…and the evaluation on the shipped data leaves the process's environment as it was (no offline switch
+    left behind for a later hub evaluation or download in the same process)."""
     model, tok, _ = tiny
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    switches = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    before = {k: os.environ.get(k) for k in switches}
     got = evaluate_tasks(model, tok, "lambada,hellaswag,piqa,winogrande", limit=LIMIT, batch_size=4)
+    assert {k: os.environ.get(k) for k in switches} == before
     want = _by_hand(model, tok)
     assert set(got) == set(want)
     for task, metrics in want.items():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +143,6 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | str = DEFAULT_TASKS, lim
         manager = TaskManager()
         lm_names = {t: TASKS[t].stock for t in names}
     else:
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local json files only: nothing to look up
         manager = TaskManager(include_path=str(_task_dir(names, data_files)), include_defaults=False)
         lm_names = {t: local_task_name(t) for t in names}
     for name in ("lm_eval", "lm-eval"):
