@@ -124,6 +124,21 @@ def test_lm_eval_scores_match_a_hand_computation(tiny, monkeypatch):
     assert not model.training
 
 
+def test_an_evaluation_outside_a_git_checkout_prints_nothing_from_git(tiny, tmp_path, monkeypatch, capfd):
+    """lm-eval records the working directory's git commit; outside a checkout git's "fatal: not a git repository"
+    must not reach the terminal (the probe runs quiet, and lm-eval's own probe is put back afterwards)."""
+    import lm_eval.evaluator as evaluator
+
+    model, tok, _ = tiny
+    real = evaluator.get_git_commit_hash
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # tmp_path is in no checkout
+    got = evaluate_tasks(model, tok, "piqa", limit=5, batch_size=4)
+    assert got["piqa"]["n"] == 5
+    assert "not a git repository" not in capfd.readouterr().err
+    assert evaluator.get_git_commit_hash is real
+
+
 def test_parse_tasks_accepts_stock_names_and_rejects_unknown():
     from lmlab.errors import ConfigError
 

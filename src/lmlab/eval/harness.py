@@ -16,9 +16,11 @@ compare models on the same items; they are not comparable with published numbers
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,10 +156,11 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | str = DEFAULT_TASKS, lim
               max_length=model_max_length(model))
     t0 = time.perf_counter()
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(lm_names.values()), limit=limit, task_manager=manager,
-                                      bootstrap_iters=bootstrap_iters, num_fewshot=num_fewshot, log_samples=False,
-                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed)
+        with _quiet_git_probe():
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(lm_names.values()), limit=limit, task_manager=manager,
+                                          bootstrap_iters=bootstrap_iters, num_fewshot=num_fewshot,
+                                          log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                          torch_random_seed=seed, fewshot_random_seed=seed)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - t0
@@ -177,6 +180,32 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | str = DEFAULT_TASKS, lim
     for row in results.values():
         row["seconds"] = round(seconds / len(results), 3)
     return results
+
+
+def _git_commit() -> str | None:
+    """The working directory's git commit as lm-eval records it, or None outside a checkout, with git's stderr
+    silenced."""
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+
+
+@contextlib.contextmanager
+def _quiet_git_probe():
+    """lm-eval records the working directory's git commit by running `git describe`, whose "fatal: not a git
+    repository" would reach the terminal of every evaluation run outside a checkout: the same probe, quiet."""
+    import lm_eval.evaluator as evaluator
+
+    real = getattr(evaluator, "get_git_commit_hash", None)
+    if real is None:  # a release that records it otherwise
+        yield
+        return
+    evaluator.get_git_commit_hash = _git_commit
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = real
 
 
 def lm_eval_version() -> str | None:
