@@ -90,6 +90,16 @@ def test_the_fused_cpu_softmax_equals_the_torch_ops(dtype, smoothing, monkeypatc
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
+def test_the_fused_cpu_softmax_refuses_targets_outside_the_vocabulary():
+    from lmlab.models import kernels_cpu
+
+    if not kernels_cpu.available():
+        pytest.skip("no C++ compiler: the torch ops run")
+    z = torch.randn(3, V)
+    with pytest.raises(IndexError, match=rf"targets must lie in \[0, {V}\), got 0\.\.{V}"):
+        kernels_cpu.ce_rows(z, torch.tensor([0, 1, V]))
+
+
 def test_cross_entropy_sum_with_a_tied_weight():
     """The weight also feeds the hidden states (an input embedding tied to the head): both gradients add up."""
     _, w, t = _data(torch.float64)
