@@ -412,6 +412,7 @@ def check_budget(cfg: Config, total_steps: int, run_dir: Path, latest: Path) -> 
     if step <= total_steps:
         return
     t = cfg.train
+    advice = "give a larger value"
     if t.max_steps is not None:
         budget = f"train.max_steps={t.max_steps}"
     elif t.max_tokens is not None:
@@ -419,8 +420,7 @@ def check_budget(cfg: Config, total_steps: int, run_dir: Path, latest: Path) -> 
     elif t.token_ratio is not None:
         budget = f"train.token_ratio={t.token_ratio:g} ({total_steps:,} steps)"
     else:
-        budget = f"the default budget of {total_steps:,} steps"
-    advice = "give a larger value" if "=" in budget else "set train.max_steps"
+        budget, advice = f"the default budget of {total_steps:,} steps", "set train.max_steps"
     raise ConfigError(f"{budget} is below step {step:,} of {run_dir}'s latest checkpoint ({latest}); {advice}")
 
 
