@@ -150,8 +150,17 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true", help="the torch reference paths instead of the fused ones")
     ap.add_argument("--chunked-loss", choices=("auto", "on", "off"), default="auto",
                     help="train.chunked_loss for the step (auto: the trainer's default)")
+    ap.add_argument("--malloc-default", action="store_true",
+                    help="leave glibc's malloc as it is (the trainer keeps freed blocks: runtime.keep_freed_memory)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.malloc_default:
+        try:
+            from lmlab.runtime import keep_freed_memory
+        except ImportError:  # an lmlab from before it
+            pass
+        else:
+            keep_freed_memory()  # as setup_runtime does for CPU training
 
     variants = ([(p, f) for p in ("fp32", "bf16") for f in (False, True)] if args.compare
                 else [(args.precision, not args.reference)])

@@ -7,7 +7,9 @@ Model code never looks at ranks or autocast; the loop asks the Runtime.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -182,6 +184,26 @@ def pick_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep large freed blocks for reuse instead of returning them to the OS.
+
+    A training step allocates and frees the same large tensors every step. By default glibc maps blocks of 32 MiB
+    and more afresh each time and gives freed memory at the top of its heap back, so each step writes into fresh
+    pages and pays a page fault per 4 KiB: about 15,000 a step at mamba-swelu-small's 4 × 256 batch, 4–6 % of its
+    CPU step. With the mmap threshold at 1 GiB and trimming off, the freed blocks are reused (no faults after
+    the first steps); peak memory stays what the step needs, but the process keeps it until it exits. Applied by
+    `setup_runtime` for CPU training; True when it took effect (glibc), False elsewhere (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+
+
 def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | None = None) -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -196,6 +218,8 @@ def setup_runtime(device: str = "auto", precision: str = "auto", threads: int | 
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif dev.type == "cpu":
+        keep_freed_memory()
     return Runtime(device=dev, precision=pick_precision(precision, dev), rank=rank,
                    local_rank=local_rank, world_size=world)
 

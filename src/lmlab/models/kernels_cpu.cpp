@@ -8,6 +8,12 @@
 // gradients) are summed per fixed block of elements / rows and the blocks are added in order, so the results do not
 // depend on the number of threads. Built by lmlab.models.cpp_build with the same flags as the selective scan.
 #include <vector>
+// On CPUs with AVX-512, GCC vectorises these loops 8 floats wide unless told otherwise; 16 wide measured faster
+// for every kernel here (SWELU's forward 0.57 → 0.35 ms on a (4, 256, 512) tensor, 2 threads; the bf16 loss rows
+// 4.6 → 3.3 ms). The selective scan keeps 8: its lanes are channels, and wider blocks measured slower.
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif

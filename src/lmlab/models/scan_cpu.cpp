@@ -25,6 +25,27 @@ static inline float vsoftplus(float x) {
 static inline double vsoftplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
 template <typename T> static inline T vsigmoid(T x) { return T(1) / (T(1) + vexp(-x)); }
 
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#define LMLAB_SCAN_VEXP8 1
+// exp of 8 floats: vexp's reduction and polynomial, with the power of two applied by vscalefps, which also gives 0
+// and inf past the float range; the compiler's own code for vexp's clamps costs as much again in compares and
+// blends. The clamps here keep only ±inf from making the reduction NaN (a NaN stays NaN: max/min return their
+// second operand when either is NaN).
+static inline __m256 vexp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(_mm256_set1_ps(-104.0f), x));
+    const __m256 k = _mm256_roundscale_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.3981999507e-3f), r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    return _mm256_scalef_ps(p, k);
+}
+#endif
+
 // Per-thread scratch, 64-byte aligned: every thread's buffers then have the same alignment, so a
 // vectorised loop splits into the same head / body / tail on any thread and rounds the same way.
 template <typename T> struct Scratch {
@@ -73,6 +94,12 @@ static inline void gather(T* __restrict dst, const S* __restrict p, int64_t stri
             _mm256_storeu_ps(dst, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
             return;
         }
+        // 8 floats as one 256-bit copy: the compiler's own copy goes through four 64-bit integer moves, and the
+        // vector load that reads them back stalls the same way
+        if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float> && W == 8) {
+            _mm256_storeu_ps(dst, _mm256_loadu_ps(p));
+            return;
+        }
 #endif
 #pragma omp simd
         for (int64_t c = 0; c < W; ++c) dst[c] = load(p, c);
@@ -89,6 +116,23 @@ static inline void scatter(S* __restrict p, const T* __restrict src, int64_t w) 
     } else {
         for (int64_t c = 0; c < w; ++c) store(p, c, src[c]);
     }
+}
+
+// n values p[0], p[stride], … of one time step (a step's B or C) into floats, so the hot loops broadcast them from
+// memory; a contiguous bf16 row is widened 8 at a time instead of one scalar conversion per use
+template <typename T, typename S>
+static inline void row_in(T* __restrict dst, const S* __restrict p, int64_t stride, int64_t n) {
+    int64_t k = 0;
+#if defined(__AVX2__)
+    if constexpr (std::is_same_v<S, uint16_t> && std::is_same_v<T, float>) {
+        if (stride == 1)
+            for (; k + 8 <= n; k += 8) {
+                const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k));
+                _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+            }
+    }
+#endif
+    for (; k < n; ++k) dst[k] = load(p, k * stride);
 }
 
 // (channel, n) values of channels [d0, d0 + w) ↔ lanes [k · W + c]
@@ -134,13 +178,14 @@ struct Lanes {  // batch row bi, channels [d0, d0 + w): the per-step inputs
         }
         gather(uv, u + t * a.su[2], a.su[1], w);
         if (z) {
-            gather(sil, z + t * a.sz[2], a.sz[1], w);
+            // z read into its own array and σ(z) written apart from SiLU(z): GCC vectorises these loops only so
+            alignas(64) T zv[W], sg[W];
+            gather(zv, z + t * a.sz[2], a.sz[1], w);
 #pragma omp simd
-            for (int64_t c = 0; c < W; ++c) {
-                const T sg = vsigmoid(sil[c]);
-                if (sz) sz[c] = sg;
-                sil[c] *= sg;
-            }
+            for (int64_t c = 0; c < W; ++c) sg[c] = vsigmoid(zv[c]);
+#pragma omp simd
+            for (int64_t c = 0; c < W; ++c) sil[c] = zv[c] * sg[c];
+            if (sz) std::memcpy(sz, sg, sizeof(sg));
         }
     }
 };
@@ -151,7 +196,7 @@ static void fwd(const Args& a) {
     const int64_t nc = (l + chunk - 1) / chunk, nb = (d + W - 1) / W;
 #pragma omp parallel num_threads(a.nthreads)
     {
-        Scratch<T> hs(n * W), As(n * W);
+        Scratch<T> hs(n * W), As(n * W), Bs(n), Cs(n);
         // any schedule is exact here: a channel's outputs depend on that channel alone
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < a.b * nb; ++item) {
@@ -166,8 +211,11 @@ static void fwd(const Args& a) {
             const S* Bb = (const S*)a.B + bi * a.sB[0];
             const S* Cb = (const S*)a.C + bi * a.sC[0];
             alignas(64) T dtv[W], uv[W], sil[W], du[W], y[W];
-            for (int64_t t = 0; t < l; ++t) {
-                if (t % chunk == 0) std::memcpy(ck + (t / chunk) * n * W, h, n * W * sizeof(T));
+            for (int64_t t = 0, next = 0; t < l; ++t) {
+                if (t == next) {  // a chunk boundary (a counter: t % chunk would divide at every step)
+                    std::memcpy(ck + (t / chunk) * n * W, h, n * W * sizeof(T));
+                    next += chunk;
+                }
                 in.step(t, dtv, nullptr, uv, sil, nullptr);
                 if (a.reset && a.reset[bi * l + t]) std::memset(h, 0, n * W * sizeof(T));  // a new document
 #pragma omp simd
@@ -175,17 +223,33 @@ static void fwd(const Args& a) {
                     du[c] = dtv[c] * uv[c];
                     y[c] = 0;
                 }
-                for (int64_t k = 0; k < n; ++k) {
-                    const T bk = load(Bb, k * a.sB[1] + t * a.sB[2]), ckv = load(Cb, k * a.sC[1] + t * a.sC[2]);
-                    T* __restrict hk = h + k * W;
-                    const T* __restrict Ak = Al + k * W;
-#pragma omp simd
-                    for (int64_t c = 0; c < W; ++c) {
-                        const T v = vexp(dtv[c] * Ak[c]) * hk[c] + du[c] * bk;
-                        hk[c] = v;
-                        y[c] += v * ckv;
+                row_in(Bs.data(), Bb + t * a.sB[2], a.sB[1], n);
+                row_in(Cs.data(), Cb + t * a.sC[2], a.sC[1], n);
+#ifdef LMLAB_SCAN_VEXP8
+                if constexpr (std::is_same_v<T, float> && W == 8) {
+                    const __m256 dq = _mm256_load_ps(dtv), uq = _mm256_load_ps(du);
+                    __m256 yq = _mm256_setzero_ps();
+                    for (int64_t k = 0; k < n; ++k) {
+                        const __m256 v = _mm256_fmadd_ps(vexp8(_mm256_mul_ps(dq, _mm256_load_ps(Al + k * W))),
+                                                         _mm256_load_ps(h + k * W),
+                                                         _mm256_mul_ps(uq, _mm256_set1_ps(Bs[k])));
+                        _mm256_store_ps(h + k * W, v);
+                        yq = _mm256_fmadd_ps(v, _mm256_set1_ps(Cs[k]), yq);
                     }
-                }
+                    _mm256_store_ps(y, yq);
+                } else
+#endif
+                    for (int64_t k = 0; k < n; ++k) {
+                        const T bk = Bs[k], ckv = Cs[k];
+                        T* __restrict hk = h + k * W;
+                        const T* __restrict Ak = Al + k * W;
+#pragma omp simd
+                        for (int64_t c = 0; c < W; ++c) {
+                            const T v = vexp(dtv[c] * Ak[c]) * hk[c] + du[c] * bk;
+                            hk[c] = v;
+                            y[c] += v * ckv;
+                        }
+                    }
                 if (in.z) {
 #pragma omp simd
                     for (int64_t c = 0; c < W; ++c) y[c] = (y[c] + in.D[c] * uv[c]) * sil[c];
@@ -217,6 +281,7 @@ static void bwd(const Args& a) {
         Scratch<T> hbuf(chunk * nw), abuf(chunk * nw), PB(chunk * nw), PC(chunk * nw), As(nw);
         Scratch<T> dtb(chunk * W), sdb(chunk * W), ub(chunk * W), silb(chunk * W), szb(chunk * W), yb(chunk * W);
         Scratch<T> gcar(per * nw), gAcar(per * nw), gDcar(per * W), gbcar(per * W);
+        Scratch<T> Bcs(chunk * n), Ccs(chunk * n);  // the chunk's B, C rows as floats, shared by the group's blocks
         T* __restrict Al = As.data();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t work = 0; work < a.b * G; ++work) {
@@ -237,6 +302,10 @@ static void bwd(const Args& a) {
                 const int64_t s = c * chunk, e = (s + chunk < l) ? s + chunk : l, m = e - s;
                 std::memset(PB.data(), 0, m * nw * sizeof(T));
                 std::memset(PC.data(), 0, m * nw * sizeof(T));
+                for (int64_t j = 0; j < m; ++j) {
+                    row_in(Bcs.data() + j * n, Bb + (s + j) * a.sB[2], a.sB[1], n);
+                    row_in(Ccs.data() + j * n, Cb + (s + j) * a.sC[2], a.sC[1], n);
+                }
                 for (int64_t blk = k0; blk < k1; ++blk) {
                     const int64_t d0 = blk * W, w = d - d0 < W ? d - d0 : W, o = blk - k0;
                     const Lanes<T, S> in(a, bi, d0, w);
@@ -262,22 +331,39 @@ static void bwd(const Args& a) {
                             y[cc] = 0;
                         }
                         const T* hp = j > 0 ? hbuf.data() + (j - 1) * nw : hc;
-                        for (int64_t k = 0; k < n; ++k) {
-                            const T bk = load(Bb, k * a.sB[1] + t * a.sB[2]);
-                            const T ckv = load(Cb, k * a.sC[1] + t * a.sC[2]);
-                            const T* __restrict Ak = Al + k * W;
-                            const T* __restrict hpk = hp + k * W;
-                            T* __restrict ak = abuf.data() + j * nw + k * W;
-                            T* __restrict hk = hbuf.data() + j * nw + k * W;
-#pragma omp simd
-                            for (int64_t cc = 0; cc < W; ++cc) {
-                                const T av = vexp(dtv[cc] * Ak[cc]) * keep;
-                                ak[cc] = av;
-                                const T v = av * hpk[cc] + du[cc] * bk;
-                                hk[cc] = v;
-                                y[cc] += v * ckv;
+                        const T* __restrict Bj = Bcs.data() + j * n;
+                        const T* __restrict Cj = Ccs.data() + j * n;
+#ifdef LMLAB_SCAN_VEXP8
+                        if constexpr (std::is_same_v<T, float> && W == 8) {
+                            const __m256 dq = _mm256_load_ps(dtv), uq = _mm256_load_ps(du);
+                            const __m256 kq = _mm256_set1_ps(keep);
+                            __m256 yq = _mm256_setzero_ps();
+                            for (int64_t k = 0; k < n; ++k) {
+                                const __m256 av = _mm256_mul_ps(vexp8(_mm256_mul_ps(dq, _mm256_load_ps(Al + k * W))), kq);
+                                _mm256_store_ps(abuf.data() + j * nw + k * W, av);
+                                const __m256 v = _mm256_fmadd_ps(av, _mm256_loadu_ps(hp + k * W),
+                                                                 _mm256_mul_ps(uq, _mm256_set1_ps(Bj[k])));
+                                _mm256_store_ps(hbuf.data() + j * nw + k * W, v);
+                                yq = _mm256_fmadd_ps(v, _mm256_set1_ps(Cj[k]), yq);
                             }
-                        }
+                            _mm256_store_ps(y, yq);
+                        } else
+#endif
+                            for (int64_t k = 0; k < n; ++k) {
+                                const T bk = Bj[k], ckv = Cj[k];
+                                const T* __restrict Ak = Al + k * W;
+                                const T* __restrict hpk = hp + k * W;
+                                T* __restrict ak = abuf.data() + j * nw + k * W;
+                                T* __restrict hk = hbuf.data() + j * nw + k * W;
+#pragma omp simd
+                                for (int64_t cc = 0; cc < W; ++cc) {
+                                    const T av = vexp(dtv[cc] * Ak[cc]) * keep;
+                                    ak[cc] = av;
+                                    const T v = av * hpk[cc] + du[cc] * bk;
+                                    hk[cc] = v;
+                                    y[cc] += v * ckv;
+                                }
+                            }
                     }
                     // adjoint, backwards in time
                     for (int64_t j = m - 1; j >= 0; --j) {
@@ -312,8 +398,7 @@ static void bwd(const Args& a) {
                         }
                         const T* hp = j > 0 ? hbuf.data() + (j - 1) * nw : hc;
                         for (int64_t k = 0; k < n; ++k) {
-                            const T bk = load(Bb, k * a.sB[1] + t * a.sB[2]);
-                            const T ckv = load(Cb, k * a.sC[1] + t * a.sC[2]);
+                            const T bk = Bcs[j * n + k], ckv = Ccs[j * n + k];
                             const T* __restrict Ak = Al + k * W;
                             const T* __restrict hpk = hp + k * W;
                             const T* __restrict ak = abuf.data() + j * nw + k * W;
