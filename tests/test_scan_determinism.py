@@ -15,13 +15,13 @@ import pytest
 import torch
 from test_scan import NAMES, make_inputs
 
-from lmlab.models import build_config, build_model
+from lmlab.models import build_config, build_model, scan_cpu
 from lmlab.models import scan as S
 from lmlab.models.scan_cpu import backward_groups, cpu_kernel_available
 
 # (b, d, l, n, seq_idx, initial_state): l never a power of two; generic and unrolled (16) state sizes;
-# groups of one and of several 8-channel blocks, uneven, with a short last block; documents starting inside
-# and on CPU_CHUNK boundaries
+# groups of one and of several LANES-channel blocks (8, or 16 on AVX-512), uneven, with a short last block;
+# documents starting inside and on CPU_CHUNK boundaries
 CASES = [
     (2, 37, 130, 16, True, True),
     (3, 70, 77, 5, (1, 30, 64), True),
@@ -66,10 +66,13 @@ def assert_bitwise_equal(got: dict, want: dict, what: str):
         assert torch.equal(got[key], w), f"{what}: {key} differs (max |diff| {diff:.3g})"
 
 
-def test_groups_depend_on_shapes_only():
-    # groups of LANES-channel blocks (8): at most one group a block, about 64 (batch row, group) items in all
+@pytest.mark.parametrize("lanes,want", [(8, [25, 5, 2, 1, 1, 4, 16, 8]), (16, [13, 3, 1, 1, 1, 4, 16, 8])])
+def test_groups_depend_on_shapes_only(monkeypatch, lanes, want):
+    # groups of LANES-channel blocks (8, or 16 on AVX-512): at most one group a block, about 64 (batch row, group)
+    # items in all
+    monkeypatch.setattr(scan_cpu, "LANES", lanes)
     shapes = [(1, 200), (2, 37), (5, 9), (64, 8), (100, 8), (20, 100), (4, 512), (8, 2048)]
-    assert [backward_groups(b, d) for b, d in shapes] == [25, 5, 2, 1, 1, 4, 16, 8]
+    assert [backward_groups(b, d) for b, d in shapes] == want
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}d{}l{}n{}".format(*c[:4]))
@@ -114,3 +117,28 @@ def train_tiny(threads: int, steps: int = 10) -> dict[str, torch.Tensor]:
 def test_training_twice_at_2_threads_gives_bitwise_equal_weights():
     first, second = train_tiny(2), train_tiny(2)
     assert_bitwise_equal(second, first, "second run at 2 threads vs the first")
+
+
+@pytest.mark.slow
+def test_the_8_lane_build_passes_the_kernel_tests_too(tmp_path):
+    """On an AVX-512 machine the kernels are built 16 lanes wide; CPUs without it get the 8-lane code (AVX2 and
+    the plain C++ loops). Built here with LMLAB_CXXFLAGS=-mno-avx512f into a cache of its own, that build must
+    pass the same reference and determinism tests."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if "avx512f" not in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else True:
+        pytest.skip("this CPU builds the 8-lane kernels already")
+    env = {**os.environ, "LMLAB_CXXFLAGS": "-mno-avx512f", "LMLAB_CACHE": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    lanes = subprocess.run([sys.executable, "-c", "from lmlab.models import scan_cpu as s; "
+                            "assert s.cpu_kernel_available(); print(s.LANES)"],
+                           env=env, capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert lanes == "8"
+    here = Path(__file__).parent
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          str(here / "test_kernels_cpu.py"), str(here / "test_scan_determinism.py"),
+                          str(here / "test_scan.py"), "-k", "not 8_lane", "-m", "not slow"],
+                         env=env, capture_output=True, text=True, cwd=here.parent)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]

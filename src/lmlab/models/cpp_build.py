@@ -6,7 +6,8 @@ ctypes (no Python headers, no torch C++ API: the kernels take raw pointers, so a
                       fallback="the torch reference paths", disable_env="LMLAB_DISABLE_CPP_KERNELS")
     KERNELS.available()                      # built once per process, on first use; False with one warning
 
-Flag sets are tried in order; the first that compiles wins. -ffast-math is for compiling only: linked with it,
+Flag sets are tried in order; the first that compiles wins ($LMLAB_CXXFLAGS is appended to each, e.g. `-mno-avx512f`
+to build the 8-lane kernels on an AVX-512 machine). -ffast-math is for compiling only: linked with it,
 GCC < 13 would add crtfastmath.o, which flushes denormals for the whole process at load time.
 """
 
@@ -67,7 +68,9 @@ def build(name: str, source: str) -> ctypes.CDLL:
     out_dir = cache_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     errors = []
+    extra = os.environ.get("LMLAB_CXXFLAGS", "").split()  # appended, e.g. -mno-avx512f or -march=x86-64-v3
     for cflags, lflags in FLAG_SETS:
+        cflags = cflags + extra
         tag = " ".join(cflags + lflags)
         key = hashlib.sha256("\n".join([source, cxx, tag, cpu_fingerprint()]).encode())
         so = out_dir / f"{name}_{key.hexdigest()[:16]}.so"

@@ -13,6 +13,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+// 16-lane blocks on AVX-512 (below): GCC must then vectorise the lane loops 16 wide, not as two 8-wide halves
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
 
 // vexp (float: vectorisable, ~2 ulp) comes from vmath.h, which the build puts in front of this file
 // softplus(x) = max(x, 0) + log1p(e), e = exp(−|x|) ∈ (0, 1]; log1p(e) = 2 atanh(s), s = e / (2 + e) ≤ 1/3,
@@ -25,26 +29,27 @@ static inline float vsoftplus(float x) {
 static inline double vsoftplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
 template <typename T> static inline T vsigmoid(T x) { return T(1) / (T(1) + vexp(-x)); }
 
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-#define LMLAB_SCAN_VEXP8 1
-// exp of 8 floats: vexp's reduction and polynomial, with the power of two applied by vscalefps, which also gives 0
-// and inf past the float range; the compiler's own code for vexp's clamps costs as much again in compares and
+#if defined(__AVX512F__)
+#define LMLAB_SCAN_AVX512 1
+// exp of 16 floats: vexp's reduction and polynomial, with the power of two applied by vscalefps, which also gives
+// 0 and inf past the float range; the compiler's own code for vexp's clamps costs as much again in compares and
 // blends. The clamps here keep only ±inf from making the reduction NaN (a NaN stays NaN: max/min return their
 // second operand when either is NaN).
-static inline __m256 vexp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(_mm256_set1_ps(-104.0f), x));
-    const __m256 k = _mm256_roundscale_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+static inline __m512 vexp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187e-06f), r);
-    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(1.3981999507e-3f), r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    return _mm256_scalef_ps(p, k);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.3981999507e-3f), r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, k);
 }
 #endif
+
 
 // Per-thread scratch, 64-byte aligned: every thread's buffers then have the same alignment, so a
 // vectorised loop splits into the same head / body / tail on any thread and rounds the same way.
@@ -78,24 +83,37 @@ struct Args {
 
 // Channels per block: the kernels walk time for W channels at once, one SIMD lane a channel, so a step's Δ, u, z
 // and output are contiguous loads and stores in the (b, l, d) layout and the sum over states is a plain add per
-// lane. 8 (one 256-bit register of floats) measured faster than 16 and 4: the backward's per-chunk buffers of
-// decays, states and dB, dC lanes then stay in the first-level caches. The last block of a row may be short: its
-// missing lanes read zeros (u = 0, output gradient = 0, state = 0), which keeps them zero and out of every sum.
+// lane. W is one vector register of floats: 16 with AVX-512 (the state loops then in intrinsics, with vexp16),
+// else 8; scan_lanes() tells the Python side. The last block of a row may be short: its missing lanes read zeros
+// (u = 0, output gradient = 0, state = 0), which keeps them zero and out of every sum.
+#ifdef LMLAB_SCAN_AVX512
+constexpr int64_t W = 16;
+#else
 constexpr int64_t W = 8;
+#endif
 
 template <typename T, typename S>
 static inline void gather(T* __restrict dst, const S* __restrict p, int64_t stride, int64_t w) {
     if (w == W && stride == 1) {
-#if defined(__AVX2__)
-        // 8 bf16 → 8 floats in one register: the compiler's own version widens in two 128-bit halves stored
-        // separately, and the 256-bit load that reads them back stalls on store forwarding
+        // W bf16 → W floats, and W floats, as one register: the compiler's own versions widen in halves stored
+        // separately, or copy through 64-bit integer moves, and the vector load that reads them back stalls on
+        // store forwarding
+#if defined(LMLAB_SCAN_AVX512)
+        if constexpr (std::is_same_v<S, uint16_t> && std::is_same_v<T, float> && W == 16) {
+            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+            _mm512_storeu_ps(dst, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+            return;
+        }
+        if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float> && W == 16) {
+            _mm512_storeu_ps(dst, _mm512_loadu_ps(p));
+            return;
+        }
+#elif defined(__AVX2__)
         if constexpr (std::is_same_v<S, uint16_t> && std::is_same_v<T, float> && W == 8) {
             const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
             _mm256_storeu_ps(dst, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
             return;
         }
-        // 8 floats as one 256-bit copy: the compiler's own copy goes through four 64-bit integer moves, and the
-        // vector load that reads them back stalls the same way
         if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float> && W == 8) {
             _mm256_storeu_ps(dst, _mm256_loadu_ps(p));
             return;
@@ -225,18 +243,18 @@ static void fwd(const Args& a) {
                 }
                 row_in(Bs.data(), Bb + t * a.sB[2], a.sB[1], n);
                 row_in(Cs.data(), Cb + t * a.sC[2], a.sC[1], n);
-#ifdef LMLAB_SCAN_VEXP8
-                if constexpr (std::is_same_v<T, float> && W == 8) {
-                    const __m256 dq = _mm256_load_ps(dtv), uq = _mm256_load_ps(du);
-                    __m256 yq = _mm256_setzero_ps();
+#ifdef LMLAB_SCAN_AVX512
+                if constexpr (std::is_same_v<T, float> && W == 16) {
+                    const __m512 dq = _mm512_load_ps(dtv), uq = _mm512_load_ps(du);
+                    __m512 yq = _mm512_setzero_ps();
                     for (int64_t k = 0; k < n; ++k) {
-                        const __m256 v = _mm256_fmadd_ps(vexp8(_mm256_mul_ps(dq, _mm256_load_ps(Al + k * W))),
-                                                         _mm256_load_ps(h + k * W),
-                                                         _mm256_mul_ps(uq, _mm256_set1_ps(Bs[k])));
-                        _mm256_store_ps(h + k * W, v);
-                        yq = _mm256_fmadd_ps(v, _mm256_set1_ps(Cs[k]), yq);
+                        const __m512 v = _mm512_fmadd_ps(vexp16(_mm512_mul_ps(dq, _mm512_load_ps(Al + k * W))),
+                                                         _mm512_load_ps(h + k * W),
+                                                         _mm512_mul_ps(uq, _mm512_set1_ps(Bs[k])));
+                        _mm512_store_ps(h + k * W, v);
+                        yq = _mm512_fmadd_ps(v, _mm512_set1_ps(Cs[k]), yq);
                     }
-                    _mm256_store_ps(y, yq);
+                    _mm512_store_ps(y, yq);
                 } else
 #endif
                     for (int64_t k = 0; k < n; ++k) {
@@ -333,20 +351,21 @@ static void bwd(const Args& a) {
                         const T* hp = j > 0 ? hbuf.data() + (j - 1) * nw : hc;
                         const T* __restrict Bj = Bcs.data() + j * n;
                         const T* __restrict Cj = Ccs.data() + j * n;
-#ifdef LMLAB_SCAN_VEXP8
-                        if constexpr (std::is_same_v<T, float> && W == 8) {
-                            const __m256 dq = _mm256_load_ps(dtv), uq = _mm256_load_ps(du);
-                            const __m256 kq = _mm256_set1_ps(keep);
-                            __m256 yq = _mm256_setzero_ps();
+#ifdef LMLAB_SCAN_AVX512
+                        if constexpr (std::is_same_v<T, float> && W == 16) {
+                            const __m512 dq = _mm512_load_ps(dtv), uq = _mm512_load_ps(du);
+                            const __m512 kq = _mm512_set1_ps(keep);
+                            __m512 yq = _mm512_setzero_ps();
                             for (int64_t k = 0; k < n; ++k) {
-                                const __m256 av = _mm256_mul_ps(vexp8(_mm256_mul_ps(dq, _mm256_load_ps(Al + k * W))), kq);
-                                _mm256_store_ps(abuf.data() + j * nw + k * W, av);
-                                const __m256 v = _mm256_fmadd_ps(av, _mm256_loadu_ps(hp + k * W),
-                                                                 _mm256_mul_ps(uq, _mm256_set1_ps(Bj[k])));
-                                _mm256_store_ps(hbuf.data() + j * nw + k * W, v);
-                                yq = _mm256_fmadd_ps(v, _mm256_set1_ps(Cj[k]), yq);
+                                const __m512 ex = vexp16(_mm512_mul_ps(dq, _mm512_load_ps(Al + k * W)));
+                                const __m512 av = _mm512_mul_ps(ex, kq);
+                                _mm512_store_ps(abuf.data() + j * nw + k * W, av);
+                                const __m512 v = _mm512_fmadd_ps(av, _mm512_loadu_ps(hp + k * W),
+                                                                 _mm512_mul_ps(uq, _mm512_set1_ps(Bj[k])));
+                                _mm512_store_ps(hbuf.data() + j * nw + k * W, v);
+                                yq = _mm512_fmadd_ps(v, _mm512_set1_ps(Cj[k]), yq);
                             }
-                            _mm256_store_ps(y, yq);
+                            _mm512_store_ps(y, yq);
                         } else
 #endif
                             for (int64_t k = 0; k < n; ++k) {
@@ -501,3 +520,4 @@ extern "C" void scan_bwd_bf16(const Args* a) {
 extern "C" void scan_fwd_f64(const Args* a) { fwd<double, double, 0>(*a); }
 extern "C" void scan_bwd_f64(const Args* a) { bwd<double, double, 0>(*a); }
 extern "C" int64_t scan_args_size() { return sizeof(Args); }
+extern "C" int64_t scan_lanes() { return W; }

@@ -140,8 +140,16 @@ def cpp_source() -> str:
     return kernel_source(CPP_SOURCE)
 
 
+def _declare(lib) -> None:
+    """The built kernel's lanes (channels per block: 16 where the compiler targets AVX-512, else 8)."""
+    global LANES
+    lib.scan_lanes.restype = ctypes.c_int64
+    LANES = int(lib.scan_lanes())
+
+
 LIBRARY = Library("scan_cpu", lambda: cpp_source(), what="C++ selective scan",
-                  fallback="the slower pure-torch 'chunked' scan", disable_env="LMLAB_DISABLE_CPP_SCAN")
+                  fallback="the slower pure-torch 'chunked' scan", disable_env="LMLAB_DISABLE_CPP_SCAN",
+                  declare=_declare)
 
 
 def cpu_kernel_available() -> bool:
@@ -182,7 +190,7 @@ def _call(kind: str, dtype: torch.dtype, a: _Args) -> None:
 
 # the storage types the kernel reads and writes per element (it computes in float, or double for double)
 STORAGE = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float64: "f64"}
-LANES = 8  # channels per block of the kernel (W in the source)
+LANES = 8  # channels per block of the kernel (W in the source): set from the built kernel by _declare
 
 
 def backward_groups(b: int, d: int) -> int:
