@@ -7,7 +7,8 @@
 
 The matmul-bound limit is the step's Linear FLOPs (6 · N_linear per token: forward, and the two matmuls of the
 backward; the LM head counts, the embedding lookup does not) at the fp32 `torch.mm` rate measured in the same
-process on a 2048² product, so the "% of limit" column reads the same on any machine. The per-operation table
+process on a 2048² product (the better of a measurement before the steps and one after), so the "% of limit"
+column reads the same on any machine. The per-operation table
 is torch.profiler's self-CPU time grouped into the step's parts (matmuls, scan, SWELU, conv, gates, norms,
 embedding, loss, optimizer, the rest); its total is a little above the unprofiled step time. Prints markdown
 tables (docs/benchmarks.md keeps them); asserts nothing about time.
@@ -169,6 +170,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(build_config(args.model)).train()
         steps.append(Step(model, args.batch, args.seq, precision, args.chunked_loss))
+    rates_before = mm_rate(torch.float32), mm_rate(torch.bfloat16)
     times = [[] for _ in variants]
     for rep in range(args.reps + 2):  # interleaved, so a busy moment slows every variant alike
         for i, (_, fused) in enumerate(variants):
@@ -177,7 +179,9 @@ def main() -> None:
                 steps[i]()
                 if rep >= 2:  # two warm-up steps each
                     times[i].append(time.perf_counter() - t0)
-    fp32_rate, bf16_rate = mm_rate(torch.float32), mm_rate(torch.bfloat16)
+    # the machine's rate: the better of a measurement before the steps and one after them (a busy moment, or the
+    # clock after the steps' vector work, can lower either by 10 %)
+    fp32_rate, bf16_rate = max(rates_before[0], mm_rate(torch.float32)), max(rates_before[1], mm_rate(torch.bfloat16))
     tokens = args.batch * args.seq
     n_lin = linear_params(steps[0].model)
     limit = fp32_rate / (6 * n_lin)  # tokens/s if the step were its fp32 matmuls alone

@@ -270,14 +270,19 @@ def _cpp_logits(llm, ids):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 def test_llama_cpp_greedy_tokens_equal_transformers(trained, tmp_path, dtype):
-    """llama.cpp decodes with its own KV cache and greedy sampler; transformers recomputes the whole sequence."""
+    """llama.cpp decodes with its own KV cache and greedy sampler; transformers recomputes the whole sequence.
+
+    Their logits differ by the export dtype's rounding, so the greedy tokens must agree wherever the top two
+    logits are further apart than twice the largest deviation seen; from a prompt's first step closer than that
+    (a near-tie the rounding may break either way) on, its continuations are not compared."""
     llm = _llama(_export(trained, tmp_path / "out", dtype))
     model, tok = _hf(trained)
-    margins, deviation, continuations = [], 0.0, []
+    runs_ = []
+    deviation = 0.0
     for prompt in PROMPTS:
         ids = tok(prompt)["input_ids"]
         assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == ids  # same tokenization
-        hf_ids = list(ids)
+        hf_ids, margins = list(ids), []
         with torch.no_grad():
             for _ in range(12):
                 logits = model(torch.tensor([hf_ids])).logits[0, -1]
@@ -286,15 +291,20 @@ def test_llama_cpp_greedy_tokens_equal_transformers(trained, tmp_path, dtype):
                 hf_ids.append(int(logits.argmax()))
         cpp = llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True)
         cpp_ids = list(ids) + [next(cpp) for _ in range(12)]
-        assert cpp_ids == hf_ids, (prompt, tok.decode(hf_ids[len(ids):]), tok.decode(cpp_ids[len(ids):]))
-        continuations.append(hf_ids[len(ids):])
         with torch.no_grad():
             want = model(torch.tensor([hf_ids])).logits[0]
         deviation = max(deviation, float((_cpp_logits(llm, hf_ids) - want).abs().max()))
+        runs_.append((prompt, ids, hf_ids, cpp_ids, margins))
     assert deviation < (1e-4 if dtype == "f32" else 0.02), deviation
-    # the equality means something: every step's top-2 margin is wider than twice the largest logit deviation
-    # (no near-tie broken by rounding), and the model does not just repeat one token
-    assert min(margins) > 2 * deviation, (min(margins), deviation)
+    compared, continuations = 0, []
+    for prompt, ids, hf_ids, cpp_ids, margins in runs_:
+        clear = next((i for i, m in enumerate(margins) if m <= 2 * deviation), len(margins))  # steps before a tie
+        k = len(ids) + clear
+        assert cpp_ids[:k] == hf_ids[:k], (prompt, tok.decode(hf_ids[len(ids):]), tok.decode(cpp_ids[len(ids):]))
+        compared += clear
+        continuations.append(hf_ids[len(ids):])
+    # the equality means something: most steps were compared, and the model does not just repeat one token
+    assert compared >= 2 * 12 * len(PROMPTS) // 3, (compared, deviation)
     assert len({t for c in continuations for t in c}) >= 6, [tok.decode(c) for c in continuations]
 
 

@@ -143,3 +143,26 @@ def test_activation_checkpointing_refuses_models_without_it():
 
     with pytest.raises(ConfigError, match="train.activation_checkpointing"):
         enable_activation_checkpointing(torch.nn.Linear(2, 2), "linear")
+
+
+def test_mixer_under_cpu_bf16_autocast_makes_no_fp32_copy_of_the_scan_output():
+    """Under autocast out_proj casts its input itself: the scan's bf16 output goes to it as it is, not raised to
+    fp32 and cast back; without autocast the output keeps the input's dtype."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                casts.append((tuple(args[0].shape), args[0].dtype, (kwargs or {}).get("dtype")))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    mixer = MambaMixer(32, 8, 4, 2, 4)  # d_inner 64
+    x = torch.randn(2, 12, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+        y = mixer(x)
+    assert y.dtype == torch.bfloat16
+    assert not [c for c in casts if c[0] == (2, 12, 64) and c[2] == torch.float32], casts
+    assert mixer(x).dtype == torch.float32

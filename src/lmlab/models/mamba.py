@@ -222,7 +222,12 @@ class MambaMixer(nn.Module):
             cache.ssm.append(last.float())
         else:
             y = out
-        return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
+        y_rows = y.transpose(1, 2)
+        if not torch.is_autocast_enabled(y.device.type):
+            y_rows = y_rows.to(hidden.dtype)
+        # under autocast out_proj casts its input itself: y (bf16) is taken as it is, not raised to the fp32 of
+        # the norm's output and cast back (two copies of (b, l, d_inner) each way a layer)
+        return self.out_proj(y_rows)
 
     # ---------------------------------------------------------------- recurrent decoding
     def _step_many(self, hidden: torch.Tensor, cache: MambaCache, mask: torch.Tensor | None = None) -> torch.Tensor:

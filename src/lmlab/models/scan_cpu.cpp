@@ -48,6 +48,21 @@ static inline __m512 vexp16(__m512 x) {
     p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, k);
 }
+// σ(x) and softplus(x) of 16 floats with vexp16: vsigmoid's and vsoftplus's formulas
+static inline __m512 vsigmoid16(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, vexp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+static inline __m512 vsoftplus16(__m512 x) {
+    const __m512 e = vexp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+    const __m512 s = _mm512_div_ps(e, _mm512_add_ps(_mm512_set1_ps(2.0f), e)), s2 = _mm512_mul_ps(s, s);
+    __m512 p = _mm512_fmadd_ps(s2, _mm512_set1_ps(2.0f / 11.0f), _mm512_set1_ps(2.0f / 9.0f));
+    p = _mm512_fmadd_ps(s2, p, _mm512_set1_ps(2.0f / 7.0f));
+    p = _mm512_fmadd_ps(s2, p, _mm512_set1_ps(2.0f / 5.0f));
+    p = _mm512_fmadd_ps(s2, p, _mm512_set1_ps(2.0f / 3.0f));
+    p = _mm512_fmadd_ps(s2, p, _mm512_set1_ps(2.0f));
+    return _mm512_fmadd_ps(s, p, _mm512_max_ps(x, _mm512_setzero_ps()));
+}
 #endif
 
 
@@ -184,6 +199,22 @@ struct Lanes {  // batch row bi, channels [d0, d0 + w): the per-step inputs
     inline void step(int64_t t, T* __restrict dtv, T* __restrict sdt, T* __restrict uv, T* __restrict sil,
                      T* __restrict sz) const {
         gather(dtv, dt + t * a.sdt[2], a.sdt[1], w);
+#ifdef LMLAB_SCAN_AVX512
+        if constexpr (std::is_same_v<T, float> && W == 16) {  // the loops below, with vexp16
+            const __m512 x = _mm512_add_ps(_mm512_load_ps(dtv), _mm512_load_ps(bias));
+            if (sdt) _mm512_store_ps(sdt, vsigmoid16(x));
+            _mm512_store_ps(dtv, a.softplus ? vsoftplus16(x) : x);
+            gather(uv, u + t * a.su[2], a.su[1], w);
+            if (z) {
+                alignas(64) T zv[W];
+                gather(zv, z + t * a.sz[2], a.sz[1], w);
+                const __m512 zq = _mm512_load_ps(zv), sg = vsigmoid16(zq);
+                _mm512_store_ps(sil, _mm512_mul_ps(zq, sg));
+                if (sz) _mm512_store_ps(sz, sg);
+            }
+            return;
+        }
+#endif
 #pragma omp simd
         for (int64_t c = 0; c < W; ++c) dtv[c] += bias[c];
         if (sdt) {
