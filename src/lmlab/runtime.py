@@ -189,7 +189,7 @@ def keep_freed_memory() -> bool:
 
     A training step allocates and frees the same large tensors every step. By default glibc maps blocks of 32 MiB
     and more afresh each time and gives freed memory at the top of its heap back, so each step writes into fresh
-    pages and pays a page fault per 4 KiB: about 15,000 a step at mamba-swelu-small's 4 × 256 batch, 4–6 % of its
+    pages and pays a page fault per 4 KiB: about 15,000 a step at mamba-swelu-small's 4 × 256 batch, 1–5 % of its
     CPU step. With the mmap threshold at 1 GiB and trimming off, the freed blocks are reused (no faults after
     the first steps); peak memory stays what the step needs, but the process keeps it until it exits. Applied by
     `setup_runtime` for CPU training; True when it took effect (glibc), False elsewhere (musl, macOS, Windows)."""

@@ -18,9 +18,10 @@ and runs the adjoint recurrence backwards in time:
 `cpu` (C++/OpenMP in scan_cpu.cpp beside this file, built at first use by cpp_build.py with the system C++
 compiler into ~/.cache/lmlab or $LMLAB_CACHE, loaded with ctypes, no torch headers, ~3 s to build) is the same
 algorithm fused with everything around it: Δ bias + softplus, the D skip and the SiLU(z) gate. It walks time for a
-block of LANES channels at once, one SIMD lane a channel, so it reads the mixer's transposed views of its (b, l, ·)
-rows in place with contiguous loads (any other strides work too, element by element), writes the output and du,
-dΔ, dz as (b, l, d) rows the next matmul reads without a copy, and reads and writes bf16 directly (computing in
+block of LANES channels at once (16 where it is built for AVX-512, else 8), one SIMD lane a channel, so it reads
+the mixer's transposed views of its (b, l, ·) rows in place with contiguous loads (any other strides work too,
+element by element), writes the output and du, dΔ, dz as (b, l, d) rows the next matmul reads without a copy, and
+reads and writes bf16 directly (computing in
 fp32: the state, A, D and the parameter gradients stay fp32). The backward recomputes states chunk by chunk
 (CPU_CHUNK) from the saved boundary states. Its work item is a batch row and a fixed group of channel blocks
 (`backward_groups`), which sums its channels' dB, dC into its own partial buffer; the partials, and dA, dD, dbias
