@@ -107,6 +107,14 @@ constexpr int64_t W = 16;
 constexpr int64_t W = 8;
 #endif
 
+#if defined(__AVX2__)
+// 8 bf16 (their uint16 bits) → 8 floats in one register, stored at dst
+static inline void widen8(float* __restrict dst, const uint16_t* __restrict p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    _mm256_storeu_ps(dst, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+}
+#endif
+
 template <typename T, typename S>
 static inline void gather(T* __restrict dst, const S* __restrict p, int64_t stride, int64_t w) {
     if (w == W && stride == 1) {
@@ -125,8 +133,7 @@ static inline void gather(T* __restrict dst, const S* __restrict p, int64_t stri
         }
 #elif defined(__AVX2__)
         if constexpr (std::is_same_v<S, uint16_t> && std::is_same_v<T, float> && W == 8) {
-            const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-            _mm256_storeu_ps(dst, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+            widen8(dst, p);
             return;
         }
         if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float> && W == 8) {
@@ -159,10 +166,7 @@ static inline void row_in(T* __restrict dst, const S* __restrict p, int64_t stri
 #if defined(__AVX2__)
     if constexpr (std::is_same_v<S, uint16_t> && std::is_same_v<T, float>) {
         if (stride == 1)
-            for (; k + 8 <= n; k += 8) {
-                const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + k));
-                _mm256_storeu_ps(dst + k, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
-            }
+            for (; k + 8 <= n; k += 8) widen8(dst + k, p + k);
     }
 #endif
     for (; k < n; ++k) dst[k] = load(p, k * stride);
@@ -178,6 +182,54 @@ template <typename T>
 static inline void state_out(T* dst, const T* __restrict src, int64_t n, int64_t w) {
     for (int64_t k = 0; k < n; ++k)
         for (int64_t c = 0; c < w; ++c) dst[c * n + k] = src[k * W + c];
+}
+
+// One step of a block's recurrence over its n states and W lanes: a = exp(Δ·A), h = a·h_prev + Δu·B, and
+// y = Σ_k h·C written to y. The forward passes its state as both h_prev and h (updated in place; a document start
+// has zeroed it); the backward's recomputation (KEEP) writes the states and the decays a · keep to its chunk
+// buffers, keep being 0 at a document start.
+template <bool KEEP, typename T>
+static inline void advance(int64_t n, const T* __restrict dtv, const T* __restrict du, const T* __restrict Al,
+                           const T* hp, T* h, T* __restrict decay, T keep, const T* __restrict Bk,
+                           const T* __restrict Ck, T* __restrict y) {
+#ifdef LMLAB_SCAN_AVX512
+    if constexpr (std::is_same_v<T, float> && W == 16) {
+        const __m512 dq = _mm512_load_ps(dtv), uq = _mm512_load_ps(du);
+        __m512 yq = _mm512_setzero_ps();
+        for (int64_t k = 0; k < n; ++k) {
+            __m512 av = vexp16(_mm512_mul_ps(dq, _mm512_load_ps(Al + k * W)));
+            if constexpr (KEEP) {
+                av = _mm512_mul_ps(av, _mm512_set1_ps(keep));
+                _mm512_store_ps(decay + k * W, av);
+            }
+            const __m512 v = _mm512_fmadd_ps(av, _mm512_loadu_ps(hp + k * W), _mm512_mul_ps(uq, _mm512_set1_ps(Bk[k])));
+            _mm512_store_ps(h + k * W, v);
+            yq = _mm512_fmadd_ps(v, _mm512_set1_ps(Ck[k]), yq);
+        }
+        _mm512_store_ps(y, yq);
+        return;
+    }
+#endif
+    for (int64_t c = 0; c < W; ++c) y[c] = 0;
+    for (int64_t k = 0; k < n; ++k) {
+        const T bk = Bk[k], ckv = Ck[k];
+        const T* __restrict Ak = Al + k * W;
+        const T* hpk = hp + k * W;
+        T* hk = h + k * W;
+#pragma omp simd
+        for (int64_t c = 0; c < W; ++c) {
+            T v;
+            if constexpr (KEEP) {
+                const T av = vexp(dtv[c] * Ak[c]) * keep;
+                decay[k * W + c] = av;
+                v = av * hpk[c] + du[c] * bk;
+            } else {
+                v = vexp(dtv[c] * Ak[c]) * hpk[c] + du[c] * bk;
+            }
+            hk[c] = v;
+            y[c] += v * ckv;
+        }
+    }
 }
 
 template <typename T, typename S>
@@ -268,37 +320,10 @@ static void fwd(const Args& a) {
                 in.step(t, dtv, nullptr, uv, sil, nullptr);
                 if (a.reset && a.reset[bi * l + t]) std::memset(h, 0, n * W * sizeof(T));  // a new document
 #pragma omp simd
-                for (int64_t c = 0; c < W; ++c) {
-                    du[c] = dtv[c] * uv[c];
-                    y[c] = 0;
-                }
+                for (int64_t c = 0; c < W; ++c) du[c] = dtv[c] * uv[c];
                 row_in(Bs.data(), Bb + t * a.sB[2], a.sB[1], n);
                 row_in(Cs.data(), Cb + t * a.sC[2], a.sC[1], n);
-#ifdef LMLAB_SCAN_AVX512
-                if constexpr (std::is_same_v<T, float> && W == 16) {
-                    const __m512 dq = _mm512_load_ps(dtv), uq = _mm512_load_ps(du);
-                    __m512 yq = _mm512_setzero_ps();
-                    for (int64_t k = 0; k < n; ++k) {
-                        const __m512 v = _mm512_fmadd_ps(vexp16(_mm512_mul_ps(dq, _mm512_load_ps(Al + k * W))),
-                                                         _mm512_load_ps(h + k * W),
-                                                         _mm512_mul_ps(uq, _mm512_set1_ps(Bs[k])));
-                        _mm512_store_ps(h + k * W, v);
-                        yq = _mm512_fmadd_ps(v, _mm512_set1_ps(Cs[k]), yq);
-                    }
-                    _mm512_store_ps(y, yq);
-                } else
-#endif
-                    for (int64_t k = 0; k < n; ++k) {
-                        const T bk = Bs[k], ckv = Cs[k];
-                        T* __restrict hk = h + k * W;
-                        const T* __restrict Ak = Al + k * W;
-#pragma omp simd
-                        for (int64_t c = 0; c < W; ++c) {
-                            const T v = vexp(dtv[c] * Ak[c]) * hk[c] + du[c] * bk;
-                            hk[c] = v;
-                            y[c] += v * ckv;
-                        }
-                    }
+                advance<false>(n, dtv, du, Al, h, h, static_cast<T*>(nullptr), T(1), Bs.data(), Cs.data(), y);
                 if (in.z) {
 #pragma omp simd
                     for (int64_t c = 0; c < W; ++c) y[c] = (y[c] + in.D[c] * uv[c]) * sil[c];
@@ -375,45 +400,10 @@ static void bwd(const Args& a) {
                         alignas(64) T du[W];
                         T* __restrict y = yb.data() + j * W;
 #pragma omp simd
-                        for (int64_t cc = 0; cc < W; ++cc) {
-                            du[cc] = dtv[cc] * uv[cc];
-                            y[cc] = 0;
-                        }
+                        for (int64_t cc = 0; cc < W; ++cc) du[cc] = dtv[cc] * uv[cc];
                         const T* hp = j > 0 ? hbuf.data() + (j - 1) * nw : hc;
-                        const T* __restrict Bj = Bcs.data() + j * n;
-                        const T* __restrict Cj = Ccs.data() + j * n;
-#ifdef LMLAB_SCAN_AVX512
-                        if constexpr (std::is_same_v<T, float> && W == 16) {
-                            const __m512 dq = _mm512_load_ps(dtv), uq = _mm512_load_ps(du);
-                            const __m512 kq = _mm512_set1_ps(keep);
-                            __m512 yq = _mm512_setzero_ps();
-                            for (int64_t k = 0; k < n; ++k) {
-                                const __m512 ex = vexp16(_mm512_mul_ps(dq, _mm512_load_ps(Al + k * W)));
-                                const __m512 av = _mm512_mul_ps(ex, kq);
-                                _mm512_store_ps(abuf.data() + j * nw + k * W, av);
-                                const __m512 v = _mm512_fmadd_ps(av, _mm512_loadu_ps(hp + k * W),
-                                                                 _mm512_mul_ps(uq, _mm512_set1_ps(Bj[k])));
-                                _mm512_store_ps(hbuf.data() + j * nw + k * W, v);
-                                yq = _mm512_fmadd_ps(v, _mm512_set1_ps(Cj[k]), yq);
-                            }
-                            _mm512_store_ps(y, yq);
-                        } else
-#endif
-                            for (int64_t k = 0; k < n; ++k) {
-                                const T bk = Bj[k], ckv = Cj[k];
-                                const T* __restrict Ak = Al + k * W;
-                                const T* __restrict hpk = hp + k * W;
-                                T* __restrict ak = abuf.data() + j * nw + k * W;
-                                T* __restrict hk = hbuf.data() + j * nw + k * W;
-#pragma omp simd
-                                for (int64_t cc = 0; cc < W; ++cc) {
-                                    const T av = vexp(dtv[cc] * Ak[cc]) * keep;
-                                    ak[cc] = av;
-                                    const T v = av * hpk[cc] + du[cc] * bk;
-                                    hk[cc] = v;
-                                    y[cc] += v * ckv;
-                                }
-                            }
+                        advance<true>(n, dtv, du, Al, hp, hbuf.data() + j * nw, abuf.data() + j * nw, keep,
+                                      Bcs.data() + j * n, Ccs.data() + j * n, y);
                     }
                     // adjoint, backwards in time
                     for (int64_t j = m - 1; j >= 0; --j) {
