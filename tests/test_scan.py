@@ -142,16 +142,37 @@ def test_cpu_row_views_equal_contiguous_inputs_bitwise(case):
     assert_close_to_ref(got, run(kw, "ref", torch.float64, weights), rtol=1e-4)
 
 
-def test_cpu_bf16_storage_is_the_float32_scan_rounded():
+# du, dΔ, dz of 1 MiB or more each (the kernel's STREAM_BYTES) leave the backward as whole cache lines written with
+# non-temporal stores: d = 1040 is 65 blocks of 16 lanes in groups of 2 and 3 (of 130 and 65 blocks with 8 lanes), so
+# fp32 rows are 64-byte aligned and half the bf16 ones are not; l = 260 makes each bf16 output 1.03 MiB
+STREAMED = (2, 1040, 260, 16, (1, 64, 100), True)
+
+
+def test_cpu_streamed_outputs_match_reference():
+    """At the sizes whose backward streams its outputs, the kernel still agrees with the float64 reference, through
+    the mixer's row views too (fp32: every output 2.1 MiB)."""
+    _needs_kernel()
+    b, d, l, n = STREAMED[:4]
+    assert b * l * d * 2 >= 2**20  # bf16 outputs as large as STREAM_BYTES (test below)
+    kw = make_inputs(*STREAMED)
+    g = torch.Generator().manual_seed(1)
+    weights = (torch.randn(b, d, l, generator=g), torch.randn(b, d, n, generator=g))
+    assert_close_to_ref(run(as_row_views(kw), "cpu", torch.float32, weights), run(kw, "ref", torch.float64, weights),
+                        rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", [(2, 40, 70, 16, True, True), STREAMED], ids=["small", "streamed"])
+def test_cpu_bf16_storage_is_the_float32_scan_rounded(case):
     """bf16 inputs are read and outputs written as bf16 with everything computed in fp32 (the state, A, D, the
     parameter gradients stay fp32): every result equals the fp32 scan of the same (bf16-valued) inputs, rounded
-    to bf16 as torch rounds, to the bit."""
+    to bf16 as torch rounds, to the bit (the streamed size: through the kernel's vector rounding)."""
     _needs_kernel()
-    kw = make_inputs(2, 40, 70, 16, True, True)
+    b, d, l, n = case[:4]
+    kw = make_inputs(*case)
     for k in ("u", "delta", "z", "B", "C"):
         kw[k] = kw[k].to(torch.bfloat16).float()
     rows = as_row_views(kw)
-    weights = (torch.randn(2, 40, 70).to(torch.bfloat16).float(), torch.randn(2, 40, 16))
+    weights = (torch.randn(b, d, l).to(torch.bfloat16).float(), torch.randn(b, d, n))
 
     def scan(dtype):
         leaves = {k: (v.to(dtype) if k in ("u", "delta", "z", "B", "C") else v).detach().requires_grad_()

@@ -28,6 +28,7 @@ CASES = [
     (1, 200, 65, 16, False, False),
     (5, 9, 33, 16, True, False),
     (20, 100, 40, 16, True, True),
+    (2, 1040, 130, 16, True, False),  # 1 MiB fp32 outputs: the backward streams whole lines of them
 ]
 
 

@@ -65,7 +65,6 @@ static inline __m512 vsoftplus16(__m512 x) {
 }
 #endif
 
-
 // Per-thread scratch, 64-byte aligned: every thread's buffers then have the same alignment, so a
 // vectorised loop splits into the same head / body / tail on any thread and rounds the same way.
 template <typename T> struct Scratch {
@@ -114,6 +113,9 @@ static inline void widen8(float* __restrict dst, const uint16_t* __restrict p) {
     _mm256_storeu_ps(dst, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
 }
 #endif
+// outputs of at least this many bytes per array are written with non-temporal stores (put_row); smaller ones stay in
+// the caches for the next operation
+constexpr int64_t STREAM_BYTES = int64_t(1) << 20;
 
 template <typename T, typename S>
 static inline void gather(T* __restrict dst, const S* __restrict p, int64_t stride, int64_t w) {
@@ -156,6 +158,39 @@ static inline void scatter(S* __restrict p, const T* __restrict src, int64_t w) 
     } else {
         for (int64_t c = 0; c < w; ++c) store(p, c, src[c]);
     }
+}
+
+#ifdef LMLAB_SCAN_AVX512
+// 16 floats → 16 bf16, as store() rounds them (to nearest even; a NaN stays a NaN)
+static inline __m256i bf16x16(__m512 x) {
+    const __m512i bits = _mm512_castps_si512(x), top = _mm512_srli_epi32(bits, 16);
+    const __m512i odd = _mm512_and_si512(top, _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_or_si512(top, _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+#endif
+
+// w values of a row into storage S at p. With `stream` and p 64-byte aligned, whole cache lines (16 floats, or 32
+// bf16) go out as non-temporal stores: the backward's dΔ, du, dz are (b, l, d) arrays larger than the caches, written
+// a few lines a step, and a plain store would first read each line from memory.
+template <typename T, typename S>
+static inline void put_row(S* __restrict p, const T* __restrict src, int64_t w, bool stream) {
+    int64_t c = 0;
+#ifdef LMLAB_SCAN_AVX512
+    if (stream && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+        if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float>) {
+            for (; c + 16 <= w; c += 16) _mm512_stream_ps(p + c, _mm512_loadu_ps(src + c));
+        } else if constexpr (std::is_same_v<S, uint16_t> && std::is_same_v<T, float>) {
+            for (; c + 32 <= w; c += 32) {
+                const __m512i line = _mm512_inserti64x4(_mm512_castsi256_si512(bf16x16(_mm512_loadu_ps(src + c))),
+                                                        bf16x16(_mm512_loadu_ps(src + c + 16)), 1);
+                _mm512_stream_si512(reinterpret_cast<__m512i*>(p + c), line);
+            }
+        }
+    }
+#endif
+    for (; c < w; ++c) store(p, c, src[c]);
 }
 
 // n values p[0], p[stride], … of one time step (a step's B or C) into floats, so the hot loops broadcast them from
@@ -231,6 +266,29 @@ static inline void advance(int64_t n, const T* __restrict dtv, const T* __restri
         }
     }
 }
+
+#ifdef LMLAB_SCAN_AVX512
+// the lane sums of 16 consecutive 16-float vectors p[16k .. 16k + 15], k = 0..15, as one vector (lane k: the sum of
+// vector k) by a transposing add tree: 15 vector adds in place of 16 horizontal sums, each sum in the same order as
+// the compiler's own horizontal sum (halves, then quarters, pairs, lanes), so the result is the same to the bit
+static inline __m512 lanesum16(const float* p) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; ++i) {  // halves: lanes 0-7 vector 2i, lanes 8-15 vector 2i+1
+        const __m512 x = _mm512_loadu_ps(p + 32 * i), y = _mm512_loadu_ps(p + 32 * i + 16);
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+    }
+    for (int i = 0; i < 4; ++i)  // quarters: 128-bit lane q holds vector 4i + q
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; ++i)  // 128-bit lane q: [vector 8i + q] × 2, [vector 8i + 4 + q] × 2
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    // 128-bit lane q: vectors q, 4 + q, 8 + q, 12 + q
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(order, r);
+}
+#endif
 
 template <typename T, typename S>
 struct Lanes {  // batch row bi, channels [d0, d0 + w): the per-step inputs
@@ -350,12 +408,14 @@ static void bwd(const Args& a) {
     const int64_t n = NT > 0 ? NT : a.n, l = a.l, d = a.d, chunk = a.chunk, G = a.groups;
     const int64_t nc = (l + chunk - 1) / chunk, nb = (d + W - 1) / W, per = (nb + G - 1) / G;
     const int64_t nw = n * W;
+    const bool stream = a.b * l * d * int64_t(sizeof(S)) >= STREAM_BYTES;
 #pragma omp parallel num_threads(a.nthreads)
     {
         Scratch<T> hbuf(chunk * nw), abuf(chunk * nw), PB(chunk * nw), PC(chunk * nw), As(nw);
         Scratch<T> dtb(chunk * W), sdb(chunk * W), ub(chunk * W), silb(chunk * W), szb(chunk * W), yb(chunk * W);
         Scratch<T> gcar(per * nw), gAcar(per * nw), gDcar(per * W), gbcar(per * W);
         Scratch<T> Bcs(chunk * n), Ccs(chunk * n);  // the chunk's B, C rows as floats, shared by the group's blocks
+        Scratch<T> stz(chunk * per * W), stdt(chunk * per * W), stu(chunk * per * W);  // the chunk's dz, dΔ, du
         T* __restrict Al = As.data();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t work = 0; work < a.b * G; ++work) {
@@ -374,8 +434,6 @@ static void bwd(const Args& a) {
             T* gCb = (T*)a.pC + work * l * n;
             for (int64_t c = nc - 1; c >= 0; --c) {
                 const int64_t s = c * chunk, e = (s + chunk < l) ? s + chunk : l, m = e - s;
-                std::memset(PB.data(), 0, m * nw * sizeof(T));
-                std::memset(PC.data(), 0, m * nw * sizeof(T));
                 for (int64_t j = 0; j < m; ++j) {
                     row_in(Bcs.data() + j * n, Bb + (s + j) * a.sB[2], a.sB[1], n);
                     row_in(Ccs.data() + j * n, Cb + (s + j) * a.sC[2], a.sC[1], n);
@@ -383,6 +441,7 @@ static void bwd(const Args& a) {
                 for (int64_t blk = k0; blk < k1; ++blk) {
                     const int64_t d0 = blk * W, w = d - d0 < W ? d - d0 : W, o = blk - k0;
                     const Lanes<T, S> in(a, bi, d0, w);
+                    const bool first = blk == k0;  // the group's first block: its dB, dC terms start PB, PC
                     state_in(Al, (const T*)a.A + d0 * n, n, w);
                     T* __restrict g = gcar.data() + o * nw;
                     T* __restrict gAl = gAcar.data() + o * nw;
@@ -427,7 +486,7 @@ static void bwd(const Args& a) {
                                 gz[cc] = gy[cc] * (y[cc] + in.D[cc] * uv[cc]) * (sg[cc] + sl[cc] * (T(1) - sg[cc]));
                                 gy[cc] *= sl[cc];
                             }
-                            scatter((S*)a.gz + (bi * l + t) * d + d0, gz, w);
+                            std::memcpy(stz.data() + (j * per + o) * W, gz, sizeof(gz));
                         }
 #pragma omp simd
                         for (int64_t cc = 0; cc < W; ++cc) {
@@ -450,9 +509,9 @@ static void bwd(const Args& a) {
 #pragma omp simd
                             for (int64_t cc = 0; cc < W; ++cc) {
                                 const T gk = gk_[cc] + gy[cc] * ckv;
-                                pc[cc] += gy[cc] * hk[cc];
+                                pc[cc] = first ? gy[cc] * hk[cc] : pc[cc] + gy[cc] * hk[cc];
                                 sB[cc] += gk * bk;
-                                pb[cc] += gk * du[cc];
+                                pb[cc] = first ? gk * du[cc] : pb[cc] + gk * du[cc];
                                 const T wv = gk * hpk[cc] * ak[cc];
                                 sA[cc] += wv * Ak[cc];
                                 gAk[cc] += wv * dtv[cc];
@@ -468,12 +527,28 @@ static void bwd(const Args& a) {
                             gbias[cc] += v;
                             gu[cc] = sB[cc] * dtv[cc] + gy[cc] * in.D[cc];
                         }
-                        scatter((S*)a.gdelta + (bi * l + t) * d + d0, gdt, w);
-                        scatter((S*)a.gu + (bi * l + t) * d + d0, gu, w);
+                        std::memcpy(stdt.data() + (j * per + o) * W, gdt, sizeof(gdt));
+                        std::memcpy(stu.data() + (j * per + o) * W, gu, sizeof(gu));
                     }
                 }
+                // the group's du, dΔ, dz of this chunk's steps, whole rows of its channels at a time
+                for (int64_t j = 0, c0 = k0 * W, wid = (k1 * W < d ? k1 * W : d) - c0; j < m; ++j) {
+                    const int64_t row = (bi * l + s + j) * d + c0;
+                    if (a.gz) put_row((S*)a.gz + row, stz.data() + j * per * W, wid, stream);
+                    put_row((S*)a.gdelta + row, stdt.data() + j * per * W, wid, stream);
+                    put_row((S*)a.gu + row, stu.data() + j * per * W, wid, stream);
+                }
                 // the group's dB, dC of this chunk's steps: the lanes summed
-                for (int64_t jk = 0; jk < m * n; ++jk) {
+                int64_t jk0 = 0;
+#ifdef LMLAB_SCAN_AVX512
+                if constexpr (std::is_same_v<T, float> && W == 16 && NT == 16) {
+                    for (; jk0 < m * n; jk0 += 16) {
+                        _mm512_storeu_ps(gBb + s * n + jk0, lanesum16(PB.data() + jk0 * W));
+                        _mm512_storeu_ps(gCb + s * n + jk0, lanesum16(PC.data() + jk0 * W));
+                    }
+                }
+#endif
+                for (int64_t jk = jk0; jk < m * n; ++jk) {
                     const T* pb = PB.data() + jk * W;
                     const T* pc = PC.data() + jk * W;
                     T sb = 0, sc = 0;
@@ -496,6 +571,9 @@ static void bwd(const Args& a) {
                 }
             }
         }
+#ifdef LMLAB_SCAN_AVX512
+        _mm_sfence();  // this thread's non-temporal stores visible before the barrier
+#endif
         // fixed-order reductions (the implied barrier above makes every partial sum complete)
 #pragma omp for schedule(static)
         for (int64_t row = 0; row < a.b * l; ++row) {  // dB, dC of (bi, t): Σ over groups 0..G-1
