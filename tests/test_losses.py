@@ -143,10 +143,11 @@ def test_only_the_weight_or_only_the_hidden_states_need_a_gradient():
     torch.testing.assert_close(_grads(got, w)[0], _grads(token_loss_sum(fixed @ w.t(), t), w)[0])
 
 
-def test_bf16_inputs_within_bf16_tolerance():
+@pytest.mark.parametrize("chunk", [7, 10_000])  # the head's gradient accumulated in fp32; one chunk's product
+def test_bf16_inputs_within_bf16_tolerance(chunk):
     h, w, t = _data(torch.bfloat16)
     want = token_loss_sum(h @ w.t(), t)  # bf16 logits raised to fp32, as the plain path does
-    got = linear_cross_entropy_sum(h, w, t, chunk_tokens=7)
+    got = linear_cross_entropy_sum(h, w, t, chunk_tokens=chunk)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-2)
     for a, b in zip(_grads(got, h, w), _grads(want, h, w), strict=True):
@@ -154,11 +155,12 @@ def test_bf16_inputs_within_bf16_tolerance():
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_bf16_autocast_runs_the_matmul_as_nn_linear_would():
+@pytest.mark.parametrize("chunk", [7, 10_000])  # one chunk: its bf16 product cast to fp32 as it is scaled
+def test_bf16_autocast_runs_the_matmul_as_nn_linear_would(chunk):
     h, w, t = _data(torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = token_loss_sum(F.linear(h, w), t)
-        got = linear_cross_entropy_sum(h, w, t, chunk_tokens=7)
+        got = linear_cross_entropy_sum(h, w, t, chunk_tokens=chunk)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
     for a, b in zip(_grads(got, h, w), _grads(want, h, w), strict=True):
         assert a.dtype == torch.float32
