@@ -116,6 +116,9 @@ static inline void widen8(float* __restrict dst, const uint16_t* __restrict p) {
 // outputs of at least this many bytes per array are written with non-temporal stores (put_row); smaller ones stay in
 // the caches for the next operation
 constexpr int64_t STREAM_BYTES = int64_t(1) << 20;
+// steps ahead that the kernels prefetch their per-step rows of u, Δ, z and the output gradient: a step's rows are
+// a row stride apart (1 KiB and more), a pattern the hardware prefetchers do not follow
+constexpr int64_t PREFETCH = 8;
 
 template <typename T, typename S>
 static inline void gather(T* __restrict dst, const S* __restrict p, int64_t stride, int64_t w) {
@@ -308,6 +311,11 @@ struct Lanes {  // batch row bi, channels [d0, d0 + w): the per-step inputs
     // step t: Δ (bias added, softplus-ed), σ(Δ + bias) if sdt, u, and with z SiLU(z) and σ(z) if sz
     inline void step(int64_t t, T* __restrict dtv, T* __restrict sdt, T* __restrict uv, T* __restrict sil,
                      T* __restrict sz) const {
+        if (t + PREFETCH < a.l) {
+            __builtin_prefetch(dt + (t + PREFETCH) * a.sdt[2]);
+            __builtin_prefetch(u + (t + PREFETCH) * a.su[2]);
+            if (z) __builtin_prefetch(z + (t + PREFETCH) * a.sz[2]);
+        }
         gather(dtv, dt + t * a.sdt[2], a.sdt[1], w);
 #ifdef LMLAB_SCAN_AVX512
         if constexpr (std::is_same_v<T, float> && W == 16) {  // the loops below, with vexp16
@@ -471,7 +479,9 @@ static void bwd(const Args& a) {
                         const T* __restrict uv = ub.data() + j * W;
                         alignas(64) T gy[W], du[W], sB[W], sA[W], gdt[W], gu[W];
                         if (a.gout) {
-                            gather(gy, (const S*)a.gout + bi * a.sgo[0] + d0 * a.sgo[1] + t * a.sgo[2], a.sgo[1], w);
+                            const S* go = (const S*)a.gout + bi * a.sgo[0] + d0 * a.sgo[1];
+                            if (t >= PREFETCH) __builtin_prefetch(go + (t - PREFETCH) * a.sgo[2]);  // walking back
+                            gather(gy, go + t * a.sgo[2], a.sgo[1], w);
                         } else {
                             for (int64_t cc = 0; cc < W; ++cc) gy[cc] = 0;
                         }
