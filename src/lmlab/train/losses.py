@@ -98,17 +98,14 @@ def _selected(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, tor
 def _add_chunk_grads(g: torch.Tensor, w: torch.Tensor, hc: torch.Tensor, c: slice, grad_h: torch.Tensor | None,
                      grad_w: torch.Tensor | None, need_w: bool, acc: torch.dtype) -> torch.Tensor | None:
     """A chunk's gradient dL/dz (rows × V, in the compute dtype) into grad_h's rows, and the head's gradient so far
-    returned: the first chunk's product taken as it is (no zeros to fill, and in the compute dtype: a single chunk's
-    is cast by whoever takes it, in the same pass as its scaling), the next ones accumulated in `acc`, in place by
-    the matmul where the dtypes allow."""
+    (in `acc`) returned: the first chunk's product taken as it is (no zeros to fill), the next ones accumulated
+    in place by the matmul where the dtypes allow."""
     if grad_h is not None:
         torch.mm(g, w, out=grad_h[c])
     if not need_w:
         return None
     if grad_w is None:
-        return g.t() @ hc
-    if grad_w.dtype != acc:
-        grad_w = grad_w.to(acc)
+        return (g.t() @ hc).to(acc)
     if grad_w.dtype == g.dtype:
         return grad_w.addmm_(g.t(), hc)
     return grad_w.add_(g.t() @ hc)
@@ -164,7 +161,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         if grad_h is not None:
             grad_h = _scatter_rows(grad_h, rows, shape, h.dtype)
         # kept on ctx rather than saved: the backward scales them in place and hands them over (no second copy)
-        ctx.grads, ctx.w_dtype = (grad_h, grad_w), weight.dtype
+        ctx.grads = (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         return total
 
     @staticmethod
@@ -174,17 +171,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_h, grad_w = ctx.grads
         ctx.grads = None
         return (grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None,
-                _scaled(grad_w, grad_out, ctx.w_dtype) if grad_w is not None else None, None, None, None, None, None)
-
-
-def _scaled(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """grad · scale in `dtype`: in place when grad is in it; one pass that casts and scales when grad is narrower
-    (the bf16 product of one chunk for an fp32 weight: the product is raised to fp32, then scaled in fp32)."""
-    if grad.dtype == dtype:
-        return grad.mul_(scale.to(dtype))
-    if torch.promote_types(grad.dtype, dtype) == dtype:
-        return torch.mul(grad, scale.to(dtype).reshape(1))  # a 1-element tensor: promotes, where a 0-dim one would not
-    return grad.to(dtype).mul_(scale.to(dtype))
+                grad_w.mul_(grad_out.to(grad_w.dtype)) if grad_w is not None else None, None, None, None, None, None)
 
 
 def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
