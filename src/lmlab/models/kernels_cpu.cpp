@@ -30,10 +30,35 @@ inline int threads_for(int requested) { return requested > 0 ? requested : 1; }
 
 // ------------------------------------------------------------------------------------------------ SWELU
 // one block of SWELU's forward: its own function over restrict pointers, so the loop vectorises
+#if defined(__AVX512F__)
+// the parts of SWELU both passes share, 16 lanes: a = |v|, ln a (at max(a, FLT_MIN): vlog's domain), a^k (0 at a = 0),
+// e^(−a^k) and sign(v) (0 at 0; NaN reads as 0, as the scalar loops have it)
+struct SweluLanes {
+    __m512 a, la, ak, e, s;
+    inline SweluLanes(__m512 v, __m512 kq) {
+        const __m512 zero = _mm512_setzero_ps();
+        a = _mm512_abs_ps(v);
+        la = vlog16(_mm512_max_ps(a, _mm512_set1_ps(TINY)));
+        ak = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, zero, _CMP_GT_OQ), vexp16(_mm512_mul_ps(kq, la)));
+        e = vexp16(_mm512_sub_ps(zero, ak));
+        s = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), _mm512_set1_ps(1.0f)),
+                               _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), _mm512_set1_ps(-1.0f));
+    }
+};
+#endif
+
 template <typename T>
 inline void swelu_fwd_block(const T* __restrict z, T* __restrict y, int64_t m, float k, float lam) {
+    int64_t i0 = 0;
+#if defined(__AVX512F__)
+    const __m512 kq = _mm512_set1_ps(k), lq = _mm512_set1_ps(lam);
+    for (; i0 + 16 <= m; i0 += 16) {
+        const SweluLanes q(load16(z + i0), kq);
+        store16(y + i0, _mm512_mul_ps(_mm512_mul_ps(lq, q.s), _mm512_sub_ps(_mm512_set1_ps(1.0f), q.e)));
+    }
+#endif
 #pragma omp simd
-    for (int64_t i = 0; i < m; ++i) {
+    for (int64_t i = i0; i < m; ++i) {
         const float v = load(z, i);
         const float a = std::fabs(v);
         const float safe = a > TINY ? a : (a > 0.f ? TINY : 1.f);  // no fmax: it would not vectorise
@@ -58,8 +83,27 @@ template <typename T, typename G>
 inline void swelu_bwd_block(const T* __restrict z, const G* __restrict g, G* __restrict gz, int64_t m, float k,
                             float lam, float eps, float eps_slope, int need_gz, double* partial) {
     float sk = 0.f, sl = 0.f;
+    int64_t i0 = 0;
+#if defined(__AVX512F__)
+    const __m512 kq = _mm512_set1_ps(k), lk = _mm512_set1_ps(lam * k), one = _mm512_set1_ps(1.0f);
+    __m512 vk = _mm512_setzero_ps(), vl = _mm512_setzero_ps();
+    for (; i0 + 16 <= m; i0 += 16) {
+        const SweluLanes q(load16(z + i0), kq);
+        const __m512 gi = load16(g + i0), gs = _mm512_mul_ps(gi, q.s);
+        if (need_gz) {  // a^(k−1) as a^k / a, its value at eps below eps
+            const __m512 pk = _mm512_mask_mov_ps(_mm512_set1_ps(eps_slope),
+                                                 _mm512_cmp_ps_mask(q.a, _mm512_set1_ps(eps), _CMP_GE_OQ),
+                                                 _mm512_div_ps(q.ak, _mm512_max_ps(q.a, _mm512_set1_ps(TINY))));
+            store16(gz + i0, _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(gi, lk), pk), q.e));
+        }
+        vk = _mm512_fmadd_ps(_mm512_mul_ps(gs, q.e), _mm512_mul_ps(q.ak, q.la), vk);
+        vl = _mm512_fmadd_ps(gs, _mm512_sub_ps(one, q.e), vl);
+    }
+    sk = _mm512_reduce_add_ps(vk);
+    sl = _mm512_reduce_add_ps(vl);
+#endif
 #pragma omp simd reduction(+ : sk, sl)
-    for (int64_t i = 0; i < m; ++i) {
+    for (int64_t i = i0; i < m; ++i) {
         const float v = load(z, i), gi = load(g, i);
         const float a = std::fabs(v);
         const float safe = a > TINY ? a : (a > 0.f ? TINY : 1.f);  // no fmax: it would not vectorise

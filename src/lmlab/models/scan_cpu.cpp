@@ -31,23 +31,6 @@ template <typename T> static inline T vsigmoid(T x) { return T(1) / (T(1) + vexp
 
 #if defined(__AVX512F__)
 #define LMLAB_SCAN_AVX512 1
-// exp of 16 floats: vexp's reduction and polynomial, with the power of two applied by vscalefps, which also gives
-// 0 and inf past the float range; the compiler's own code for vexp's clamps costs as much again in compares and
-// blends. The clamps here keep only ±inf from making the reduction NaN (a NaN stays NaN: max/min return their
-// second operand when either is NaN).
-static inline __m512 vexp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.3981999507e-3f), r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, k);
-}
 // 2^x of 16 floats: x = k + f with k an integer and |f| ≤ 1/2, 2^f by a degree-6 polynomial (Cephes' exp2f, relative
 // error < 2.5e-7), the power of two applied by vscalefps. The state loops take their decays exp(Δ·A) as 2^(Δ·log2(e)·A)
 // with Δ·log2(e) formed once a step: no range reduction by ln 2 per state, 11 operations in place of vexp16's 15.
@@ -148,13 +131,8 @@ static inline void gather(T* __restrict dst, const S* __restrict p, int64_t stri
         // separately, or copy through 64-bit integer moves, and the vector load that reads them back stalls on
         // store forwarding
 #if defined(LMLAB_SCAN_AVX512)
-        if constexpr (std::is_same_v<S, uint16_t> && std::is_same_v<T, float> && W == 16) {
-            const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-            _mm512_storeu_ps(dst, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
-            return;
-        }
-        if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float> && W == 16) {
-            _mm512_storeu_ps(dst, _mm512_loadu_ps(p));
+        if constexpr ((std::is_same_v<S, uint16_t> || std::is_same_v<S, float>) && std::is_same_v<T, float> && W == 16) {
+            _mm512_storeu_ps(dst, load16(p));
             return;
         }
 #elif defined(__AVX2__)
@@ -183,17 +161,6 @@ static inline void scatter(S* __restrict p, const T* __restrict src, int64_t w) 
         for (int64_t c = 0; c < w; ++c) store(p, c, src[c]);
     }
 }
-
-#ifdef LMLAB_SCAN_AVX512
-// 16 floats → 16 bf16, as store() rounds them (to nearest even; a NaN stays a NaN)
-static inline __m256i bf16x16(__m512 x) {
-    const __m512i bits = _mm512_castps_si512(x), top = _mm512_srli_epi32(bits, 16);
-    const __m512i odd = _mm512_and_si512(top, _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_or_si512(top, _mm512_set1_epi32(0x40)));
-    return _mm512_cvtepi32_epi16(r);
-}
-#endif
 
 // w values of a row into storage S at p. With `stream` and p 64-byte aligned, whole cache lines (16 floats, or 32
 // bf16) go out as non-temporal stores: the backward's dΔ, du, dz are (b, l, d) arrays larger than the caches, written
