@@ -33,7 +33,9 @@ try:
     from lmlab.models import kernels_cpu
 except ImportError:  # an lmlab from before the fused CPU kernels (to measure the step it had)
     kernels_cpu = None
+from lmlab.runtime import Runtime
 from lmlab.train.optim import make_optimizer_from
+from lmlab.train.step import apply_update, compute_gradients
 
 # aten op name → the step's part it belongs to (first match wins); the rest is "other"
 PARTS = [
@@ -91,9 +93,9 @@ def linear_params(model: nn.Module) -> int:
 
 
 class Step:
-    """One optimizer step of next-token training: forward, loss (the pretraining objective's, chunked or plain as
-    `chunked_loss` says), backward, clipping, AdamW — what the trainer's step does for one micro-batch on one
-    process."""
+    """One optimizer step of next-token training through the trainer's own step (`compute_gradients`,
+    `apply_update`): forward, loss (the pretraining objective's, chunked or plain as `chunked_loss` says),
+    backward, clipping to 1.0, AdamW, for one micro-batch on one process."""
 
     def __init__(self, model, batch: int, seq: int, precision: str, chunked_loss: str = "auto", seed: int = 0):
         from lmlab.train.objectives import Pretrain
@@ -103,6 +105,7 @@ class Step:
         self.model, self.batch = model, {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
         self.opt = make_optimizer_from(model, TrainConfig(), torch.device("cpu"))  # the trainer's AdamW
         self.precision = precision
+        self.rt = Runtime(device=torch.device("cpu"), precision=precision)  # its autocast: bf16 on CPU
         self.objective = Pretrain(None)
         try:
             from lmlab.train.losses import LossChunking
@@ -112,18 +115,10 @@ class Step:
             pass
 
     def __call__(self) -> float:
-        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16"
-               else torch.autocast("cpu", enabled=False))
-        with ctx:
-            loss, _ = self.objective.loss(self.model, self.batch)
-            loss = loss / self.batch["targets"].numel()
-        loss.backward()
-        with torch.profiler.record_function("clip_grad_norm"):
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        r = compute_gradients(self.model, self.objective, [self.batch], self.rt, optimizer=self.opt, grad_clip=1.0)
         with torch.profiler.record_function("adamw"):
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+            apply_update(self.opt)  # with the clip: the strategy may fold it into the fused AdamW step
+        return float(r.loss)
 
 
 def profile_parts(step: Step) -> dict[str, float]:

@@ -8,7 +8,9 @@
 Step hooks (lmlab.train.step calls them, in this order, for every optimizer step):
     with s.no_sync(wrapped, last): …            DDP: no gradient all-reduce before the last micro-batch
     s.backward(wrapped, loss, last)               the backward of one micro-batch
-    s.clip(model, wrapped, grad_clip)             the total gradient norm before clipping (a plain tensor)
+    s.clip(model, wrapped, grad_clip)             the total gradient norm before clipping (a plain tensor); the
+                                                  gradients are clipped by the time the update reads them
+                                                  (Single: inside torch's fused AdamW step)
     s.step(optimizer, scaler, skip)               the update (skip: the device guard's flag, obeyed on the device)
     s.discard(optimizer, scaler)                  no update: parameters and optimizer state stay as they were
 
@@ -117,7 +119,8 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def clip(self, model: torch.nn.Module, wrapped, grad_clip: float) -> torch.Tensor:
-        """Clip to `grad_clip` (0: no clipping); the total norm before clipping, over every rank, plain."""
+        """Clip to `grad_clip` (0: no clipping), here or in the `step` that follows (`discard` drops it); the total
+        norm before clipping, over every rank, plain."""
 
     @abc.abstractmethod
     def step(self, optimizer, scaler: torch.amp.GradScaler | None = None, skip: torch.Tensor | None = None) -> None:

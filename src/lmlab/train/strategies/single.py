@@ -31,18 +31,42 @@ class Single(Strategy):
         loss.backward()
 
     def clip(self, model: torch.nn.Module, wrapped, grad_clip: float) -> torch.Tensor:
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                              grad_clip if grad_clip > 0 else float("inf"))
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded (fsdp): a DTensor, made plain
+        """The norm now; the scaling by `step`: inside torch's fused Adam/AdamW kernel where it can (its
+        `grad_scale` divides every gradient as it reads it: one pass over the gradients fewer, and none at all
+        when nothing is clipped), else as torch's clip_grad_norm_ does, before the update."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads or any(_sharded(g) for g in grads):  # fsdp: DTensor gradients, clipped by torch as they are
+            self._clip = None
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # clip_grad_norm_'s total norm, to the bit: the norm of the per-tensor norms
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        self._clip = (grads, norm, grad_clip) if grad_clip > 0 else None
+        return norm
+
+    def _apply_clip(self, optimizer, scaler) -> torch.Tensor | None:
+        """The pending clip: the divisor for the fused step's `grad_scale`, or None after scaling the gradients
+        here as clip_grad_norm_ does (another optimizer; an fp16 GradScaler, which owns `grad_scale`) or when no
+        clipping was asked for."""
+        pending, self._clip = getattr(self, "_clip", None), None
+        if pending is None:
+            return None
+        grads, norm, max_norm = pending
+        if scaler is None and _fused_adam(optimizer):
+            return ((norm + 1e-6) / max_norm).clamp(min=1.0)  # 1 / clip_grad_norm_'s clamped coefficient
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return None
 
     def step(self, optimizer, scaler: torch.amp.GradScaler | None = None, skip: torch.Tensor | None = None) -> None:
         """`skip`, a device flag from `guard.DeviceGuard` (1.0: do not apply), is obeyed by the fused optimizer
         step itself (`found_inf`), so deciding needs no host synchronisation."""
+        divisor = self._apply_clip(optimizer, scaler)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
-        elif skip is not None:
-            optimizer.found_inf, optimizer.grad_scale = skip, None  # read by torch's fused Adam/AdamW step
+        elif skip is not None or divisor is not None:
+            optimizer.found_inf, optimizer.grad_scale = skip, divisor  # read by torch's fused Adam/AdamW step
             try:
                 optimizer.step()
             finally:
@@ -52,6 +76,7 @@ class Single(Strategy):
         optimizer.zero_grad(set_to_none=True)
 
     def discard(self, optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+        self._clip = None
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update()  # an fp16 overflow still lowers the scale, as scaler.step would have
@@ -63,3 +88,13 @@ class Single(Strategy):
 
     def unsharded_model(self, model: torch.nn.Module) -> torch.nn.Module | None:
         return model  # every rank holds the whole model
+
+
+def _sharded(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor")  # a DTensor
+
+
+def _fused_adam(optimizer) -> bool:
+    """torch's Adam/AdamW with the fused kernel, which reads `grad_scale` and `found_inf` (the for-each and
+    single-tensor ones refuse them)."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
