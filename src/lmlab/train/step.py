@@ -35,8 +35,9 @@ def compute_gradients(model, objective: Objective, batches: list[Batch], rt: Run
 
     `wrapped` is the model as a parallel strategy wraps it (DDP, a DeepSpeed engine): it runs forward/backward,
     while `model` owns the parameters. Gradients are left in `.grad` (DeepSpeed: in its ZeRO buffers) for the
-    update, which sees them clipped (the strategy may fold the clip into it); the strategy's step hooks (`lmlab.train.strategies`) do what differs between strategies. `strategy`:
-    the one that placed `model` (by default the one that prepared it).
+    update, which sees them clipped (the strategy may fold the clip into it); the strategy's step hooks
+    (`lmlab.train.strategies`) do what differs between strategies. `strategy`: the one that placed `model` (by
+    default the one that prepared it).
     """
     wrapped = wrapped if wrapped is not None else model
     strategy = strategy if strategy is not None else strategies.of(model)
