@@ -93,21 +93,21 @@ def test_sgd_through_the_trainer_resumes_bitwise(stdlib_tokenizer_dir, tmp_path)
     assert json.loads((resumed / "run.json").read_text())["status"] == "finished"
 
 
-def _clip_and_step(strategy_step: bool, opt_kind: str, grad_clip: float, scale: float, skip=None):
+def _clip_and_step(strategy_step: bool, opt_kind: str, grad_clip: float, scale: float, skip=None, device="cpu"):
     """A tiny model's parameters after one update from fixed gradients × `scale`: through the single-process
     strategy's clip and step (the clip folded into the fused AdamW where it can be), or as torch's
     clip_grad_norm_ followed by the plain step."""
     from lmlab.train.strategies.single import Single
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)).to(device)
     if opt_kind == "fused":
         opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1, fused=True)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g) * scale
+        p.grad = (torch.randn(p.shape, generator=g) * scale).to(device)
     if strategy_step:
         s = Single.__new__(Single)  # the step hooks alone: no config or runtime needed
         norm = s.clip(model, model, grad_clip)
@@ -119,19 +119,23 @@ def _clip_and_step(strategy_step: bool, opt_kind: str, grad_clip: float, scale: 
         opt.zero_grad(set_to_none=True)
     assert all(p.grad is None for p in model.parameters())
     # with AdamW the first update barely depends on the gradients' scale: its first moment shows the clip
-    moments = [opt.state[p]["exp_avg"].clone() for p in model.parameters() if "exp_avg" in opt.state[p]]
-    return norm, [p.detach().clone() for p in model.parameters()] + moments
+    moments = [opt.state[p]["exp_avg"].cpu() for p in model.parameters() if "exp_avg" in opt.state[p]]
+    return norm.cpu(), [p.detach().cpu() for p in model.parameters()] + moments
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)  # bench/gpu_check.sh runs the CUDA ones
 @pytest.mark.parametrize("opt_kind", ["fused", "sgd"])
 @pytest.mark.parametrize("grad_clip, scale", [(1.0, 10.0), (1.0, 0.01), (0.0, 10.0)],
                          ids=["clipped", "under-the-limit", "no-clipping"])
-def test_the_strategys_clip_is_torchs_clip_grad_norm(opt_kind, grad_clip, scale):
+def test_the_strategys_clip_is_torchs_clip_grad_norm(opt_kind, grad_clip, scale, device):
     """The single-process clip reports clip_grad_norm_'s total norm to the bit and updates the parameters as
     clip_grad_norm_ + step would: the same bits where it scales the gradients itself (SGD), within rounding where
     the fused AdamW divides them in its kernel (its `grad_scale`)."""
-    norm, got = _clip_and_step(True, opt_kind, grad_clip, scale)
-    want_norm, want = _clip_and_step(False, opt_kind, grad_clip, scale)
+    norm, got = _clip_and_step(True, opt_kind, grad_clip, scale, device=device)
+    want_norm, want = _clip_and_step(False, opt_kind, grad_clip, scale, device=device)
     assert torch.equal(norm, want_norm)
     for a, b in zip(got, want, strict=True):
         if opt_kind == "sgd":
@@ -139,7 +143,7 @@ def test_the_strategys_clip_is_torchs_clip_grad_norm(opt_kind, grad_clip, scale)
         else:
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     if grad_clip > 0 and scale > 1:  # the clip did act: without it the update (SGD) or first moment (AdamW) differs
-        _, free = _clip_and_step(False, opt_kind, 0.0, scale)
+        _, free = _clip_and_step(False, opt_kind, 0.0, scale, device=device)
         assert any(not torch.allclose(a, b) for a, b in zip(got, free, strict=True))
 
 

@@ -23,7 +23,8 @@ the mixer's transposed views of its (b, l, ·) rows in place with contiguous loa
 element by element), writes the output and du, dΔ, dz as (b, l, d) rows the next matmul reads without a copy, and
 reads and writes bf16 directly (computing in
 fp32: the state, A, D and the parameter gradients stay fp32). The backward recomputes states chunk by chunk
-(CPU_CHUNK) from the saved boundary states. Its work item is a batch row and a fixed group of channel blocks
+(CPU_CHUNK) from the saved boundary states, and writes du, dΔ, dz a chunk of its channel group at a time as whole
+rows, with non-temporal stores when an output is 1 MiB or more (no line is read before it is overwritten). Its work item is a batch row and a fixed group of channel blocks
 (`backward_groups`), which sums its channels' dB, dC into its own partial buffer; the partials, and dA, dD, dbias
 over batch rows, are then reduced in a fixed order. So outputs and gradients are bitwise the same at any thread
 count and under any OpenMP schedule. Measured against `chunked` it is 10–15× faster (docs/benchmarks.md), hence

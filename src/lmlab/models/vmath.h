@@ -1,6 +1,7 @@
 // Vectorisable float exp and log for lmlab's C++ CPU kernels (scan_cpu.cpp, kernels_cpu.cpp): the build puts this
 // text in front of each kernel's source. Inlined, branch-free polynomials, so loops over them vectorise (libm's
-// scalar calls would not).
+// scalar calls would not); on AVX-512 also the same functions 16 lanes at a time in intrinsics (vexp16, vlog16)
+// and 16-lane float/bf16 loads and stores, for the kernels' hand-written loops.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
