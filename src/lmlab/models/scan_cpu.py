@@ -21,10 +21,10 @@ algorithm fused with everything around it: Δ bias + softplus, the D skip and th
 block of LANES channels at once (16 where it is built for AVX-512, else 8), one SIMD lane a channel, so it reads
 the mixer's transposed views of its (b, l, ·) rows in place with contiguous loads (any other strides work too,
 element by element), writes the output and du, dΔ, dz as (b, l, d) rows the next matmul reads without a copy, and
-reads and writes bf16 directly (computing in
-fp32: the state, A, D and the parameter gradients stay fp32). The backward recomputes states chunk by chunk
-(CPU_CHUNK) from the saved boundary states, and writes du, dΔ, dz a chunk of its channel group at a time as whole
-rows, with non-temporal stores when an output is 1 MiB or more (no line is read before it is overwritten). Its work item is a batch row and a fixed group of channel blocks
+reads and writes bf16 directly (computing in fp32: the state, A, D and the parameter gradients stay fp32). The
+backward recomputes states chunk by chunk (CPU_CHUNK) from the saved boundary states, and writes du, dΔ, dz a
+chunk of its channel group at a time as whole rows, with non-temporal stores when an output is 1 MiB or more (no
+line is read before it is overwritten). Its work item is a batch row and a fixed group of channel blocks
 (`backward_groups`), which sums its channels' dB, dC into its own partial buffer; the partials, and dA, dD, dbias
 over batch rows, are then reduced in a fixed order. So outputs and gradients are bitwise the same at any thread
 count and under any OpenMP schedule. Measured against `chunked` it is 10–15× faster (docs/benchmarks.md), hence
