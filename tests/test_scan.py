@@ -482,3 +482,21 @@ def test_model_config_selects_the_backend(monkeypatch):
     calls.clear()
     model(ids)
     assert calls == ["ref", "ref"]
+
+
+@pytest.mark.parametrize("groups", [None, 7], ids=["as-chosen", "more-groups-than-blocks"])
+def test_cpu_kernel_writes_every_output_it_returns(monkeypatch, groups):
+    """Every array the C++ backward fills (gradients, partial sums) is allocated uninitialised: poisoned with NaN
+    here, any element the kernel leaves unwritten shows in the comparison with the reference. With more channel
+    groups than blocks (backward_groups never asks for that, the kernel allows it) the empty groups' partial sums
+    are zeros."""
+    _needs_kernel()
+    kw = make_inputs(2, 20, 70, 16, True, True)
+    g = torch.Generator().manual_seed(1)
+    weights = (torch.randn(2, 20, 70, generator=g), torch.randn(2, 20, 16, generator=g))
+    ref = run(kw, "ref", torch.float64, weights)
+    real = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *size, **k: real(self, *size, **k).fill_(float("nan")))
+    if groups is not None:
+        monkeypatch.setattr(S.scan_cpu, "backward_groups", lambda b, d: groups)
+    assert_close_to_ref(run(kw, "cpu", torch.float32, weights), ref, rtol=1e-4)

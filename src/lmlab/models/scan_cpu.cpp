@@ -423,6 +423,11 @@ static void bwd(const Args& a) {
         for (int64_t work = 0; work < a.b * G; ++work) {
             const int64_t bi = work / G, grp = work % G;
             const int64_t k0 = grp * nb / G, k1 = (grp + 1) * nb / G;
+            if (k0 == k1) {  // no block (more groups than blocks): its partial sums are zeros
+                std::memset((T*)a.pB + work * l * n, 0, l * n * sizeof(T));
+                std::memset((T*)a.pC + work * l * n, 0, l * n * sizeof(T));
+                continue;
+            }
             const S* Bb = (const S*)a.B + bi * a.sB[0];
             const S* Cb = (const S*)a.C + bi * a.sC[0];
             for (int64_t blk = k0; blk < k1; ++blk) {
