@@ -182,7 +182,8 @@ void conv_silu_bwd(const T* x, const float* wt, const float* bias, const int64_t
                    int nthreads) {
     const int64_t rows = B * l;
     const int64_t nblocks = (rows + CONV_ROWS - 1) / CONV_ROWS;
-    std::unique_ptr<float[]> partial(new float[static_cast<size_t>(nblocks * (K + 1) * d)]);  // zeroed a block at a time
+    // zeroed a block at a time
+    std::unique_ptr<float[]> partial(new float[static_cast<size_t>(nblocks * (K + 1) * d)]);
 #pragma omp parallel num_threads(threads_for(nthreads))
     {
         std::vector<float> acc(static_cast<size_t>(d));

@@ -131,7 +131,8 @@ static inline void gather(T* __restrict dst, const S* __restrict p, int64_t stri
         // separately, or copy through 64-bit integer moves, and the vector load that reads them back stalls on
         // store forwarding
 #if defined(LMLAB_SCAN_AVX512)
-        if constexpr ((std::is_same_v<S, uint16_t> || std::is_same_v<S, float>) && std::is_same_v<T, float> && W == 16) {
+        constexpr bool f32_or_bf16 = std::is_same_v<S, uint16_t> || std::is_same_v<S, float>;
+        if constexpr (f32_or_bf16 && std::is_same_v<T, float> && W == 16) {
             _mm512_storeu_ps(dst, load16(p));
             return;
         }
@@ -220,7 +221,8 @@ static inline void advance(int64_t n, const T* __restrict dtv, const T* __restri
                            const T* __restrict Ck, T* __restrict y) {
 #ifdef LMLAB_SCAN_AVX512
     if constexpr (std::is_same_v<T, float> && W == 16) {
-        const __m512 dq = _mm512_mul_ps(_mm512_load_ps(dtv), _mm512_set1_ps(1.44269504088896341f)), uq = _mm512_load_ps(du);
+        const __m512 dq = _mm512_mul_ps(_mm512_load_ps(dtv), _mm512_set1_ps(1.44269504088896341f));  // Δ·log2(e)
+        const __m512 uq = _mm512_load_ps(du);
         __m512 yq = _mm512_setzero_ps();
         for (int64_t k = 0; k < n; ++k) {
             __m512 av = vexp2_16(_mm512_mul_ps(dq, _mm512_load_ps(Al + k * W)));  // exp(Δ·A)
@@ -260,8 +262,8 @@ static inline void advance(int64_t n, const T* __restrict dtv, const T* __restri
 
 #ifdef LMLAB_SCAN_AVX512
 // the lane sums of 16 consecutive 16-float vectors p[16k .. 16k + 15], k = 0..15, as one vector (lane k: the sum of
-// vector k) by a transposing add tree: 15 vector adds in place of 16 horizontal sums, each sum in the same order as
-// the compiler's own horizontal sum (halves, then quarters, pairs, lanes), so the result is the same to the bit
+// vector k) by a transposing add tree: 15 vector adds in place of 16 horizontal sums, each sum in the order GCC's own
+// horizontal sum takes (halves, then quarters, pairs, lanes: the same bits as the loop below, checked with GCC 12)
 static inline __m512 lanesum16(const float* p) {
     __m512 a[8], b[4], c[2];
     for (int i = 0; i < 8; ++i) {  // halves: lanes 0-7 vector 2i, lanes 8-15 vector 2i+1
