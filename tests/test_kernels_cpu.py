@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.models import build_config, build_model, kernels_cpu
+from lmlab.models.common import LayerNorm
 from lmlab.models.mamba import causal_conv
 from lmlab.models.swelu import swelu, swelu_torch
 
@@ -122,7 +123,9 @@ def test_results_do_not_depend_on_the_thread_count():
             torch.set_num_threads(n)
             y = kernels_cpu.swelu_fused(z, k, lam)
             u = kernels_cpu.conv_silu(x, conv.weight, conv.bias)
-            outs.append([y, u, *torch.autograd.grad(y.sum() + (u * u).sum(), (z, k, lam, x, conv.weight, conv.bias))])
+            n = kernels_cpu.layer_norm(x, conv.bias, conv.bias, 1e-5, torch.bfloat16)
+            loss = y.sum() + (u * u).sum() + (n.float() * u).sum()
+            outs.append([y, u, n, *torch.autograd.grad(loss, (z, k, lam, x, conv.weight, conv.bias))])
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*outs):
@@ -148,6 +151,58 @@ def test_the_model_with_fused_kernels_matches_the_reference_paths(packed):
     torch.testing.assert_close(fused_logits, ref_logits, rtol=1e-5, atol=1e-5)
     for (name, _), a, r in zip(model.named_parameters(), fused_grads, ref_grads):
         torch.testing.assert_close(a, r, rtol=2e-4, atol=1e-6, msg=name)
+
+
+def _layer_norm_case(xdt, seed=6):
+    torch.manual_seed(seed)
+    x = (torch.randn(3, 150, 96) * 3 + 1).to(xdt)  # 450 rows: 7 blocks of 64, the last one short
+    w, b = torch.randn(96) * 0.5 + 1, torch.randn(96)
+    return x, w, b
+
+
+@pytest.mark.parametrize("xdt,odt", [(torch.float32, torch.bfloat16), (torch.float32, torch.float32),
+                                     (torch.bfloat16, torch.bfloat16)])
+def test_layer_norm_matches_nn_layernorm_then_the_cast(xdt, odt):
+    x, w, b = _layer_norm_case(xdt)
+    args = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref_args = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = kernels_cpu.layer_norm(*args, 1e-5, odt)
+    ref = F.layer_norm(ref_args[0].float(), (96,), ref_args[1], ref_args[2], 1e-5).to(odt)
+    assert y.dtype == odt and y.shape == x.shape
+    # the fp32 statistics may differ from torch's in the last bit: one bf16 step at most where the output rounds
+    tol = dict(rtol=8e-3, atol=1e-2) if odt == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.float(), ref.float(), **tol)
+    g = torch.randn(x.shape).to(odt)
+    got = torch.autograd.grad(y, args, g)
+    want = torch.autograd.grad(ref, ref_args, g)
+    assert got[0].dtype == xdt
+    for name, a, r in zip("xwb", got, want):
+        gtol = dict(rtol=2e-2, atol=2e-2) if xdt == torch.bfloat16 and name == "x" else dict(rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.float(), r.float(), msg=name, **gtol)
+
+
+def test_the_norm_module_is_nn_layernorm_except_under_cpu_bf16_autocast():
+    x, _, _ = _layer_norm_case(torch.float32)
+    norm, plain = LayerNorm(96), torch.nn.LayerNorm(96)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.normal_()
+    plain.load_state_dict(norm.state_dict())
+    assert torch.equal(norm(x), plain(x))  # no autocast: nn.LayerNorm itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+        ref = plain(x)
+        with kernels_cpu.reference():
+            assert norm(x).dtype == torch.float32  # the reference path: nn.LayerNorm's fp32, cast by the next Linear
+    assert y.dtype == torch.bfloat16 and ref.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref.bfloat16().float(), rtol=8e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize("n", [5, 16, 40_000])
+def test_widen_scale_is_the_cast_then_the_multiply_bitwise(n):
+    torch.manual_seed(7)
+    x = (torch.randn(n) * 50).bfloat16()
+    for scale in (1 / 1024, 1 / 777, 3.0):
+        assert torch.equal(kernels_cpu.widen_scale(x, scale), x.float().mul_(torch.tensor(scale, dtype=torch.float32)))
 
 
 def test_missing_compiler_falls_back_to_the_reference(monkeypatch):

@@ -26,17 +26,45 @@ def test_mixer_matches_transformers(L):
     ours, hf = _pair()
     hf.eval()  # transformers' pure-torch path (no kernels) is used in eval mode
     ours.eval()
-    x = torch.randn(2, L, 16)
+    _assert_same_outputs_and_gradients(ours, hf, torch.randn(2, L, 16))
+
+
+def _assert_same_outputs_and_gradients(a, b, x):
+    """Two mixers with the same parameter names: outputs, input gradient and every parameter's gradient."""
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = ours(x1), hf(x2)
+    y1, y2 = a(x1), b(x2)
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
     w = torch.randn_like(y1)
     (y1 * w).sum().backward()
     (y2 * w).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
-    g_hf = dict(hf.named_parameters())
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, g_hf[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    g_b = dict(b.named_parameters())
+    for name, p in a.named_parameters():
+        torch.testing.assert_close(p.grad, g_b[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class _WrappedLinear(torch.nn.Linear):
+    """Stands for an adapter-wrapped or quantised layer: not a plain nn.Linear, so the mixer calls it whole."""
+
+
+@pytest.mark.parametrize("backend", ["ref", "cpu"])
+def test_dt_proj_bias_in_the_scan_equals_the_module_call(backend):
+    # a plain dt_proj hands its bias to the scan; any other module runs whole: outputs and every gradient agree
+    torch.manual_seed(0)
+    plain = MambaMixer(16, d_state=4, dt_rank=3, scan_backend=backend)
+    wrapped = MambaMixer(16, d_state=4, dt_rank=3, scan_backend=backend)
+    wrapped.load_state_dict(plain.state_dict())
+    old = wrapped.dt_proj
+    wrapped.dt_proj = _WrappedLinear(old.in_features, old.out_features)
+    wrapped.dt_proj.load_state_dict(old.state_dict())
+    assert wrapped._delta(torch.randn(2, 5, 3))[1] is None and plain._delta(torch.randn(2, 5, 3))[1] is not None
+    x = torch.randn(2, 11, 16)
+    _assert_same_outputs_and_gradients(plain, wrapped, x)
+    # decoding a token: the state update adds the same bias
+    with torch.no_grad():
+        c1, c2 = MambaCache(), MambaCache()
+        plain(x[:, :4], cache=c1), wrapped(x[:, :4], cache=c2)
+        torch.testing.assert_close(plain.step(x[:, 4], c1), wrapped.step(x[:, 4], c2), rtol=1e-5, atol=1e-6)
 
 
 def test_reference_initialisation():

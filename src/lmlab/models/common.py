@@ -40,6 +40,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from .._compat import CACHE_RENAMED
+from . import kernels_cpu
 
 
 class LMConfig(PretrainedConfig):
@@ -226,9 +227,25 @@ def positions_within_documents(seq_idx: torch.Tensor) -> torch.Tensor:
     return idx - first
 
 
-def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (the same parameters, state-dict keys and results) for a norm whose output only feeds matmuls.
+    Under CPU bf16 autocast, where nn.LayerNorm writes fp32 that the next Linear then casts to bf16 (and casts its
+    gradient back), it normalises into bf16 in one fused pass (`kernels_cpu.layer_norm`, held to nn.LayerNorm and
+    the cast by tests/test_kernels_cpu.py). Everywhere else it is nn.LayerNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and self.weight is not None
+                and self.bias is not None and kernels_cpu.usable(x, self.weight, self.bias)):
+            return kernels_cpu.layer_norm(x, self.weight, self.bias, self.eps, torch.bfloat16)
+        return super().forward(x)
+
+
+def make_norm(kind: str, dim: int, eps: float, feeds_matmul: bool = False) -> nn.Module:
+    """`layernorm` or `rmsnorm`. `feeds_matmul`: the norm's output is read only by Linear layers, so under CPU bf16
+    autocast it may come out in bf16 (`LayerNorm`)."""
     if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps)
+        return LayerNorm(dim, eps=eps) if feeds_matmul else nn.LayerNorm(dim, eps=eps)
     if kind == "rmsnorm":
         return nn.RMSNorm(dim, eps=eps)
     raise ValueError(f"unknown norm {kind!r}; allowed: layernorm, rmsnorm")

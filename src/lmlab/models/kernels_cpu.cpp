@@ -3,6 +3,8 @@
 //   swelu_fwd / swelu_bwd      SWELU(z) = λ·sign(z)·(1 − exp(−|z|^k)) and its three derivatives in one pass each
 //   conv_silu_fwd / _bwd       causal depthwise conv over time + bias + SiLU, on (b, l, d) rows, documents kept apart
 //   ce_rows                    cross-entropy of logit rows (label smoothing too) and its gradient, in place
+//   layer_norm_fwd / _bwd      LayerNorm of rows into another dtype (fp32 rows → bf16 for the next matmul) and back
+//   widen_scale                bf16 → fp32 times a scale in one pass (the chunked loss's head gradient)
 //
 // Everything computes in fp32 (the inputs and outputs may be bf16). Reductions (dk, dλ, the conv's weight and bias
 // gradients) are summed per fixed block of elements / rows and the blocks are added in order, so the results do not
@@ -25,6 +27,7 @@ namespace {
 constexpr float TINY = 1.17549435e-38f;  // the smallest normal float: vlog's domain (a denormal |z| reads as it)
 constexpr int64_t SWELU_BLOCK = 4096;  // elements per partial sum of dk, dλ
 constexpr int64_t CONV_ROWS = 64;      // (b, t) rows per partial sum of the conv's dw, dbias
+constexpr int64_t NORM_ROWS = 64;      // rows per partial sum of the LayerNorm's dw, db
 
 inline int threads_for(int requested) { return requested > 0 ? requested : 1; }
 
@@ -284,6 +287,109 @@ void ce_rows(T* z, const int64_t* targets, int64_t n, int64_t V, float eps, floa
     }
 }
 
+// ------------------------------------------------------------------------------------------------ LayerNorm
+// y = (x − mean)·rstd·w + b over rows of d, rstd = 1/√(var + eps) with the biased variance (two passes over the row,
+// which sits in L1); mean and rstd kept per row for the backward. x and y each fp32 or bf16; w, b fp32.
+template <typename X, typename Y>
+void layer_norm_fwd(const X* x, const float* w, const float* b, Y* y, float* mean, float* rstd, int64_t R, int64_t d,
+                    float eps, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(threads_for(nthreads))
+    for (int64_t r = 0; r < R; ++r) {
+        const X* __restrict xr = x + r * d;
+        Y* __restrict yr = y + r * d;
+        float s = 0.f, v = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < d; ++j) s += load(xr, j);
+        const float m = s / static_cast<float>(d);
+#pragma omp simd reduction(+ : v)
+        for (int64_t j = 0; j < d; ++j) {
+            const float c = load(xr, j) - m;
+            v += c * c;
+        }
+        const float rs = 1.f / std::sqrt(v / static_cast<float>(d) + eps);
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        const __m512 mq = _mm512_set1_ps(m), rq = _mm512_set1_ps(rs);
+        for (; j + 16 <= d; j += 16)
+            store16(yr + j, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(load16(xr + j), mq), rq),
+                                            _mm512_loadu_ps(w + j), _mm512_loadu_ps(b + j)));
+#endif
+        for (; j < d; ++j) store(yr, j, (load(xr, j) - m) * rs * w[j] + b[j]);
+        mean[r] = m;
+        rstd[r] = rs;
+    }
+}
+
+// dx = rstd·(g·w − mean(g·w) − x̂·mean(g·w·x̂)), x̂ = (x − mean)·rstd, in x's dtype; dw = Σ g·x̂ and db = Σ g over rows,
+// summed per block of NORM_ROWS rows into `partial` (2, blocks, d) and the blocks added in order into dw, db.
+template <typename X, typename G>
+void layer_norm_bwd(const X* x, const G* g, const float* w, const float* mean, const float* rstd, X* gx, float* dw,
+                    float* db, float* partial, int64_t R, int64_t d, int nthreads) {
+    const int64_t nblocks = (R + NORM_ROWS - 1) / NORM_ROWS;
+    float* pw = partial;
+    float* pb = partial + nblocks * d;
+#pragma omp parallel num_threads(threads_for(nthreads))
+    {
+        std::unique_ptr<float[]> xh(new float[static_cast<size_t>(2 * d)]);
+        float* __restrict xhat = xh.get();
+        float* __restrict gw = xh.get() + d;
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblocks; ++blk) {
+            float* __restrict bw = pw + blk * d;
+            float* __restrict bb = pb + blk * d;
+            for (int64_t j = 0; j < d; ++j) bw[j] = bb[j] = 0.f;
+            for (int64_t r = blk * NORM_ROWS; r < R && r < (blk + 1) * NORM_ROWS; ++r) {
+                const X* __restrict xr = x + r * d;
+                const G* __restrict gr = g + r * d;
+                const float m = mean[r], rs = rstd[r];
+                float s1 = 0.f, s2 = 0.f;
+#pragma omp simd reduction(+ : s1, s2)
+                for (int64_t j = 0; j < d; ++j) {
+                    const float gj = load(gr, j), xj = (load(xr, j) - m) * rs;
+                    xhat[j] = xj;
+                    gw[j] = gj * w[j];
+                    bw[j] += gj * xj;
+                    bb[j] += gj;
+                    s1 += gw[j];
+                    s2 += gw[j] * xj;
+                }
+                const float inv = 1.f / static_cast<float>(d), a1 = s1 * inv, a2 = s2 * inv;
+                X* __restrict out = gx + r * d;
+#pragma omp simd
+                for (int64_t j = 0; j < d; ++j) store(out, j, rs * (gw[j] - a1 - xhat[j] * a2));
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < d; ++j) {
+            float sw = 0.f, sb = 0.f;
+            for (int64_t blk = 0; blk < nblocks; ++blk) {
+                sw += pw[blk * d + j];
+                sb += pb[blk * d + j];
+            }
+            dw[j] = sw;
+            db[j] = sb;
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ widen + scale
+// dst = float(src) · scale: the cast and the multiply of `src.float().mul_(scale)`, the same single rounding
+void widen_scale(const uint16_t* src, float* dst, int64_t n, float scale, int nthreads) {
+    const int64_t step = 1 << 14;
+#pragma omp parallel for schedule(static) num_threads(threads_for(nthreads))
+    for (int64_t start = 0; start < n; start += step) {
+        const int64_t end = start + step < n ? start + step : n;
+        const uint16_t* __restrict p = src;
+        float* __restrict q = dst;
+        int64_t i = start;
+#if defined(__AVX512F__)
+        const __m512 sq = _mm512_set1_ps(scale);
+        for (; i + 16 <= end; i += 16) _mm512_storeu_ps(q + i, _mm512_mul_ps(load16(p + i), sq));
+#endif
+        for (; i < end; ++i) q[i] = load(p, i) * scale;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -334,5 +440,39 @@ void lmlab_conv_silu_bwd(int dt, const void* x, const float* wt, const float* bi
     else
         conv_silu_bwd(static_cast<const uint16_t*>(x), wt, bias, seq, static_cast<const uint16_t*>(gu),
                       static_cast<uint16_t*>(gx), gw, gbias, B, l, d, K, sxb, sxl, nthreads);
+}
+
+void lmlab_layer_norm_fwd(int xdt, int ydt, const void* x, const float* w, const float* b, void* y, float* mean,
+                          float* rstd, int64_t R, int64_t d, float eps, int nthreads) {
+    if (xdt == 0 && ydt == 1)
+        layer_norm_fwd(static_cast<const float*>(x), w, b, static_cast<uint16_t*>(y), mean, rstd, R, d, eps, nthreads);
+    else if (xdt == 0)
+        layer_norm_fwd(static_cast<const float*>(x), w, b, static_cast<float*>(y), mean, rstd, R, d, eps, nthreads);
+    else if (ydt == 1)
+        layer_norm_fwd(static_cast<const uint16_t*>(x), w, b, static_cast<uint16_t*>(y), mean, rstd, R, d, eps,
+                       nthreads);
+    else
+        layer_norm_fwd(static_cast<const uint16_t*>(x), w, b, static_cast<float*>(y), mean, rstd, R, d, eps, nthreads);
+}
+
+void lmlab_layer_norm_bwd(int xdt, int gdt, const void* x, const void* g, const float* w, const float* mean,
+                          const float* rstd, void* gx, float* dw, float* db, float* partial, int64_t R, int64_t d,
+                          int nthreads) {
+    if (xdt == 0 && gdt == 1)
+        layer_norm_bwd(static_cast<const float*>(x), static_cast<const uint16_t*>(g), w, mean, rstd,
+                       static_cast<float*>(gx), dw, db, partial, R, d, nthreads);
+    else if (xdt == 0)
+        layer_norm_bwd(static_cast<const float*>(x), static_cast<const float*>(g), w, mean, rstd,
+                       static_cast<float*>(gx), dw, db, partial, R, d, nthreads);
+    else if (gdt == 1)
+        layer_norm_bwd(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(g), w, mean, rstd,
+                       static_cast<uint16_t*>(gx), dw, db, partial, R, d, nthreads);
+    else
+        layer_norm_bwd(static_cast<const uint16_t*>(x), static_cast<const float*>(g), w, mean, rstd,
+                       static_cast<uint16_t*>(gx), dw, db, partial, R, d, nthreads);
+}
+
+void lmlab_widen_scale(const void* src, float* dst, int64_t n, float scale, int nthreads) {
+    widen_scale(static_cast<const uint16_t*>(src), dst, n, scale, nthreads);
 }
 }

@@ -9,6 +9,11 @@
                                           gradient: the chunked loss's per-chunk softmax work in one kernel (bf16
                                           logits are read as they are, never raised to an fp32 copy); the
                                           reference is the torch path in `lmlab.train.losses`
+    widen_scale(x, scale)                 x.float().mul_(scale) for a bf16 x in one pass, bitwise the same
+    layer_norm(x, w, b, eps, out_dtype)   LayerNorm whose output is written in another dtype: under CPU bf16
+                                          autocast the fp32 residual stream normalised straight into the bf16 the
+                                          next matmul reads, and the bf16 gradient taken back as it comes; the
+                                          reference is nn.LayerNorm followed by the cast
 
 All compute in fp32 whatever the input dtype (fp32 or bf16, the latter under CPU autocast): SWELU's steep
 slope near 0 and its exp/pow keep fp32 precision, and only the stored result is rounded to bf16. The tests hold
@@ -31,6 +36,7 @@ _off = threading.local()  # reference(): this thread runs the torch reference pa
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SWELU_BLOCK = 4096  # as in kernels_cpu.cpp
 _EPS = 1e-6  # lmlab.models.swelu._EPS: where the slope for k < 1 is clamped
+_NORM_ROWS = 64  # as in kernels_cpu.cpp
 
 
 def _declare(lib) -> None:
@@ -40,8 +46,11 @@ def _declare(lib) -> None:
     lib.lmlab_conv_silu_fwd.argtypes = [i32, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
     lib.lmlab_conv_silu_bwd.argtypes = [i32, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
     lib.lmlab_ce_rows.argtypes = [i32, p, p, i64, i64, f32, p, i32, i32]
+    lib.lmlab_layer_norm_fwd.argtypes = [i32, i32, p, p, p, p, p, p, i64, i64, f32, i32]
+    lib.lmlab_layer_norm_bwd.argtypes = [i32, i32, p, p, p, p, p, p, p, p, p, i64, i64, i32]
+    lib.lmlab_widen_scale.argtypes = [p, p, i64, f32, i32]
     for fn in (lib.lmlab_swelu_fwd, lib.lmlab_swelu_bwd, lib.lmlab_conv_silu_fwd, lib.lmlab_conv_silu_bwd,
-               lib.lmlab_ce_rows):
+               lib.lmlab_ce_rows, lib.lmlab_layer_norm_fwd, lib.lmlab_layer_norm_bwd, lib.lmlab_widen_scale):
         fn.restype = None
 
 
@@ -177,3 +186,56 @@ def ce_rows(z: torch.Tensor, targets: torch.Tensor, eps: float = 0.0, grad: bool
     LIBRARY.lib.lmlab_ce_rows(_DTYPES[z.dtype], _ptr(z), _ptr(t), n, vocab, float(eps), _ptr(loss), int(grad),
                               torch.get_num_threads())
     return loss
+
+
+# ------------------------------------------------------------------------------------------------ LayerNorm
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, out_dtype: torch.dtype):
+        shape, d = x.shape, x.shape[-1]
+        rows = x.reshape(-1, d).contiguous()
+        w, b = weight.detach().float().contiguous(), bias.detach().float().contiguous()
+        y = torch.empty(rows.shape, dtype=out_dtype)
+        mean, rstd = torch.empty(rows.shape[0]), torch.empty(rows.shape[0])
+        LIBRARY.lib.lmlab_layer_norm_fwd(_DTYPES[rows.dtype], _DTYPES[out_dtype], _ptr(rows), _ptr(w), _ptr(b), _ptr(y),
+                                         _ptr(mean), _ptr(rstd), rows.shape[0], d, float(eps), torch.get_num_threads())
+        ctx.save_for_backward(rows, w, mean, rstd)
+        ctx.info = shape, weight.dtype, bias.dtype
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        rows, w, mean, rstd = ctx.saved_tensors
+        shape, w_dtype, b_dtype = ctx.info
+        n, d = rows.shape
+        g = g.reshape(n, d).contiguous()
+        if g.dtype not in _DTYPES:
+            g = g.float()
+        gx = torch.empty_like(rows)
+        dw, db = torch.empty(d), torch.empty(d)
+        partial = torch.empty(2, max(1, -(-n // _NORM_ROWS)), d)
+        LIBRARY.lib.lmlab_layer_norm_bwd(_DTYPES[rows.dtype], _DTYPES[g.dtype], _ptr(rows), _ptr(g), _ptr(w),
+                                         _ptr(mean), _ptr(rstd), _ptr(gx), _ptr(dw), _ptr(db), _ptr(partial), n, d,
+                                         torch.get_num_threads())
+        return gx.view(shape), dw.to(w_dtype), db.to(b_dtype), None, None
+
+
+@torch.compiler.disable
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm over the last dimension of x (fp32 or bf16) with weight and bias (d,), the result in `out_dtype`
+    (fp32 or bf16), statistics in fp32: `F.layer_norm(x.float(), …).to(out_dtype)` in one pass. The gradient of
+    x comes back in x's dtype whatever the dtype of the incoming one; those of weight and bias are summed per
+    fixed block of rows, in order (the same at any thread count)."""
+    return _LayerNorm.apply(x, weight, bias, eps, out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------ widen + scale
+@torch.compiler.disable
+def widen_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """`x.float().mul_(scale)` for a CPU bf16 tensor x in one pass (no fp32 copy written and read again): the same
+    bits, as both round once, in the fp32 multiply."""
+    src = x.contiguous()
+    out = torch.empty(src.shape, dtype=torch.float32)
+    LIBRARY.lib.lmlab_widen_scale(_ptr(src), _ptr(out), src.numel(), float(scale), torch.get_num_threads())
+    return out

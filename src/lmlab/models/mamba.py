@@ -3,15 +3,16 @@
     x ──in_proj──► (x, z)                        (b, l, 2·d_inner)
     x ──causal depthwise conv1d──► SiLU ──► u     (b, d_inner, l)
     u ──x_proj──► (δ_r, B, C)                     δ_r: dt_rank, B, C: d_state
-    Δ = softplus(dt_proj(δ_r))                    softplus applied inside the scan
+    Δ = softplus(dt_proj(δ_r))                    dt_proj's bias and the softplus applied inside the scan
     y = selective_scan(u, Δ, A = −exp(A_log), B, C, D) · SiLU(z)
     out = out_proj(y)                             (b, l, d_model)
 
 Names (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj) and initialisation follow the
 reference implementation, so weights load with strict=True into and from `transformers`' MambaMixer.
 The scan itself lives in `scan.py` behind a backend interface; this file knows nothing of kernels.
-Every Linear is called as a module (never through its `.weight`), so LoRA adapters and 4-bit layers
-that replace them take part in the forward and receive gradients.
+Every Linear is called as a module, so LoRA adapters and 4-bit layers that replace them take part in the
+forward and receive gradients; the one exception is a plain nn.Linear dt_proj, whose weight and bias the mixer
+reads itself to hand the bias to the scan (`_delta`), as the reference kernel does.
 """
 
 from __future__ import annotations
@@ -180,6 +181,16 @@ class MambaMixer(nn.Module):
         `_conv` + SiLU (the reference, which runs otherwise), read and written in the matmuls' (b, l, d) layout."""
         return (x.device.type == "cpu" and type(self.conv1d) is nn.Conv1d and kernels_cpu.usable(x))
 
+    def _delta(self, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Δ before its bias and softplus (…, d_inner), the bias the scan adds in fp32 or None). A plain dt_proj
+        hands its bias to the scan, as the reference kernel takes it: added in the scan's fp32, its gradient summed
+        there, with no (b, l, d_inner) add or sum around the matmul. Any other module (LoRA-wrapped, 4-bit) runs
+        whole and the scan adds nothing."""
+        proj = self.dt_proj
+        if type(proj) is nn.Linear and proj.bias is not None:
+            return F.linear(dt, proj.weight), proj.bias.float()
+        return proj(dt), None
+
     def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None,
                 seq_idx: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (b, l, d_model) → (b, l, d_model). With `cache`, fills this layer's state (prefill).
@@ -210,11 +221,11 @@ class MambaMixer(nn.Module):
             u_rows = u.transpose(1, 2)
         dBC = self.x_proj(u_rows)  # (b, l, dt_rank + 2n)
         dt, B, C = torch.split(dBC, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = self.dt_proj(dt).transpose(1, 2)  # (b, d_inner, l), Δ before softplus
+        delta, delta_bias = self._delta(dt)
         A = -torch.exp(self.A_log.float())
         out = scan_lib.selective_scan(
-            u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=z,
-            delta_bias=None, delta_softplus=True, seq_idx=seq_idx,
+            u, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=z,
+            delta_bias=delta_bias, delta_softplus=True, seq_idx=seq_idx,
             return_last_state=cache is not None, backend=self.scan_backend,
         )
         if cache is not None:
@@ -244,9 +255,9 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (b, d_inner) each
         u = F.silu(conv_step(self.conv1d, conv_state, x))
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = self.dt_proj(dt)  # (b, d_inner), Δ before softplus
+        delta, delta_bias = self._delta(dt)
         y = scan_lib.selective_state_update(
             ssm_state, u, delta, -torch.exp(self.A_log.float()), B, C, D=self.D.float(), z=z,
-            dt_bias=None, dt_softplus=True,
+            dt_bias=delta_bias, dt_softplus=True,
         )
         return self.out_proj(y.to(hidden.dtype))[:, None, :]

@@ -91,7 +91,8 @@ class MambaSWELUConfig(LMConfig):
 
 
 def _norm(cfg: MambaSWELUConfig, dim: int) -> nn.Module:
-    return make_norm(cfg.norm, dim, cfg.norm_eps)
+    # every norm here feeds a Linear only (the mixer's in_proj, the first dense layer)
+    return make_norm(cfg.norm, dim, cfg.norm_eps, feeds_matmul=True)
 
 
 def _act(cfg: MambaSWELUConfig) -> nn.Module:

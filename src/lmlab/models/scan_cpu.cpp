@@ -591,14 +591,27 @@ static void bwd(const Args& a) {
             const int64_t bi = row / l, t = row % l;
             const T* pB = (const T*)a.pB + (bi * G * l + t) * n;
             const T* pC = (const T*)a.pC + (bi * G * l + t) * n;
-            for (int64_t k = 0; k < n; ++k) {
-                T vB = pB[k], vC = pC[k];
-                for (int64_t grp = 1; grp < G; ++grp) {
-                    vB += pB[grp * l * n + k];
-                    vC += pC[grp * l * n + k];
+            // the state index innermost (contiguous, vectorised), each sum still taken over groups 0, 1, … in order
+            alignas(64) T vB[NT > 0 ? NT : 64], vC[NT > 0 ? NT : 64];
+            for (int64_t k0 = 0; k0 < n; k0 += 64) {
+                const int64_t kn = n - k0 < 64 ? n - k0 : 64;
+                for (int64_t k = 0; k < kn; ++k) {
+                    vB[k] = pB[k0 + k];
+                    vC[k] = pC[k0 + k];
                 }
-                store((S*)a.gB, row * n + k, vB);
-                store((S*)a.gC, row * n + k, vC);
+                for (int64_t grp = 1; grp < G; ++grp) {
+                    const T* qB = pB + grp * l * n + k0;
+                    const T* qC = pC + grp * l * n + k0;
+#pragma omp simd
+                    for (int64_t k = 0; k < kn; ++k) {
+                        vB[k] += qB[k];
+                        vC[k] += qC[k];
+                    }
+                }
+                for (int64_t k = 0; k < kn; ++k) {
+                    store((S*)a.gB, row * n + k0 + k, vB[k]);
+                    store((S*)a.gC, row * n + k0 + k, vC[k]);
+                }
             }
         }
 #pragma omp for schedule(static)

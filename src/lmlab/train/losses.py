@@ -104,11 +104,21 @@ def _add_chunk_grads(g: torch.Tensor, w: torch.Tensor, hc: torch.Tensor, c: slic
         torch.mm(g, w, out=grad_h[c])
     if not need_w:
         return None
-    if grad_w is None:
-        return (g.t() @ hc).to(acc)
+    if grad_w is None:  # kept in the compute dtype while it is the only chunk's (the backward widens and scales it)
+        return g.t() @ hc
+    if grad_w.dtype != acc:
+        grad_w = grad_w.to(acc)
     if grad_w.dtype == g.dtype:
         return grad_w.addmm_(g.t(), hc)
     return grad_w.add_(g.t() @ hc)
+
+
+def _scaled(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad · scale in `dtype`: a bf16 head gradient is widened and scaled in one pass on CPU (`widen_scale`, the
+    same bits as the cast and the multiply), else in place after the cast."""
+    if grad.dtype == torch.bfloat16 and dtype == torch.float32 and kernels_cpu.usable(grad):
+        return kernels_cpu.widen_scale(grad, float(scale))
+    return grad.to(dtype).mul_(scale.to(dtype))
 
 
 def _scatter_rows(grad: torch.Tensor, rows: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -161,7 +171,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         if grad_h is not None:
             grad_h = _scatter_rows(grad_h, rows, shape, h.dtype)
         # kept on ctx rather than saved: the backward scales them in place and hands them over (no second copy)
-        ctx.grads = (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        ctx.grads = (grad_h, grad_w)
+        ctx.w_dtype = weight.dtype
         return total
 
     @staticmethod
@@ -170,8 +181,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy_sum: its gradients were already handed to a backward")
         grad_h, grad_w = ctx.grads
         ctx.grads = None
+        if grad_w is not None:
+            grad_w = _scaled(grad_w, grad_out, ctx.w_dtype)
         return (grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None,
-                grad_w.mul_(grad_out.to(grad_w.dtype)) if grad_w is not None else None, None, None, None, None, None)
+                grad_w, None, None, None, None, None)
 
 
 def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
