@@ -153,6 +153,27 @@ def test_the_model_with_fused_kernels_matches_the_reference_paths(packed):
         torch.testing.assert_close(a, r, rtol=2e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("zdt", [torch.float32, torch.bfloat16])
+def test_swelu_residual_is_the_residual_plus_swelu(zdt):
+    torch.manual_seed(8)
+    z = (torch.randn(3, 50, 40) * 2).to(zdt)
+    z[0, 0, :3] = 0.0  # the slope's clamp at 0
+    h = torch.randn(3, 50, 40)
+    k, lam = torch.tensor(0.7), torch.tensor(1.3)
+    args = [t.clone().requires_grad_() for t in (z, k, lam, h)]
+    ref_args = [t.clone().requires_grad_() for t in (z, k, lam, h)]
+    y = kernels_cpu.swelu_residual(*args)
+    ref = ref_args[3] + swelu_torch(ref_args[0].float(), ref_args[1], ref_args[2])  # the SWELU term unrounded
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    got, want = torch.autograd.grad(y, args, g), torch.autograd.grad(ref, ref_args, g)
+    assert got[0].dtype == zdt and torch.equal(got[3], g)
+    tol = dict(rtol=1e-2, atol=1e-2) if zdt == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    for name, a, r in zip(("z", "k", "lam", "h"), got, want):
+        torch.testing.assert_close(a.float(), r.float(), msg=name, **tol)
+
+
 def _layer_norm_case(xdt, seed=6):
     torch.manual_seed(seed)
     x = (torch.randn(3, 150, 96) * 3 + 1).to(xdt)  # 450 rows: 7 blocks of 64, the last one short

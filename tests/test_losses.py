@@ -90,6 +90,31 @@ def test_the_fused_cpu_softmax_equals_the_torch_ops(dtype, smoothing, monkeypatc
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("vocab,smoothing", [(4096, 0.0), (1000, 0.1)])  # 1000: a row that ends mid-vector
+def test_the_fused_cpu_softmax_rounds_a_bf16_gradient_once(vocab, smoothing):
+    """bf16 logits: each gradient is the fp32 softmax gradient rounded to bf16 once (the exps stay fp32), so it
+    equals torch's fp32 gradient rounded to bf16 but for the last bit of a few elements (the two exps differ in
+    their last bits); rounding the exps to bf16 first would change about a quarter of them."""
+    from lmlab.models import kernels_cpu
+
+    if not kernels_cpu.available():
+        pytest.skip("no C++ compiler: the torch ops run")
+    g = torch.Generator().manual_seed(12)
+    z = (torch.randn(64, vocab, generator=g) * 3).bfloat16()
+    t = torch.randint(0, vocab, (64,), generator=g)
+    ref = z.float()
+    lse = torch.logsumexp(ref, -1)
+    want_loss = (1 - smoothing) * (lse - ref.gather(1, t[:, None]).squeeze(1)) + smoothing * (lse - ref.mean(-1))
+    want = torch.softmax(ref, -1) - smoothing / vocab
+    want[torch.arange(64), t] -= 1 - smoothing
+    got = z.clone()
+    loss = kernels_cpu.ce_rows(got, t, smoothing, grad=True)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    differ = (got != want.bfloat16()).float().mean().item()
+    assert differ < 1e-3, differ
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-6)
+
+
 def test_the_fused_cpu_softmax_refuses_targets_outside_the_vocabulary():
     from lmlab.models import kernels_cpu
 

@@ -142,6 +142,54 @@ def test_cpu_row_views_equal_contiguous_inputs_bitwise(case):
     assert_close_to_ref(got, run(kw, "ref", torch.float64, weights), rtol=1e-4)
 
 
+def _projections(dtype, seed=11, b=2, l=70, d=40, n=16, rank=5):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s)  # noqa: E731
+    u, z = r(b, l, d).to(dtype), r(b, l, d).to(dtype)
+    w_x, w_dt = r(rank + 2 * n, d, s=0.3).to(dtype), r(d, rank, s=0.3).to(dtype)
+    dt_bias, A, D = r(d, s=0.1) - 2, -torch.rand(d, n, generator=g) * 4 - 0.5, r(d)
+    return [u, w_x, w_dt, dt_bias, A, D, z]
+
+
+def _composed(u, w_x, w_dt, dt_bias, A, D, z, seq_idx, rank, n):
+    """What the mixer runs without the fused node: x_proj, split, dt_proj, and the scan of the cpu backend."""
+    dt, B, C = torch.split(u @ w_x.t(), [rank, n, n], dim=-1)
+    y = S.selective_scan(u.transpose(1, 2), (dt @ w_dt.t()).transpose(1, 2), A, B.transpose(1, 2),
+                         C.transpose(1, 2), D=D, z=z.transpose(1, 2), delta_bias=dt_bias, seq_idx=seq_idx,
+                         backend="cpu")
+    return y.transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_projected_scan_is_the_projections_then_the_scan(dtype, packed):
+    """x_proj, dt_proj and the scan as one node (its x_proj input gradient added into the scan's du by the
+    matmul) against the three composed: output and the seven gradients."""
+    _needs_kernel()
+    seq_idx = torch.tensor([[0] * 30 + [1] * 40, [0] * 70]) if packed else None
+    inputs = _projections(dtype)
+    weight = torch.randn(2, 70, 40)
+    results = []
+    for fused in (True, False):
+        args = [t.clone().requires_grad_() for t in inputs]
+        y = (S.projected_scan(*args, seq_idx=seq_idx, backend="cpu") if fused
+             else _composed(*args, seq_idx, 5, 16))
+        results.append([y.float(), *torch.autograd.grad((y.float() * weight).sum(), args)])
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    names = ("y", "u", "w_x", "w_dt", "dt_bias", "A", "D", "z")
+    for name, got, want in zip(names, *results):
+        scale = want.float().abs().max().clamp(min=1)
+        torch.testing.assert_close(got.float() / scale, want.float() / scale, msg=name, **tol)
+
+
+def test_projected_scan_is_fused_only_on_the_cpu_backend():
+    inputs = _projections(torch.float32)
+    assert S.projected_scan(*inputs, backend="chunked") is None
+    assert S.projected_scan(*[t.double() for t in inputs], backend="cpu") is None
+    if S.scan_cpu.cpu_kernel_available():
+        assert S.projected_scan(*inputs, backend="cpu").shape == (2, 70, 40)
+
+
 # du, dΔ, dz of 1 MiB or more each (the kernel's STREAM_BYTES) leave the backward as whole cache lines written with
 # non-temporal stores: d = 1040 is 65 blocks of 16 lanes in groups of 2 and 3 (of 130 and 65 blocks with 8 lanes), so
 # fp32 rows are 64-byte aligned and half the bf16 ones are not; l = 260 makes each bf16 output 1.03 MiB
@@ -466,6 +514,9 @@ def test_model_config_selects_the_backend(monkeypatch):
     for name in ("ref", "chunked", "cpu"):
         fn = S.BACKENDS[name]
         monkeypatch.setitem(S.BACKENDS, name, lambda *a, _n=name, _f=fn, **k: calls.append(_n) or _f(*a, **k))
+    # the cpu backend's training forward runs x_proj, dt_proj and the scan as one node (projected_scan)
+    fused = S.scan_cpu.projected_scan
+    monkeypatch.setattr(S.scan_cpu, "projected_scan", lambda *a, **k: calls.append("cpu") or fused(*a, **k))
     ids = torch.randint(0, 64, (1, 10))
     for name in ("ref", "chunked", "cpu"):
         calls.clear()

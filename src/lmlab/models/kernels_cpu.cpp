@@ -1,6 +1,7 @@
 // Fused CPU kernels for the element-wise parts of a MambaSWELU step (lmlab.models.kernels_cpu loads them).
 //
 //   swelu_fwd / swelu_bwd      SWELU(z) = λ·sign(z)·(1 − exp(−|z|^k)) and its three derivatives in one pass each
+//                              (the forward optionally adding a residual: the block's h + SWELU(z))
 //   conv_silu_fwd / _bwd       causal depthwise conv over time + bias + SiLU, on (b, l, d) rows, documents kept apart
 //   ce_rows                    cross-entropy of logit rows (label smoothing too) and its gradient, in place
 //   layer_norm_fwd / _bwd      LayerNorm of rows into another dtype (fp32 rows → bf16 for the next matmul) and back
@@ -11,6 +12,7 @@
 // depend on the number of threads. Built by lmlab.models.cpp_build with the same flags as the selective scan.
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 #include <vector>
 // On CPUs with AVX-512, GCC vectorises these loops 8 floats wide unless told otherwise; 16 wide measured faster
 // for every kernel here (SWELU's forward 0.57 → 0.35 ms on a (4, 256, 512) tensor, 2 threads; the bf16 loss rows
@@ -50,14 +52,17 @@ struct SweluLanes {
 };
 #endif
 
-template <typename T>
-inline void swelu_fwd_block(const T* __restrict z, T* __restrict y, int64_t m, float k, float lam) {
+// y = SWELU(z), or with `res` y = res + SWELU(z) (the block's residual add in the same pass; y in res's dtype)
+template <typename T, typename Y>
+inline void swelu_fwd_block(const T* __restrict z, Y* __restrict y, int64_t m, float k, float lam,
+                            const Y* __restrict res) {
     int64_t i0 = 0;
 #if defined(__AVX512F__)
     const __m512 kq = _mm512_set1_ps(k), lq = _mm512_set1_ps(lam);
     for (; i0 + 16 <= m; i0 += 16) {
         const SweluLanes q(load16(z + i0), kq);
-        store16(y + i0, _mm512_mul_ps(_mm512_mul_ps(lq, q.s), _mm512_sub_ps(_mm512_set1_ps(1.0f), q.e)));
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(lq, q.s), _mm512_sub_ps(_mm512_set1_ps(1.0f), q.e));
+        store16(y + i0, res ? _mm512_add_ps(load16(res + i0), v) : v);
     }
 #endif
 #pragma omp simd
@@ -67,23 +72,24 @@ inline void swelu_fwd_block(const T* __restrict z, T* __restrict y, int64_t m, f
         const float safe = a > TINY ? a : (a > 0.f ? TINY : 1.f);  // no fmax: it would not vectorise
         const float ak = a > 0.f ? vexp(k * vlog(safe)) : 0.f;
         const float s = v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f);
-        store(y, i, lam * s * (1.f - vexp(-ak)));
+        const float out = lam * s * (1.f - vexp(-ak));
+        store(y, i, res ? load(res, i) + out : out);
     }
 }
 
-template <typename T>
-void swelu_fwd(const T* z, T* y, int64_t n, float k, float lam, int nthreads) {
+template <typename T, typename Y>
+void swelu_fwd(const T* z, Y* y, int64_t n, float k, float lam, const Y* res, int nthreads) {
     const int64_t blocks = (n + SWELU_BLOCK - 1) / SWELU_BLOCK;
 #pragma omp parallel for num_threads(threads_for(nthreads)) schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
         const int64_t start = b * SWELU_BLOCK, m = start + SWELU_BLOCK < n ? SWELU_BLOCK : n - start;
-        swelu_fwd_block(z + start, y + start, m, k, lam);
+        swelu_fwd_block(z + start, y + start, m, k, lam, res ? res + start : res);
     }
 }
 
 // gz = g·λ·k·max(a, eps)^(k−1)·e^(−a^k); dk = Σ g·λ·s·e^(−a^k)·a^k·ln a (0 at a = 0); dλ = Σ g·s·(1 − e^(−a^k))
-template <typename T, typename G>
-inline void swelu_bwd_block(const T* __restrict z, const G* __restrict g, G* __restrict gz, int64_t m, float k,
+template <typename T, typename G, typename GZ>
+inline void swelu_bwd_block(const T* __restrict z, const G* __restrict g, GZ* __restrict gz, int64_t m, float k,
                             float lam, float eps, float eps_slope, int need_gz, double* partial) {
     float sk = 0.f, sl = 0.f;
     int64_t i0 = 0;
@@ -125,8 +131,8 @@ inline void swelu_bwd_block(const T* __restrict z, const G* __restrict g, G* __r
     partial[1] = sl;
 }
 
-template <typename T, typename G>
-void swelu_bwd(const T* z, const G* g, G* gz, int64_t n, float k, float lam, float eps, double* partial,
+template <typename T, typename G, typename GZ>
+void swelu_bwd(const T* z, const G* g, GZ* gz, int64_t n, float k, float lam, float eps, double* partial,
                int need_gz, int nthreads) {
     const float eps_slope = std::exp((k - 1.f) * std::log(eps));  // max(a, eps)^(k−1) below eps (libm, once)
     const int64_t blocks = (n + SWELU_BLOCK - 1) / SWELU_BLOCK;
@@ -253,37 +259,97 @@ void conv_silu_bwd(const T* x, const float* wt, const float* bias, const int64_t
 // softmax(z) − (1 − ε)·onehot(t) − ε/V. Three vectorised passes over a row: its max (and Σ z); exp(z − max) and
 // their sum, the exps kept in the row when a gradient is wanted; their scaling into the softmax.
 template <typename T>
-void ce_rows(T* z, const int64_t* targets, int64_t n, int64_t V, float eps, float* loss, int grad, int nthreads) {
-#pragma omp parallel for num_threads(threads_for(nthreads)) schedule(static)
-    for (int64_t r = 0; r < n; ++r) {
-        T* __restrict row = z + r * V;
-        float m = -INFINITY, sz = 0.f;
+inline void ce_row(T* __restrict row, int64_t t, int64_t V, float eps, float* loss, int grad) {
+    float m = -INFINITY, sz = 0.f;
 #pragma omp simd reduction(max : m) reduction(+ : sz)
+    for (int64_t j = 0; j < V; ++j) {
+        const float v = load(row, j);
+        m = v > m ? v : m;
+        sz += v;
+    }
+    const float picked = load(row, t);
+    float s = 0.f;
+    if (grad) {
+#pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < V; ++j) {
-            const float v = load(row, j);
-            m = v > m ? v : m;
-            sz += v;
+            const float e = vexp(load(row, j) - m);
+            s += e;
+            store(row, j, e);
         }
-        const float picked = load(row, targets[r]);
-        float s = 0.f;
-        if (grad) {
+    } else {
 #pragma omp simd reduction(+ : s)
-            for (int64_t j = 0; j < V; ++j) {
-                const float e = vexp(load(row, j) - m);
-                s += e;
-                store(row, j, e);
-            }
-        } else {
-#pragma omp simd reduction(+ : s)
-            for (int64_t j = 0; j < V; ++j) s += vexp(load(row, j) - m);
-        }
-        const float lse = m + std::log(s);
-        loss[r] = (1.f - eps) * (lse - picked) + eps * (lse - sz / static_cast<float>(V));
-        if (!grad) continue;
-        const float inv = 1.f / s, off = eps / static_cast<float>(V);
+        for (int64_t j = 0; j < V; ++j) s += vexp(load(row, j) - m);
+    }
+    const float lse = m + std::log(s);
+    *loss = (1.f - eps) * (lse - picked) + eps * (lse - sz / static_cast<float>(V));
+    if (!grad) return;
+    const float inv = 1.f / s, off = eps / static_cast<float>(V);
 #pragma omp simd
-        for (int64_t j = 0; j < V; ++j) store(row, j, load(row, j) * inv - off);
-        store(row, targets[r], load(row, targets[r]) - (1.f - eps));
+    for (int64_t j = 0; j < V; ++j) store(row, j, load(row, j) * inv - off);
+    store(row, t, load(row, t) - (1.f - eps));
+}
+
+#if defined(__AVX512F__)
+// a bf16 row in 16-lane intrinsics: the exps go to the thread's fp32 buffer `e` (V floats), not back into the bf16
+// row, so each gradient is rounded to bf16 once (the row above rounds the exp, then the softmax) and the passes
+// convert bf16 16 lanes at a time
+inline void ce_row_bf16(uint16_t* __restrict row, int64_t t, int64_t V, float eps, float* loss, int grad,
+                        float* __restrict e) {
+    __m512 mq = _mm512_set1_ps(-INFINITY), sq = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= V; j += 16) {
+        const __m512 x = load16(row + j);
+        mq = _mm512_max_ps(x, mq);  // a NaN logit is skipped here, as the comparison above skips it
+        sq = _mm512_add_ps(sq, x);
+    }
+    float m = _mm512_reduce_max_ps(mq), sz = _mm512_reduce_add_ps(sq);
+    for (; j < V; ++j) {
+        const float v = load(row, j);
+        m = v > m ? v : m;
+        sz += v;
+    }
+    const float picked = load(row, t);
+    const __m512 mm = _mm512_set1_ps(m);
+    __m512 es = _mm512_setzero_ps();
+    for (j = 0; j + 16 <= V; j += 16) {
+        const __m512 x = vexp16(_mm512_sub_ps(load16(row + j), mm));
+        es = _mm512_add_ps(es, x);
+        if (grad) _mm512_storeu_ps(e + j, x);
+    }
+    float s = _mm512_reduce_add_ps(es);
+    for (; j < V; ++j) {
+        const float x = vexp(load(row, j) - m);
+        s += x;
+        if (grad) e[j] = x;
+    }
+    const float lse = m + std::log(s);
+    *loss = (1.f - eps) * (lse - picked) + eps * (lse - sz / static_cast<float>(V));
+    if (!grad) return;
+    const float inv = 1.f / s, off = eps / static_cast<float>(V);
+    const __m512 iq = _mm512_set1_ps(inv), oq = _mm512_set1_ps(off);
+    for (j = 0; j + 16 <= V; j += 16) store16(row + j, _mm512_fmsub_ps(_mm512_loadu_ps(e + j), iq, oq));
+    for (; j < V; ++j) store(row, j, e[j] * inv - off);
+    store(row, t, e[t] * inv - off - (1.f - eps));
+}
+#endif
+
+template <typename T>
+void ce_rows(T* z, const int64_t* targets, int64_t n, int64_t V, float eps, float* loss, int grad, int nthreads) {
+#pragma omp parallel num_threads(threads_for(nthreads))
+    {
+#if defined(__AVX512F__)
+        std::unique_ptr<float[]> ebuf(std::is_same_v<T, uint16_t> ? new float[static_cast<size_t>(V)] : nullptr);
+#endif
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; ++r) {
+#if defined(__AVX512F__)
+            if constexpr (std::is_same_v<T, uint16_t>) {
+                ce_row_bf16(z + r * V, targets[r], V, eps, loss + r, grad, ebuf.get());
+                continue;
+            }
+#endif
+            ce_row(z + r * V, targets[r], V, eps, loss + r, grad);
+        }
     }
 }
 
@@ -401,24 +467,39 @@ void lmlab_ce_rows(int dt, void* z, const int64_t* targets, int64_t n, int64_t V
 }
 
 void lmlab_swelu_fwd(int dt, const void* z, void* y, int64_t n, float k, float lam, int nthreads) {
-    if (dt == 0) swelu_fwd(static_cast<const float*>(z), static_cast<float*>(y), n, k, lam, nthreads);
-    else swelu_fwd(static_cast<const uint16_t*>(z), static_cast<uint16_t*>(y), n, k, lam, nthreads);
+    if (dt == 0) swelu_fwd(static_cast<const float*>(z), static_cast<float*>(y), n, k, lam, (const float*)nullptr,
+                           nthreads);
+    else swelu_fwd(static_cast<const uint16_t*>(z), static_cast<uint16_t*>(y), n, k, lam, (const uint16_t*)nullptr,
+                   nthreads);
 }
 
-void lmlab_swelu_bwd(int dt, int gdt, const void* z, const void* g, void* gz, int64_t n, float k, float lam,
+// y = res + SWELU(z), res and y fp32, z fp32 or bf16
+void lmlab_swelu_residual_fwd(int dt, const void* z, const float* res, float* y, int64_t n, float k, float lam,
+                              int nthreads) {
+    if (dt == 0) swelu_fwd(static_cast<const float*>(z), y, n, k, lam, res, nthreads);
+    else swelu_fwd(static_cast<const uint16_t*>(z), y, n, k, lam, res, nthreads);
+}
+
+// g and gz each fp32 or bf16 (gdt, gzdt); z fp32 or bf16 (dt)
+void lmlab_swelu_bwd(int dt, int gdt, int gzdt, const void* z, const void* g, void* gz, int64_t n, float k, float lam,
                      float eps, double* partial, int need_gz, int nthreads) {
-    if (dt == 0 && gdt == 0)
-        swelu_bwd(static_cast<const float*>(z), static_cast<const float*>(g), static_cast<float*>(gz), n, k, lam, eps,
-                  partial, need_gz, nthreads);
-    else if (dt == 1 && gdt == 1)
-        swelu_bwd(static_cast<const uint16_t*>(z), static_cast<const uint16_t*>(g), static_cast<uint16_t*>(gz), n, k,
-                  lam, eps, partial, need_gz, nthreads);
-    else if (dt == 0 && gdt == 1)
-        swelu_bwd(static_cast<const float*>(z), static_cast<const uint16_t*>(g), static_cast<uint16_t*>(gz), n, k,
-                  lam, eps, partial, need_gz, nthreads);
-    else
-        swelu_bwd(static_cast<const uint16_t*>(z), static_cast<const float*>(g), static_cast<float*>(gz), n, k, lam,
-                  eps, partial, need_gz, nthreads);
+    const float* zf = static_cast<const float*>(z);
+    const uint16_t* zb = static_cast<const uint16_t*>(z);
+    const float* gf = static_cast<const float*>(g);
+    const uint16_t* gb = static_cast<const uint16_t*>(g);
+    float* of = static_cast<float*>(gz);
+    uint16_t* ob = static_cast<uint16_t*>(gz);
+    const int code = dt * 4 + gdt * 2 + gzdt;
+    switch (code) {
+        case 0: swelu_bwd(zf, gf, of, n, k, lam, eps, partial, need_gz, nthreads); break;
+        case 1: swelu_bwd(zf, gf, ob, n, k, lam, eps, partial, need_gz, nthreads); break;
+        case 2: swelu_bwd(zf, gb, of, n, k, lam, eps, partial, need_gz, nthreads); break;
+        case 3: swelu_bwd(zf, gb, ob, n, k, lam, eps, partial, need_gz, nthreads); break;
+        case 4: swelu_bwd(zb, gf, of, n, k, lam, eps, partial, need_gz, nthreads); break;
+        case 5: swelu_bwd(zb, gf, ob, n, k, lam, eps, partial, need_gz, nthreads); break;
+        case 6: swelu_bwd(zb, gb, of, n, k, lam, eps, partial, need_gz, nthreads); break;
+        default: swelu_bwd(zb, gb, ob, n, k, lam, eps, partial, need_gz, nthreads); break;
+    }
 }
 
 void lmlab_conv_silu_fwd(int dt, const void* x, const float* wt, const float* bias, const int64_t* seq, void* out,

@@ -2,6 +2,8 @@
 
     swelu_fused(z, k, λ)                  SWELU forward in one pass, its backward (dz, dk, dλ) in one pass;
                                           the reference is `lmlab.models.swelu._SWELUFunction` (torch ops)
+    swelu_residual(z, k, λ, h)            h + SWELU(z) in one pass (a MambaSWELU block's output and residual
+                                          add); the reference is h + SWELU(z)
     conv_silu(x, weight, bias, seq_idx)   SiLU(causal depthwise conv(x) + bias) over (b, l, d) rows, reading x in
                                           place from the in_proj output and writing the (b, l, d) layout the
                                           x_proj matmul reads; the reference is `mamba.causal_conv` + SiLU
@@ -42,15 +44,17 @@ _NORM_ROWS = 64  # as in kernels_cpu.cpp
 def _declare(lib) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.lmlab_swelu_fwd.argtypes = [i32, p, p, i64, f32, f32, i32]
-    lib.lmlab_swelu_bwd.argtypes = [i32, i32, p, p, p, i64, f32, f32, f32, p, i32, i32]
+    lib.lmlab_swelu_bwd.argtypes = [i32, i32, i32, p, p, p, i64, f32, f32, f32, p, i32, i32]
+    lib.lmlab_swelu_residual_fwd.argtypes = [i32, p, p, p, i64, f32, f32, i32]
     lib.lmlab_conv_silu_fwd.argtypes = [i32, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
     lib.lmlab_conv_silu_bwd.argtypes = [i32, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
     lib.lmlab_ce_rows.argtypes = [i32, p, p, i64, i64, f32, p, i32, i32]
     lib.lmlab_layer_norm_fwd.argtypes = [i32, i32, p, p, p, p, p, p, i64, i64, f32, i32]
     lib.lmlab_layer_norm_bwd.argtypes = [i32, i32, p, p, p, p, p, p, p, p, p, i64, i64, i32]
     lib.lmlab_widen_scale.argtypes = [p, p, i64, f32, i32]
-    for fn in (lib.lmlab_swelu_fwd, lib.lmlab_swelu_bwd, lib.lmlab_conv_silu_fwd, lib.lmlab_conv_silu_bwd,
-               lib.lmlab_ce_rows, lib.lmlab_layer_norm_fwd, lib.lmlab_layer_norm_bwd, lib.lmlab_widen_scale):
+    for fn in (lib.lmlab_swelu_fwd, lib.lmlab_swelu_bwd, lib.lmlab_swelu_residual_fwd, lib.lmlab_conv_silu_fwd,
+               lib.lmlab_conv_silu_bwd, lib.lmlab_ce_rows, lib.lmlab_layer_norm_fwd, lib.lmlab_layer_norm_bwd,
+               lib.lmlab_widen_scale):
         fn.restype = None
 
 
@@ -88,6 +92,24 @@ def _ptr(t: torch.Tensor | None):
 
 
 # ------------------------------------------------------------------------------------------------ SWELU
+def _swelu_backward(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor, kl: tuple[float, float], g: torch.Tensor,
+                    need: tuple[bool, bool, bool]) -> tuple:
+    """(dz in z's dtype, dk, dλ) from the incoming gradient g (fp32 or bf16, read as it comes), one pass."""
+    kf, lf = kl
+    g = g.contiguous()
+    if g.dtype not in _DTYPES:
+        g = g.float()
+    gz = torch.empty_like(z) if need[0] else None
+    blocks = max(1, math.ceil(z.numel() / _SWELU_BLOCK))
+    partial = torch.zeros(2 * blocks, dtype=torch.float64)
+    LIBRARY.lib.lmlab_swelu_bwd(_DTYPES[z.dtype], _DTYPES[g.dtype], _DTYPES[z.dtype], _ptr(z), _ptr(g), _ptr(gz),
+                                z.numel(), kf, lf, _EPS, _ptr(partial), int(gz is not None), torch.get_num_threads())
+    sums = partial.view(blocks, 2).tolist()  # added in block order: the same on any thread count
+    gk = torch.tensor(math.fsum(s[0] for s in sums), dtype=k.dtype).reshape(k.shape)
+    glam = torch.tensor(math.fsum(s[1] for s in sums), dtype=lam.dtype).reshape(lam.shape)
+    return gz, gk if need[1] else None, glam if need[2] else None
+
+
 class _SWELUFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, k, lam):
@@ -102,27 +124,39 @@ class _SWELUFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         z, k, lam = ctx.saved_tensors
-        kf, lf = ctx.kl
-        g = g.contiguous()
-        if g.dtype not in _DTYPES:
-            g = g.float()
-        gz = torch.empty_like(g) if ctx.needs_input_grad[0] else None
-        blocks = max(1, math.ceil(z.numel() / _SWELU_BLOCK))
-        partial = torch.zeros(2 * blocks, dtype=torch.float64)
-        LIBRARY.lib.lmlab_swelu_bwd(_DTYPES[z.dtype], _DTYPES[g.dtype], _ptr(z), _ptr(g), _ptr(gz), z.numel(), kf, lf,
-                             _EPS, _ptr(partial), int(gz is not None), torch.get_num_threads())
-        sums = partial.view(blocks, 2).tolist()  # added in block order: the same on any thread count
-        gk = torch.tensor(math.fsum(s[0] for s in sums), dtype=k.dtype).reshape(k.shape)
-        glam = torch.tensor(math.fsum(s[1] for s in sums), dtype=lam.dtype).reshape(lam.shape)
-        if gz is not None and gz.dtype != z.dtype:
-            gz = gz.to(z.dtype)
-        return (gz, gk if ctx.needs_input_grad[1] else None, glam if ctx.needs_input_grad[2] else None)
+        return _swelu_backward(z, k, lam, ctx.kl, g, ctx.needs_input_grad)
+
+
+class _SWELUResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, k, lam, res):
+        z, res = z.contiguous(), res.contiguous()
+        kf, lf = float(k), float(lam)
+        y = torch.empty_like(res)
+        LIBRARY.lib.lmlab_swelu_residual_fwd(_DTYPES[z.dtype], _ptr(z), _ptr(res), _ptr(y), z.numel(), kf, lf,
+                                             torch.get_num_threads())
+        ctx.save_for_backward(z, k, lam)
+        ctx.kl = kf, lf
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        z, k, lam = ctx.saved_tensors
+        return (*_swelu_backward(z, k, lam, ctx.kl, g, ctx.needs_input_grad[:3]), g)
 
 
 @torch.compiler.disable  # a ctypes call: kept out of compiled graphs
 def swelu_fused(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """SWELU with scalar k > 0 and λ (fp32 parameters) on a CPU fp32/bf16 tensor z; the result has z's dtype."""
     return _SWELUFused.apply(z, k, lam)
+
+
+@torch.compiler.disable
+def swelu_residual(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """res + SWELU(z) in one pass: res fp32 (the residual stream), z fp32 or bf16 of res's shape; an fp32 result
+    whose SWELU term is not rounded to z's dtype first. The backward reads the fp32 gradient as it comes (no bf16
+    copy of it for z's branch) and hands it on to res unchanged."""
+    return _SWELUResidual.apply(z, k, lam, res)
 
 
 # ------------------------------------------------------------------------------------------------ conv + SiLU

@@ -191,6 +191,21 @@ class MambaMixer(nn.Module):
             return F.linear(dt, proj.weight), proj.bias.float()
         return proj(dt), None
 
+    def _projected_scan(self, u_rows: torch.Tensor, z_rows: torch.Tensor, A: torch.Tensor,
+                        seq_idx: torch.Tensor | None) -> torch.Tensor | None:
+        """y (b, l, d_inner) rows from x_proj, dt_proj and the scan as one fused node (`scan.projected_scan`), or
+        None where that does not run: x_proj or dt_proj not a plain nn.Linear (LoRA, 4-bit), the CPU kernels off
+        (`kernels_cpu.reference()`), or a backend that does not fuse it. The weights are cast as autocast would
+        cast them for the two Linear layers it replaces."""
+        xp, dp = self.x_proj, self.dt_proj
+        if not (type(xp) is nn.Linear and xp.bias is None and type(dp) is nn.Linear and dp.bias is not None
+                and kernels_cpu.usable(u_rows)):
+            return None
+        kind = u_rows.device.type
+        cdt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else u_rows.dtype
+        return scan_lib.projected_scan(u_rows.to(cdt), xp.weight.to(cdt), dp.weight.to(cdt), dp.bias, A, self.D,
+                                       z_rows.to(cdt), seq_idx=seq_idx, backend=self.scan_backend)
+
     def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None,
                 seq_idx: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (b, l, d_model) → (b, l, d_model). With `cache`, fills this layer's state (prefill).
@@ -219,10 +234,15 @@ class MambaMixer(nn.Module):
             if keep is not None:
                 u = u * keep
             u_rows = u.transpose(1, 2)
+        A = -torch.exp(self.A_log.float())
+        if mask is None and cache is None:
+            y_rows = self._projected_scan(u_rows, z_rows, A, seq_idx)
+            if y_rows is not None:
+                return self.out_proj(y_rows if torch.is_autocast_enabled(y_rows.device.type)
+                                     else y_rows.to(hidden.dtype))
         dBC = self.x_proj(u_rows)  # (b, l, dt_rank + 2n)
         dt, B, C = torch.split(dBC, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta, delta_bias = self._delta(dt)
-        A = -torch.exp(self.A_log.float())
         out = scan_lib.selective_scan(
             u, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(), z=z,
             delta_bias=delta_bias, delta_softplus=True, seq_idx=seq_idx,

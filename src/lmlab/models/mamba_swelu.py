@@ -116,7 +116,10 @@ class MambaSWELUBlock(GradientCheckpointingLayer):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, h, cache=None, seq_idx=None, mask=None):
-        return h + self.drop(self.act(self.mixer(self.norm(h), cache=cache, seq_idx=seq_idx, mask=mask)))
+        out = self.mixer(self.norm(h), cache=cache, seq_idx=seq_idx, mask=mask)
+        if isinstance(self.act, SWELU) and not (self.training and self.drop.p > 0):
+            return self.act.residual(out, h)  # h + SWELU(out), in one pass on CPU
+        return h + self.drop(self.act(out))
 
 
 class DenseSWELU(nn.Module):

@@ -243,6 +243,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
               seq_idx=seq_idx, initial_state=initial_state, return_last_state=return_last_state)
 
 
+@torch.compiler.disable
+def projected_scan(u_rows, x_weight, dt_weight, dt_bias, A, D, z_rows, seq_idx=None, backend: str = "auto"):
+    """The scan whose Δ, B, C are projections of its own input, as one autograd node where a backend fuses them;
+    None elsewhere (the caller then runs its Linear layers and `selective_scan`). u_rows, z_rows (b, l, d) rows;
+    (δ_r, B, C) = u·x_weightᵀ split [rank, n, n], Δ = δ_r·dt_weightᵀ with dt_bias and the softplus applied in the
+    scan. Returns y (b, l, d) rows. The `cpu` backend fuses it (scan_cpu.projected_scan); the others do not."""
+    if (resolve_backend(backend, u_rows.device) != "cpu" or u_rows.dtype not in (torch.float32, torch.bfloat16)
+            or not scan_cpu.cpu_kernel_available()):
+        return None
+    return scan_cpu.projected_scan(u_rows, x_weight, dt_weight, dt_bias, A, D, z_rows, reset=reset_mask(seq_idx))
+
+
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=True):
     """One decoding step. state (b, d, n) is updated in place; x, dt, z (b, d); B, C (b, n). Returns y (b, d).
 

@@ -217,17 +217,7 @@ class _CppScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, bias, h0, reset, softplus, chunk):
-        b, d, l = u.shape
-        n = A.shape[1]
-        nc, nb = (l + chunk - 1) // chunk, -(-d // LANES)
-        out = u.new_empty(b, l, d)
-        hlast, ckpt = A.new_empty(b, d, n), A.new_empty(b, nb, nc, n, LANES)
-        r8 = reset.to(torch.uint8).contiguous() if reset is not None else None
-        a = _args(u=u, delta=delta, bias=bias, A=A, B=B, C=C, D=D, z=z, h0=h0, reset=r8, out=out, hlast=hlast,
-                  ckpt=ckpt, b=b, d=d, l=l, n=n, chunk=chunk, softplus=int(softplus),
-                  nthreads=torch.get_num_threads())
-        a.su, a.sdt, a.sz, a.sB, a.sC = (_strides(t) for t in (u, delta, z, B, C))
-        _call("fwd", u.dtype, a)
+        out, hlast, r8, ckpt = _scan_forward(u, delta, A, B, C, D, z, bias, h0, reset, softplus, chunk)
         ctx.save_for_backward(u, delta, A, B, C, D, z, bias, r8, ckpt)
         ctx.softplus, ctx.chunk, ctx.has_h0 = softplus, chunk, h0 is not None
         return out.transpose(1, 2), hlast
@@ -235,26 +225,94 @@ class _CppScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout, ghlast):
         u, delta, A, B, C, D, z, bias, r8, ckpt = ctx.saved_tensors
-        b, d, l = u.shape
-        n = A.shape[1]
-        groups = backward_groups(b, d)
-        gout = gout.to(u.dtype) if gout is not None else None
-        ghlast = ghlast.to(A.dtype).contiguous() if ghlast is not None else None
-        gu, gdelta = u.new_empty(b, l, d), u.new_empty(b, l, d)
-        gz = u.new_empty(b, l, d) if z is not None else None
-        gh0, gA, gD, gbias = A.new_empty(b, d, n), A.new_empty(d, n), A.new_empty(d), A.new_empty(d)
-        gB, gC = u.new_empty(b, l, n), u.new_empty(b, l, n)
-        # partial sums the kernel reduces in a fixed order: per batch row (dA, dD, dbias), per group (dB, dC)
-        pA, pD, pbias = A.new_empty(b, d, n), A.new_empty(b, d), A.new_empty(b, d)
-        pB, pC = A.new_empty(b, groups, l, n), A.new_empty(b, groups, l, n)
-        a = _args(u=u, delta=delta, bias=bias, A=A, B=B, C=C, D=D, z=z, reset=r8, ckpt=ckpt, gout=gout,
-                  ghlast=ghlast, gu=gu, gdelta=gdelta, gz=gz, gh0=gh0, gA=gA, gD=gD, gbias=gbias, gB=gB, gC=gC,
-                  pA=pA, pD=pD, pbias=pbias, pB=pB, pC=pC, b=b, d=d, l=l, n=n, chunk=ctx.chunk, groups=groups,
-                  softplus=int(ctx.softplus), nthreads=torch.get_num_threads())
-        a.su, a.sdt, a.sz, a.sB, a.sC, a.sgo = (_strides(t) for t in (u, delta, z, B, C, gout))
-        _call("bwd", u.dtype, a)
+        gu, gdelta, gz, gh0, gA, gD, gbias, gB, gC = _scan_backward(u, delta, A, B, C, D, z, bias, r8, ckpt, gout,
+                                                                    ghlast, ctx.softplus, ctx.chunk)
         return (_rows(gu), _rows(gdelta), gA, _rows(gB), _rows(gC), gD if D is not None else None, _rows(gz),
                 gbias if bias is not None else None, gh0 if ctx.has_h0 else None, None, None, None)
+
+
+def _scan_forward(u, delta, A, B, C, D, z, bias, h0, reset, softplus, chunk):
+    """The forward call: (out (b, l, d) rows, h_last, the reset mask as bytes, the chunk-boundary states)."""
+    b, d, l = u.shape
+    n = A.shape[1]
+    nc, nb = (l + chunk - 1) // chunk, -(-d // LANES)
+    out = u.new_empty(b, l, d)
+    hlast, ckpt = A.new_empty(b, d, n), A.new_empty(b, nb, nc, n, LANES)
+    r8 = reset.to(torch.uint8).contiguous() if reset is not None else None
+    a = _args(u=u, delta=delta, bias=bias, A=A, B=B, C=C, D=D, z=z, h0=h0, reset=r8, out=out, hlast=hlast,
+              ckpt=ckpt, b=b, d=d, l=l, n=n, chunk=chunk, softplus=int(softplus), nthreads=torch.get_num_threads())
+    a.su, a.sdt, a.sz, a.sB, a.sC = (_strides(t) for t in (u, delta, z, B, C))
+    _call("fwd", u.dtype, a)
+    return out, hlast, r8, ckpt
+
+
+def _scan_backward(u, delta, A, B, C, D, z, bias, r8, ckpt, gout, ghlast, softplus, chunk):
+    """The backward call: (du, dΔ, dz as (b, l, d) rows, dh0, dA, dD, dbias, dB, dC as (b, l, n) rows)."""
+    b, d, l = u.shape
+    n = A.shape[1]
+    groups = backward_groups(b, d)
+    gout = gout.to(u.dtype) if gout is not None else None
+    ghlast = ghlast.to(A.dtype).contiguous() if ghlast is not None else None
+    gu, gdelta = u.new_empty(b, l, d), u.new_empty(b, l, d)
+    gz = u.new_empty(b, l, d) if z is not None else None
+    gh0, gA, gD, gbias = A.new_empty(b, d, n), A.new_empty(d, n), A.new_empty(d), A.new_empty(d)
+    gB, gC = u.new_empty(b, l, n), u.new_empty(b, l, n)
+    # partial sums the kernel reduces in a fixed order: per batch row (dA, dD, dbias), per group (dB, dC)
+    pA, pD, pbias = A.new_empty(b, d, n), A.new_empty(b, d), A.new_empty(b, d)
+    pB, pC = A.new_empty(b, groups, l, n), A.new_empty(b, groups, l, n)
+    a = _args(u=u, delta=delta, bias=bias, A=A, B=B, C=C, D=D, z=z, reset=r8, ckpt=ckpt, gout=gout,
+              ghlast=ghlast, gu=gu, gdelta=gdelta, gz=gz, gh0=gh0, gA=gA, gD=gD, gbias=gbias, gB=gB, gC=gC,
+              pA=pA, pD=pD, pbias=pbias, pB=pB, pC=pC, b=b, d=d, l=l, n=n, chunk=chunk, groups=groups,
+              softplus=int(softplus), nthreads=torch.get_num_threads())
+    a.su, a.sdt, a.sz, a.sB, a.sC, a.sgo = (_strides(t) for t in (u, delta, z, B, C, gout))
+    _call("bwd", u.dtype, a)
+    return gu, gdelta, gz, gh0, gA, gD, gbias, gB, gC
+
+
+class _CppProjectedScan(torch.autograd.Function):
+    """The mixer's x_proj and dt_proj matmuls and the scan as one autograd node (see `projected_scan`)."""
+
+    @staticmethod
+    def forward(ctx, u, w_x, w_dt, bias, A, D, z, reset, chunk):
+        b, l, d = u.shape
+        rank, n = w_dt.shape[1], A.shape[1]
+        rows = u.reshape(b * l, d)
+        dbc = rows @ w_x.t()  # (b·l, rank + 2n): δ_r, B, C
+        dt_r = dbc[:, :rank]
+        delta = (dt_r @ w_dt.t()).view(b, l, d)
+        B, C = (dbc[:, i:i + n].view(b, l, n) for i in (rank, rank + n))
+        scan_in = (u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D,
+                   z.transpose(1, 2) if z is not None else None, bias)
+        out, _, r8, ckpt = _scan_forward(*scan_in, None, reset, True, chunk)
+        ctx.save_for_backward(*scan_in, r8, ckpt, w_x, w_dt, dt_r)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        u, delta, A, B, C, D, z, bias, r8, ckpt, w_x, w_dt, dt_r = ctx.saved_tensors
+        b, d, l = u.shape
+        gu, gdelta, gz, _, gA, gD, gbias, gB, gC = _scan_backward(u, delta, A, B, C, D, z, bias, r8, ckpt,
+                                                                  gout.transpose(1, 2), None, True, ctx.chunk)
+        gdelta = gdelta.view(b * l, d)
+        gdbc = torch.cat([gdelta @ w_dt, gB.view(b * l, -1), gC.view(b * l, -1)], dim=1)
+        rows = u.transpose(1, 2).reshape(b * l, d)  # u's (b, l, d) rows, as the forward read them
+        gu.view(b * l, d).addmm_(gdbc, w_x)  # x_proj's input gradient added into the scan's du in the matmul
+        return (gu, gdbc.t() @ rows, gdelta.t() @ dt_r, gbias, gA, gD, gz, None, None)
+
+
+def projected_scan(u, w_x, w_dt, dt_bias, A, D, z, reset=None, chunk: int = CPU_CHUNK):
+    """y (b, l, d) rows of the scan whose Δ, B, C are projections of its own input u (b, l, d) rows:
+    (δ_r, B, C) = u·w_xᵀ and Δ = δ_r·w_dtᵀ, with dt_bias and the softplus applied inside the scan; z (b, l, d)
+    rows the gate. One autograd node in place of x_proj, dt_proj and the scan: in the backward, x_proj's input
+    gradient is added into the scan's du by the matmul itself (`addmm_`, no separate (b, l, d) add) and the
+    gradients of δ_r, B and C go to x_proj as one (b·l, rank + 2n) tensor. u, z, w_x and w_dt in one storage
+    dtype (fp32 or bf16: the caller casts the weights as autocast would); A, D, dt_bias in fp32.
+    The reference is the composition it replaces (tests/test_scan.py holds them together)."""
+    if u.device.type != "cpu":
+        raise ValueError(f"the C++ scan needs CPU tensors, got {u.device}")
+    return _CppProjectedScan.apply(u, w_x, w_dt, dt_bias.float().contiguous(), A.float().contiguous(),
+                                   D.float().contiguous(), z, reset, chunk)
 
 
 def fused_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True, reset=None,

@@ -136,6 +136,14 @@ class SWELU(nn.Module):
             return self.lam.to(z.dtype) * y if self.use_lambda else y
         return swelu(z, self.k, self.lam)
 
+    def residual(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """h + self(z): on CPU with the fused kernels one pass that adds the fp32 residual stream h to SWELU(z)
+        (`kernels_cpu.swelu_residual`); otherwise, or with hooks on this module, the two operations."""
+        if (self.k_param == "softplus" and h.dtype == torch.float32 and h.shape == z.shape
+                and not (self._forward_hooks or self._forward_pre_hooks) and kernels_cpu.usable(z, h)):
+            return kernels_cpu.swelu_residual(z, self.k, self.lam, h)
+        return h + self(z)
+
     def extra_repr(self) -> str:
         learnable = isinstance(self.k_raw, nn.Parameter)
         return (f"k={self.k.item():.4g}, lam={self.lam.item():.4g}, learnable={learnable}, "
