@@ -111,44 +111,34 @@ def _swelu_backward(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor, kl: tup
 
 
 class _SWELUFused(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, k, lam):
-        z = z.contiguous()
-        kf, lf = float(k), float(lam)
-        y = torch.empty_like(z)
-        LIBRARY.lib.lmlab_swelu_fwd(_DTYPES[z.dtype], _ptr(z), _ptr(y), z.numel(), kf, lf, torch.get_num_threads())
-        ctx.save_for_backward(z, k, lam)
-        ctx.kl = kf, lf
-        return y
+    """SWELU(z), or with `res` (fp32) res + SWELU(z) in the same pass; the backward hands res its gradient as is."""
 
-    @staticmethod
-    def backward(ctx, g):
-        z, k, lam = ctx.saved_tensors
-        return _swelu_backward(z, k, lam, ctx.kl, g, ctx.needs_input_grad)
-
-
-class _SWELUResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, k, lam, res):
-        z, res = z.contiguous(), res.contiguous()
+        z = z.contiguous()
         kf, lf = float(k), float(lam)
-        y = torch.empty_like(res)
-        LIBRARY.lib.lmlab_swelu_residual_fwd(_DTYPES[z.dtype], _ptr(z), _ptr(res), _ptr(y), z.numel(), kf, lf,
-                                             torch.get_num_threads())
+        if res is None:
+            y = torch.empty_like(z)
+            LIBRARY.lib.lmlab_swelu_fwd(_DTYPES[z.dtype], _ptr(z), _ptr(y), z.numel(), kf, lf, torch.get_num_threads())
+        else:
+            res = res.contiguous()
+            y = torch.empty_like(res)
+            LIBRARY.lib.lmlab_swelu_residual_fwd(_DTYPES[z.dtype], _ptr(z), _ptr(res), _ptr(y), z.numel(), kf, lf,
+                                                 torch.get_num_threads())
         ctx.save_for_backward(z, k, lam)
-        ctx.kl = kf, lf
+        ctx.kl, ctx.res = (kf, lf), res is not None
         return y
 
     @staticmethod
     def backward(ctx, g):
         z, k, lam = ctx.saved_tensors
-        return (*_swelu_backward(z, k, lam, ctx.kl, g, ctx.needs_input_grad[:3]), g)
+        return (*_swelu_backward(z, k, lam, ctx.kl, g, ctx.needs_input_grad[:3]), g if ctx.res else None)
 
 
 @torch.compiler.disable  # a ctypes call: kept out of compiled graphs
 def swelu_fused(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """SWELU with scalar k > 0 and λ (fp32 parameters) on a CPU fp32/bf16 tensor z; the result has z's dtype."""
-    return _SWELUFused.apply(z, k, lam)
+    return _SWELUFused.apply(z, k, lam, None)
 
 
 @torch.compiler.disable
@@ -156,7 +146,7 @@ def swelu_residual(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor, res: tor
     """res + SWELU(z) in one pass: res fp32 (the residual stream), z fp32 or bf16 of res's shape; an fp32 result
     whose SWELU term is not rounded to z's dtype first. The backward reads the fp32 gradient as it comes (no bf16
     copy of it for z's branch) and hands it on to res unchanged."""
-    return _SWELUResidual.apply(z, k, lam, res)
+    return _SWELUFused.apply(z, k, lam, res)
 
 
 # ------------------------------------------------------------------------------------------------ conv + SiLU
