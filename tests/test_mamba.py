@@ -48,16 +48,20 @@ class _WrappedLinear(torch.nn.Linear):
 
 
 @pytest.mark.parametrize("backend", ["ref", "cpu"])
-def test_dt_proj_bias_in_the_scan_equals_the_module_call(backend):
-    # a plain dt_proj hands its bias to the scan; any other module runs whole: outputs and every gradient agree
+@pytest.mark.parametrize("name", ["x_proj", "dt_proj"])
+def test_the_fused_paths_equal_the_module_calls(backend, name):
+    """A plain dt_proj hands its bias to the scan; plain x_proj and dt_proj run inside the cpu backend's projected
+    scan. Any other module in their place (here a Linear subclass, as an adapter or a 4-bit layer would be) runs
+    whole: outputs, every gradient and a decoding step agree."""
     torch.manual_seed(0)
     plain = MambaMixer(16, d_state=4, dt_rank=3, scan_backend=backend)
     wrapped = MambaMixer(16, d_state=4, dt_rank=3, scan_backend=backend)
     wrapped.load_state_dict(plain.state_dict())
-    old = wrapped.dt_proj
-    wrapped.dt_proj = _WrappedLinear(old.in_features, old.out_features)
-    wrapped.dt_proj.load_state_dict(old.state_dict())
-    assert wrapped._delta(torch.randn(2, 5, 3))[1] is None and plain._delta(torch.randn(2, 5, 3))[1] is not None
+    old = getattr(wrapped, name)
+    setattr(wrapped, name, _WrappedLinear(old.in_features, old.out_features, bias=old.bias is not None))
+    getattr(wrapped, name).load_state_dict(old.state_dict())
+    if name == "dt_proj":
+        assert wrapped._delta(torch.randn(2, 5, 3))[1] is None and plain._delta(torch.randn(2, 5, 3))[1] is not None
     x = torch.randn(2, 11, 16)
     _assert_same_outputs_and_gradients(plain, wrapped, x)
     # decoding a token: the state update adds the same bias
@@ -65,6 +69,29 @@ def test_dt_proj_bias_in_the_scan_equals_the_module_call(backend):
         c1, c2 = MambaCache(), MambaCache()
         plain(x[:, :4], cache=c1), wrapped(x[:, :4], cache=c2)
         torch.testing.assert_close(plain.step(x[:, 4], c1), wrapped.step(x[:, 4], c2), rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_paths_under_cpu_bf16_autocast_equal_the_module_calls():
+    torch.manual_seed(1)
+    plain = MambaMixer(32, d_state=8, dt_rank=3, scan_backend="cpu")
+    wrapped = MambaMixer(32, d_state=8, dt_rank=3, scan_backend="cpu")
+    wrapped.load_state_dict(plain.state_dict())
+    for name in ("x_proj", "dt_proj"):
+        old = getattr(wrapped, name)
+        setattr(wrapped, name, _WrappedLinear(old.in_features, old.out_features, bias=old.bias is not None))
+        getattr(wrapped, name).load_state_dict(old.state_dict())
+    x = torch.randn(2, 40, 32)
+    outs = []
+    for m in (plain, wrapped):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xx)
+        assert y.dtype == torch.bfloat16
+        (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        outs.append([y.float(), xx.grad, *(p.grad for p in m.parameters())])
+    for got, want in zip(*outs):
+        scale = want.abs().max().clamp(min=1e-3)
+        torch.testing.assert_close(got / scale, want / scale, rtol=3e-2, atol=3e-2)
 
 
 def test_reference_initialisation():
