@@ -218,6 +218,26 @@ def test_the_norm_module_is_nn_layernorm_except_under_cpu_bf16_autocast():
     torch.testing.assert_close(y.float(), ref.bfloat16().float(), rtol=8e-3, atol=1e-2)
 
 
+def test_the_public_kernels_refuse_what_they_cannot_read():
+    z = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="res must be float32"):
+        kernels_cpu.swelu_residual(z, torch.tensor(1.0), torch.tensor(1.0), torch.randn(3, 8).bfloat16())
+    with pytest.raises(ValueError, match="res must be float32"):
+        kernels_cpu.swelu_residual(z, torch.tensor(1.0), torch.tensor(1.0), torch.randn(3, 9))
+    with pytest.raises(ValueError, match="weight and bias of 8 elements"):
+        kernels_cpu.layer_norm(z, torch.ones(7), torch.zeros(8), 1e-5, torch.bfloat16)
+
+
+def test_a_norm_over_several_dimensions_stays_nn_layernorm():
+    x = torch.randn(5, 4, 6)
+    norm, plain = LayerNorm((4, 6)), torch.nn.LayerNorm((4, 6))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    plain.load_state_dict(norm.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(norm(x), plain(x))
+
+
 @pytest.mark.parametrize("n", [5, 16, 40_000])
 def test_widen_scale_is_the_cast_then_the_multiply_bitwise(n):
     torch.manual_seed(7)

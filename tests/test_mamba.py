@@ -94,6 +94,38 @@ def test_the_fused_paths_under_cpu_bf16_autocast_equal_the_module_calls():
         torch.testing.assert_close(got / scale, want / scale, rtol=3e-2, atol=3e-2)
 
 
+def test_hooked_or_frozen_projections():
+    """A forward hook on x_proj or dt_proj sees its call (the layer is then run as a module); frozen projections
+    (a LoRA run's base weights) get no gradient from the fused node while the rest get the module path's."""
+    torch.manual_seed(2)
+    fused = MambaMixer(16, d_state=4, dt_rank=3, scan_backend="cpu")
+    calls = []
+    handles = [getattr(fused, name).register_forward_hook(lambda m, i, o, _n=name: calls.append(_n))
+               for name in ("x_proj", "dt_proj")]
+    fused(torch.randn(1, 6, 16))
+    assert calls == ["x_proj", "dt_proj"]
+    for h in handles:
+        h.remove()
+    module = MambaMixer(16, d_state=4, dt_rank=3, scan_backend="cpu")
+    module.load_state_dict(fused.state_dict())
+    module.x_proj.register_forward_hook(lambda *a: None)  # runs the composed path
+    for m in (fused, module):
+        m.x_proj.weight.requires_grad_(False)
+        m.dt_proj.weight.requires_grad_(False)
+    _assert_same_outputs_and_gradients(fused, module, torch.randn(2, 9, 16))
+    assert fused.x_proj.weight.grad is None and fused.dt_proj.weight.grad is None
+    assert fused.dt_proj.bias.grad is not None
+
+
+def test_an_empty_sequence_runs_through_the_mixer():
+    m = MambaMixer(16, d_state=4, dt_rank=3, scan_backend="cpu")
+    x = torch.randn(2, 0, 16, requires_grad=True)
+    y = m(x)
+    assert y.shape == (2, 0, 16)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 def test_reference_initialisation():
     m = MambaMixer(32, d_state=8, expand=2)
     A = -torch.exp(m.A_log)

@@ -235,7 +235,8 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and self.weight is not None
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and len(self.normalized_shape) == 1
+                and self.weight is not None
                 and self.bias is not None and kernels_cpu.usable(x, self.weight, self.bias)):
             return kernels_cpu.layer_norm(x, self.weight, self.bias, self.eps, torch.bfloat16)
         return super().forward(x)

@@ -258,8 +258,10 @@ void conv_silu_bwd(const T* x, const float* wt, const float* bias, const int64_t
 // storage: loss = (1 − ε)(lse − z_t) + ε(lse − mean z), and with `grad` the gradient of that loss in place of z:
 // softmax(z) − (1 − ε)·onehot(t) − ε/V. Three vectorised passes over a row: its max (and Σ z); exp(z − max) and
 // their sum, the exps kept in the row when a gradient is wanted; their scaling into the softmax.
+// `e`: where the exps go, V floats (a bf16 row's: each gradient is then rounded to bf16 once), or null to keep them
+// in the row itself (an fp32 row)
 template <typename T>
-inline void ce_row(T* __restrict row, int64_t t, int64_t V, float eps, float* loss, int grad) {
+inline void ce_row(T* __restrict row, int64_t t, int64_t V, float eps, float* loss, int grad, float* __restrict e) {
     float m = -INFINITY, sz = 0.f;
 #pragma omp simd reduction(max : m) reduction(+ : sz)
     for (int64_t j = 0; j < V; ++j) {
@@ -269,12 +271,18 @@ inline void ce_row(T* __restrict row, int64_t t, int64_t V, float eps, float* lo
     }
     const float picked = load(row, t);
     float s = 0.f;
-    if (grad) {
+    if (grad && e) {
 #pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < V; ++j) {
-            const float e = vexp(load(row, j) - m);
-            s += e;
-            store(row, j, e);
+            e[j] = vexp(load(row, j) - m);
+            s += e[j];
+        }
+    } else if (grad) {
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < V; ++j) {
+            const float x = vexp(load(row, j) - m);
+            s += x;
+            store(row, j, x);
         }
     } else {
 #pragma omp simd reduction(+ : s)
@@ -284,15 +292,19 @@ inline void ce_row(T* __restrict row, int64_t t, int64_t V, float eps, float* lo
     *loss = (1.f - eps) * (lse - picked) + eps * (lse - sz / static_cast<float>(V));
     if (!grad) return;
     const float inv = 1.f / s, off = eps / static_cast<float>(V);
+    if (e) {
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) store(row, j, e[j] * inv - off);
+        store(row, t, e[t] * inv - off - (1.f - eps));
+        return;
+    }
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) store(row, j, load(row, j) * inv - off);
     store(row, t, load(row, t) - (1.f - eps));
 }
 
 #if defined(__AVX512F__)
-// a bf16 row in 16-lane intrinsics: the exps go to the thread's fp32 buffer `e` (V floats), not back into the bf16
-// row, so each gradient is rounded to bf16 once (the row above rounds the exp, then the softmax) and the passes
-// convert bf16 16 lanes at a time
+// ce_row for a bf16 row in 16-lane intrinsics (the exps in `e`, bf16 converted 16 lanes at a time)
 inline void ce_row_bf16(uint16_t* __restrict row, int64_t t, int64_t V, float eps, float* loss, int grad,
                         float* __restrict e) {
     __m512 mq = _mm512_set1_ps(-INFINITY), sq = _mm512_setzero_ps();
@@ -335,20 +347,19 @@ inline void ce_row_bf16(uint16_t* __restrict row, int64_t t, int64_t V, float ep
 
 template <typename T>
 void ce_rows(T* z, const int64_t* targets, int64_t n, int64_t V, float eps, float* loss, int grad, int nthreads) {
+    constexpr bool bf16 = std::is_same_v<T, uint16_t>;
 #pragma omp parallel num_threads(threads_for(nthreads))
     {
-#if defined(__AVX512F__)
-        std::unique_ptr<float[]> ebuf(std::is_same_v<T, uint16_t> ? new float[static_cast<size_t>(V)] : nullptr);
-#endif
+        std::unique_ptr<float[]> ebuf(bf16 && grad ? new float[static_cast<size_t>(V)] : nullptr);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; ++r) {
 #if defined(__AVX512F__)
-            if constexpr (std::is_same_v<T, uint16_t>) {
+            if constexpr (bf16) {
                 ce_row_bf16(z + r * V, targets[r], V, eps, loss + r, grad, ebuf.get());
                 continue;
             }
 #endif
-            ce_row(z + r * V, targets[r], V, eps, loss + r, grad);
+            ce_row(z + r * V, targets[r], V, eps, loss + r, grad, ebuf.get());
         }
     }
 }

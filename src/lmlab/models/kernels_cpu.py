@@ -146,6 +146,9 @@ def swelu_residual(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor, res: tor
     """res + SWELU(z) in one pass: res fp32 (the residual stream), z fp32 or bf16 of res's shape; an fp32 result
     whose SWELU term is not rounded to z's dtype first. The backward reads the fp32 gradient as it comes (no bf16
     copy of it for z's branch) and hands it on to res unchanged."""
+    if res.dtype != torch.float32 or res.shape != z.shape:
+        raise ValueError(f"swelu_residual: res must be float32 of z's shape {tuple(z.shape)}, "
+                         f"got {res.dtype} {tuple(res.shape)}")
     return _SWELUFused.apply(z, k, lam, res)
 
 
@@ -251,6 +254,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     (fp32 or bf16), statistics in fp32: `F.layer_norm(x.float(), …).to(out_dtype)` in one pass. The gradient of
     x comes back in x's dtype whatever the dtype of the incoming one; those of weight and bias are summed per
     fixed block of rows, in order (the same at any thread count)."""
+    d = x.shape[-1]
+    if weight.numel() != d or bias.numel() != d or out_dtype not in _DTYPES:
+        raise ValueError(f"layer_norm: weight and bias of {d} elements and an fp32/bf16 output, got "
+                         f"{weight.numel()}, {bias.numel()}, {out_dtype}")
     return _LayerNorm.apply(x, weight, bias, eps, out_dtype)
 
 

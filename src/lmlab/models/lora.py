@@ -6,9 +6,9 @@
                   integrator's controller and its four heads (to_alpha, to_beta, to_gate, to_vcand)
     llama, …      attention q/k/v/o_proj and the MLP gate/up/down_proj
 
-Every model of lmlab calls these modules (never reads their `.weight`), so an adapter or a 4-bit layer
-in their place takes part in the forward and receives gradients. Any other model: every Linear layer
-but the output head.
+Every model of lmlab calls these modules whenever they are not plain, hook-free nn.Linear layers (it reads a
+plain one's weight only to fuse it with what follows), so an adapter or a 4-bit layer in their place takes part in
+the forward and receives gradients. Any other model: every Linear layer but the output head.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@
 Names (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj) and initialisation follow the
 reference implementation, so weights load with strict=True into and from `transformers`' MambaMixer.
 The scan itself lives in `scan.py` behind a backend interface; this file knows nothing of kernels.
-Every Linear is called as a module, so LoRA adapters and 4-bit layers that replace them take part in the
-forward and receive gradients; the one exception is a plain nn.Linear dt_proj, whose weight and bias the mixer
-reads itself to hand the bias to the scan (`_delta`), as the reference kernel does.
+Every Linear that is not a plain, hook-free nn.Linear is called as a module, so LoRA adapters, 4-bit layers and
+hooks take part in the forward and receive gradients. Plain x_proj and dt_proj layers are read by the mixer itself:
+dt_proj's bias goes to the scan (`_delta`), as the reference kernel takes it, and on the CPU both projections run
+inside the scan's node (`_projected_scan`).
 """
 
 from __future__ import annotations
@@ -113,6 +114,12 @@ def conv_step(conv1d: nn.Conv1d, conv_state: torch.Tensor, x: torch.Tensor) -> t
     return out + conv1d.bias if conv1d.bias is not None else out
 
 
+def _plain(layer: nn.Module) -> bool:
+    """A plain nn.Linear without hooks: the mixer may read its weight and bias itself. Anything else (LoRA-wrapped,
+    4-bit, hooked) is called as a module."""
+    return type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
+
+
 @contextmanager
 def keep_rows(cache: MambaCache, layer_idx: int, mask: torch.Tensor):
     """Restores layer `layer_idx`'s conv and SSM state of the rows where `mask` (b,) is False on exit."""
@@ -187,19 +194,18 @@ class MambaMixer(nn.Module):
         there, with no (b, l, d_inner) add or sum around the matmul. Any other module (LoRA-wrapped, 4-bit) runs
         whole and the scan adds nothing."""
         proj = self.dt_proj
-        if type(proj) is nn.Linear and proj.bias is not None:
+        if _plain(proj) and proj.bias is not None:
             return F.linear(dt, proj.weight), proj.bias.float()
         return proj(dt), None
 
     def _projected_scan(self, u_rows: torch.Tensor, z_rows: torch.Tensor, A: torch.Tensor,
                         seq_idx: torch.Tensor | None) -> torch.Tensor | None:
         """y (b, l, d_inner) rows from x_proj, dt_proj and the scan as one fused node (`scan.projected_scan`), or
-        None where that does not run: x_proj or dt_proj not a plain nn.Linear (LoRA, 4-bit), the CPU kernels off
+        None where that does not run: x_proj or dt_proj not a plain nn.Linear (LoRA, 4-bit, hooked), the CPU kernels off
         (`kernels_cpu.reference()`), or a backend that does not fuse it. The weights are cast as autocast would
         cast them for the two Linear layers it replaces."""
         xp, dp = self.x_proj, self.dt_proj
-        if not (type(xp) is nn.Linear and xp.bias is None and type(dp) is nn.Linear and dp.bias is not None
-                and kernels_cpu.usable(u_rows)):
+        if not (_plain(xp) and xp.bias is None and _plain(dp) and dp.bias is not None and kernels_cpu.usable(u_rows)):
             return None
         kind = u_rows.device.type
         cdt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else u_rows.dtype

@@ -250,7 +250,7 @@ def projected_scan(u_rows, x_weight, dt_weight, dt_bias, A, D, z_rows, seq_idx=N
     (δ_r, B, C) = u·x_weightᵀ split [rank, n, n], Δ = δ_r·dt_weightᵀ with dt_bias and the softplus applied in the
     scan. Returns y (b, l, d) rows. The `cpu` backend fuses it (scan_cpu.projected_scan); the others do not."""
     if (resolve_backend(backend, u_rows.device) != "cpu" or u_rows.dtype not in (torch.float32, torch.bfloat16)
-            or not scan_cpu.cpu_kernel_available()):
+            or u_rows.numel() == 0 or not scan_cpu.cpu_kernel_available()):
         return None
     return scan_cpu.projected_scan(u_rows, x_weight, dt_weight, dt_bias, A, D, z_rows, reset=reset_mask(seq_idx))
 

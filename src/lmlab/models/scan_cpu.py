@@ -298,7 +298,9 @@ class _CppProjectedScan(torch.autograd.Function):
         gdbc = torch.cat([gdelta @ w_dt, gB.view(b * l, -1), gC.view(b * l, -1)], dim=1)
         rows = u.transpose(1, 2).reshape(b * l, d)  # u's (b, l, d) rows, as the forward read them
         gu.view(b * l, d).addmm_(gdbc, w_x)  # x_proj's input gradient added into the scan's du in the matmul
-        return (gu, gdbc.t() @ rows, gdelta.t() @ dt_r, gbias, gA, gD, gz, None, None)
+        need = ctx.needs_input_grad  # frozen projections (a LoRA run's base weights) get no weight gradient
+        return (gu, gdbc.t() @ rows if need[1] else None, gdelta.t() @ dt_r if need[2] else None, gbias, gA, gD, gz,
+                None, None)
 
 
 def projected_scan(u, w_x, w_dt, dt_bias, A, D, z, reset=None, chunk: int = CPU_CHUNK):
