@@ -224,6 +224,8 @@ def test_the_public_kernels_refuse_what_they_cannot_read():
         kernels_cpu.swelu_residual(z, torch.tensor(1.0), torch.tensor(1.0), torch.randn(3, 8).bfloat16())
     with pytest.raises(ValueError, match="res must be float32"):
         kernels_cpu.swelu_residual(z, torch.tensor(1.0), torch.tensor(1.0), torch.randn(3, 9))
+    with pytest.raises(ValueError, match="x must be bfloat16"):
+        kernels_cpu.widen_scale(z, 2.0)
     with pytest.raises(ValueError, match="weight and bias of 8 elements"):
         kernels_cpu.layer_norm(z, torch.ones(7), torch.zeros(8), 1e-5, torch.bfloat16)
 

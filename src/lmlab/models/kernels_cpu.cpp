@@ -88,8 +88,8 @@ void swelu_fwd(const T* z, Y* y, int64_t n, float k, float lam, const Y* res, in
 }
 
 // gz = g·λ·k·max(a, eps)^(k−1)·e^(−a^k); dk = Σ g·λ·s·e^(−a^k)·a^k·ln a (0 at a = 0); dλ = Σ g·s·(1 − e^(−a^k))
-template <typename T, typename G, typename GZ>
-inline void swelu_bwd_block(const T* __restrict z, const G* __restrict g, GZ* __restrict gz, int64_t m, float k,
+template <typename T, typename G>
+inline void swelu_bwd_block(const T* __restrict z, const G* __restrict g, T* __restrict gz, int64_t m, float k,
                             float lam, float eps, float eps_slope, int need_gz, double* partial) {
     float sk = 0.f, sl = 0.f;
     int64_t i0 = 0;
@@ -131,8 +131,8 @@ inline void swelu_bwd_block(const T* __restrict z, const G* __restrict g, GZ* __
     partial[1] = sl;
 }
 
-template <typename T, typename G, typename GZ>
-void swelu_bwd(const T* z, const G* g, GZ* gz, int64_t n, float k, float lam, float eps, double* partial,
+template <typename T, typename G>
+void swelu_bwd(const T* z, const G* g, T* gz, int64_t n, float k, float lam, float eps, double* partial,
                int need_gz, int nthreads) {
     const float eps_slope = std::exp((k - 1.f) * std::log(eps));  // max(a, eps)^(k−1) below eps (libm, once)
     const int64_t blocks = (n + SWELU_BLOCK - 1) / SWELU_BLOCK;
@@ -491,26 +491,21 @@ void lmlab_swelu_residual_fwd(int dt, const void* z, const float* res, float* y,
     else swelu_fwd(static_cast<const uint16_t*>(z), y, n, k, lam, res, nthreads);
 }
 
-// g and gz each fp32 or bf16 (gdt, gzdt); z fp32 or bf16 (dt)
-void lmlab_swelu_bwd(int dt, int gdt, int gzdt, const void* z, const void* g, void* gz, int64_t n, float k, float lam,
+// z (and gz, in z's dtype) fp32 or bf16 (dt); g fp32 or bf16 (gdt)
+void lmlab_swelu_bwd(int dt, int gdt, const void* z, const void* g, void* gz, int64_t n, float k, float lam,
                      float eps, double* partial, int need_gz, int nthreads) {
-    const float* zf = static_cast<const float*>(z);
-    const uint16_t* zb = static_cast<const uint16_t*>(z);
-    const float* gf = static_cast<const float*>(g);
-    const uint16_t* gb = static_cast<const uint16_t*>(g);
-    float* of = static_cast<float*>(gz);
-    uint16_t* ob = static_cast<uint16_t*>(gz);
-    const int code = dt * 4 + gdt * 2 + gzdt;
-    switch (code) {
-        case 0: swelu_bwd(zf, gf, of, n, k, lam, eps, partial, need_gz, nthreads); break;
-        case 1: swelu_bwd(zf, gf, ob, n, k, lam, eps, partial, need_gz, nthreads); break;
-        case 2: swelu_bwd(zf, gb, of, n, k, lam, eps, partial, need_gz, nthreads); break;
-        case 3: swelu_bwd(zf, gb, ob, n, k, lam, eps, partial, need_gz, nthreads); break;
-        case 4: swelu_bwd(zb, gf, of, n, k, lam, eps, partial, need_gz, nthreads); break;
-        case 5: swelu_bwd(zb, gf, ob, n, k, lam, eps, partial, need_gz, nthreads); break;
-        case 6: swelu_bwd(zb, gb, of, n, k, lam, eps, partial, need_gz, nthreads); break;
-        default: swelu_bwd(zb, gb, ob, n, k, lam, eps, partial, need_gz, nthreads); break;
-    }
+    if (dt == 0 && gdt == 0)
+        swelu_bwd(static_cast<const float*>(z), static_cast<const float*>(g), static_cast<float*>(gz), n, k, lam, eps,
+                  partial, need_gz, nthreads);
+    else if (dt == 0)
+        swelu_bwd(static_cast<const float*>(z), static_cast<const uint16_t*>(g), static_cast<float*>(gz), n, k, lam,
+                  eps, partial, need_gz, nthreads);
+    else if (gdt == 0)
+        swelu_bwd(static_cast<const uint16_t*>(z), static_cast<const float*>(g), static_cast<uint16_t*>(gz), n, k,
+                  lam, eps, partial, need_gz, nthreads);
+    else
+        swelu_bwd(static_cast<const uint16_t*>(z), static_cast<const uint16_t*>(g), static_cast<uint16_t*>(gz), n, k,
+                  lam, eps, partial, need_gz, nthreads);
 }
 
 void lmlab_conv_silu_fwd(int dt, const void* x, const float* wt, const float* bias, const int64_t* seq, void* out,

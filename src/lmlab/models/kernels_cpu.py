@@ -44,7 +44,7 @@ _NORM_ROWS = 64  # as in kernels_cpu.cpp
 def _declare(lib) -> None:
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.lmlab_swelu_fwd.argtypes = [i32, p, p, i64, f32, f32, i32]
-    lib.lmlab_swelu_bwd.argtypes = [i32, i32, i32, p, p, p, i64, f32, f32, f32, p, i32, i32]
+    lib.lmlab_swelu_bwd.argtypes = [i32, i32, p, p, p, i64, f32, f32, f32, p, i32, i32]
     lib.lmlab_swelu_residual_fwd.argtypes = [i32, p, p, p, i64, f32, f32, i32]
     lib.lmlab_conv_silu_fwd.argtypes = [i32, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
     lib.lmlab_conv_silu_bwd.argtypes = [i32, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32]
@@ -102,8 +102,8 @@ def _swelu_backward(z: torch.Tensor, k: torch.Tensor, lam: torch.Tensor, kl: tup
     gz = torch.empty_like(z) if need[0] else None
     blocks = max(1, math.ceil(z.numel() / _SWELU_BLOCK))
     partial = torch.zeros(2 * blocks, dtype=torch.float64)
-    LIBRARY.lib.lmlab_swelu_bwd(_DTYPES[z.dtype], _DTYPES[g.dtype], _DTYPES[z.dtype], _ptr(z), _ptr(g), _ptr(gz),
-                                z.numel(), kf, lf, _EPS, _ptr(partial), int(gz is not None), torch.get_num_threads())
+    LIBRARY.lib.lmlab_swelu_bwd(_DTYPES[z.dtype], _DTYPES[g.dtype], _ptr(z), _ptr(g), _ptr(gz), z.numel(), kf, lf,
+                                _EPS, _ptr(partial), int(gz is not None), torch.get_num_threads())
     sums = partial.view(blocks, 2).tolist()  # added in block order: the same on any thread count
     gk = torch.tensor(math.fsum(s[0] for s in sums), dtype=k.dtype).reshape(k.shape)
     glam = torch.tensor(math.fsum(s[1] for s in sums), dtype=lam.dtype).reshape(lam.shape)
@@ -266,6 +266,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 def widen_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     """`x.float().mul_(scale)` for a CPU bf16 tensor x in one pass (no fp32 copy written and read again): the same
     bits, as both round once, in the fp32 multiply."""
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"widen_scale: x must be bfloat16, got {x.dtype}")
     src = x.contiguous()
     out = torch.empty(src.shape, dtype=torch.float32)
     LIBRARY.lib.lmlab_widen_scale(_ptr(src), _ptr(out), src.numel(), float(scale), torch.get_num_threads())

@@ -592,9 +592,10 @@ static void bwd(const Args& a) {
             const T* pB = (const T*)a.pB + (bi * G * l + t) * n;
             const T* pC = (const T*)a.pC + (bi * G * l + t) * n;
             // the state index innermost (contiguous, vectorised), each sum still taken over groups 0, 1, … in order
-            alignas(64) T vB[NT > 0 ? NT : 64], vC[NT > 0 ? NT : 64];
-            for (int64_t k0 = 0; k0 < n; k0 += 64) {
-                const int64_t kn = n - k0 < 64 ? n - k0 : 64;
+            constexpr int64_t KS = 64;  // states a pass
+            alignas(64) T vB[KS], vC[KS];
+            for (int64_t k0 = 0; k0 < n; k0 += KS) {
+                const int64_t kn = n - k0 < KS ? n - k0 : KS;
                 for (int64_t k = 0; k < kn; ++k) {
                     vB[k] = pB[k0 + k];
                     vC[k] = pC[k0 + k];
