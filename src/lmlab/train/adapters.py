@@ -29,23 +29,26 @@ from ..errors import ConfigError
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
     """Silence the known noise of loading a model and giving it adapters, at its source, for the duration:
-    transformers' "Loading weights" progress bar, bitsandbytes' log line when its optional `kernels` package is
-    missing (a CPU fallback is used), transformers' FutureWarning that peft's call of `is_gradient_checkpointing`
-    is deprecated. Errors, and every other warning, pass as before."""
+    transformers' "Loading weights" progress bar, bitsandbytes' log line when its CPU kernel cannot be loaded
+    from the Hub (a CPU fallback is used), the `kernels` package's note that it skips the publisher check offline
+    (transformers 5.25 installs `kernels`), transformers' FutureWarning that peft's call of
+    `is_gradient_checkpointing` is deprecated. Errors, and every other warning, pass as before."""
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    bnb = logging.getLogger("bitsandbytes")
-    level = bnb.level
-    bnb.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
                                     category=FutureWarning)
             yield
     finally:
-        bnb.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
         if bar:
             hf_logging.enable_progress_bar()
 
