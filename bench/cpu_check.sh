@@ -9,6 +9,7 @@ python bench/bench_profile.py                                   # the bar: per-p
 python bench/bench_profile.py --reference                       # the same step on the torch reference paths
 python bench/bench_profile.py --precision bf16                  # CPU bf16 autocast, fused paths
 python bench/bench_profile.py --compare                         # fp32/bf16 × fused/reference, interleaved
+ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python bench/bench_profile.py --compare  # bf16 without AMX (where there is AMX)
 for model in mamba-swelu-small llama-small inl-tiny; do        # the ratio at sequence 1,024
     python bench/bench_profile.py --model "$model" --seq 1024 --batch 1 --compare --reps 3
 done

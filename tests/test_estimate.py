@@ -375,14 +375,56 @@ def test_the_loss_term_follows_the_chunked_loss():
     assert estimate_for_run(load_config(None, [*over, "train.loss_chunk_mb=8"]), rt).loss_chunk == 512
 
 
-def test_cpu_plan_suggests_bf16_only_where_the_cpu_has_bf16_hardware(monkeypatch):
+def test_cpu_plan_suggests_bf16_only_where_the_cpus_bf16_matmuls_are_faster(monkeypatch):
+    """bf16 instructions alone are not enough: oneDNN's AVX512-BF16 kernels without AMX ran 0.6x fp32's matmuls."""
     from lmlab import runtime
 
+    def notes(precision="fp32"):
+        return estimate("mamba-swelu-tiny", seq_len=64, micro_batch=2, hardware="cpu", precision=precision).notes
+
     monkeypatch.setattr(runtime, "cpu_bf16", lambda: "AVX512-BF16")
-    notes = estimate("mamba-swelu-tiny", seq_len=64, micro_batch=2, hardware="cpu").notes
-    assert any("bf16 hardware (AVX512-BF16)" in n and "train.precision=bf16" in n for n in notes)
-    assert not any("bf16 hardware" in n for n in estimate("mamba-swelu-tiny", seq_len=64, micro_batch=2,
-                                                         hardware="cpu", precision="bf16").notes)
+    monkeypatch.setattr(runtime, "cpu_bf16_matmul_speedup", lambda: 2.4)
+    assert any("train.precision=bf16 is faster on this CPU (AVX512-BF16; bf16 matmuls measured 2.4x fp32's)" in n
+               for n in notes())
+    assert not any("bf16 is faster" in n for n in notes("bf16"))
+    monkeypatch.setattr(runtime, "cpu_bf16_matmul_speedup", lambda: 0.6)
+    assert not any("bf16" in n for n in notes())
     monkeypatch.setattr(runtime, "cpu_bf16", lambda: None)
-    assert not any("bf16 hardware" in n for n in estimate("mamba-swelu-tiny", seq_len=64, micro_batch=2,
-                                                         hardware="cpu").notes)
+    monkeypatch.setattr(runtime, "cpu_bf16_matmul_speedup", lambda: 2.4)
+    assert not any("bf16" in n for n in notes())
+
+
+def test_the_bf16_matmul_probe_measures_once_per_thread_count(monkeypatch):
+    import torch
+
+    from lmlab import runtime
+
+    runtime._matmul_speedup.cache_clear()
+    dtypes, real = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: dtypes.append(a.dtype) or real(a, b))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = runtime.cpu_bf16_matmul_speedup()
+        assert first > 0 and dtypes.count(torch.float32) == 4 and dtypes.count(torch.bfloat16) == 4
+        assert runtime.cpu_bf16_matmul_speedup() == first and len(dtypes) == 8
+        torch.set_num_threads(2)
+        runtime.cpu_bf16_matmul_speedup()
+        assert len(dtypes) == 16
+    finally:
+        torch.set_num_threads(before)
+        runtime._matmul_speedup.cache_clear()
+
+
+def test_fp16_on_cpu_is_refused_with_the_precision_that_is_fast_here(monkeypatch):
+    import torch
+
+    from lmlab import runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16", lambda: "AMX")
+    monkeypatch.setattr(runtime, "cpu_bf16_matmul_speedup", lambda: 4.0)
+    with pytest.raises(ConfigError, match=r"bf16 is faster than fp32 on this CPU \(AMX; bf16 matmuls measured 4.0x"):
+        runtime.pick_precision("fp16", torch.device("cpu"))
+    monkeypatch.setattr(runtime, "cpu_bf16_matmul_speedup", lambda: 0.6)
+    with pytest.raises(ConfigError, match="fp32 is the fast choice on this CPU"):
+        runtime.pick_precision("fp16", torch.device("cpu"))

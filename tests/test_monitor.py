@@ -386,14 +386,19 @@ def test_doctor_calls_a_run_stuck_near_a_uniform_guess_stalled_before_its_spikes
     assert [(f.code, f.severity) for f in doctor.diagnose(learned)] == [("plateau", "note")]
 
 
-def test_doctor_suggests_bf16_for_a_cpu_run_where_the_cpu_has_bf16_hardware(pretrain_run, monkeypatch):
+def test_doctor_suggests_bf16_for_a_cpu_run_where_the_cpus_bf16_is_faster(pretrain_run, monkeypatch):
     """A note (not a warning) on a run the trainer wrote in fp32 on this host's CPU: only where the CPU has bf16
-    matrix hardware, where bf16 is the faster precision."""
+    instructions and its bf16 matmuls measure faster than fp32's, where bf16 is the faster precision."""
     from lmlab import runtime
 
     monkeypatch.setattr(runtime, "cpu_bf16", lambda: "AMX")
+    monkeypatch.setattr(runtime, "cpu_bf16_matmul_speedup", lambda: 4.0)
     found = [f for f in doctor.diagnose(pretrain_run) if f.code == "cpu_bf16"]
-    assert len(found) == 1 and found[0].severity == "note" and "AMX" in found[0].message
+    assert len(found) == 1 and found[0].severity == "note"
+    assert "(AMX; bf16 matmuls measured 4.0x fp32's)" in found[0].message
     assert "train.precision=bf16" in found[0].advice
+    monkeypatch.setattr(runtime, "cpu_bf16_matmul_speedup", lambda: 0.6)
+    assert not [f for f in doctor.diagnose(pretrain_run) if f.code == "cpu_bf16"]
     monkeypatch.setattr(runtime, "cpu_bf16", lambda: None)
+    monkeypatch.setattr(runtime, "cpu_bf16_matmul_speedup", lambda: 4.0)
     assert not [f for f in doctor.diagnose(pretrain_run) if f.code == "cpu_bf16"]

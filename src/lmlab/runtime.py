@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -149,8 +151,9 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def cpu_bf16() -> str | None:
-    """The bf16 matrix hardware of this CPU ("AMX", "AVX512-BF16"), or None where bf16 on the CPU is emulated
-    (slower than fp32). Read from /proc/cpuinfo's flags (Linux); torch's own probe elsewhere."""
+    """The bf16 instructions of this CPU ("AMX", "AVX512-BF16"), or None where bf16 on the CPU is emulated.
+    Read from /proc/cpuinfo's flags (Linux); torch's own probe elsewhere. Having them does not make bf16 the
+    faster precision: `cpu_bf16_faster` decides that."""
     flags: set[str] = set()
     try:
         for line in open("/proc/cpuinfo"):  # noqa: SIM115 - read to the first flags line only
@@ -169,17 +172,57 @@ def cpu_bf16() -> str | None:
     return "AVX512-BF16" if "avx512_bf16" in flags else None
 
 
+# bf16 matmuls this many times faster than fp32's make the whole CPU step clearly faster in bf16 (mamba-swelu-small:
+# 6.6x on the matmuls gave 1.9x on the step; 0.6x gave 0.8x; docs/benchmarks.md)
+BF16_ADVICE_SPEEDUP = 1.5
+
+
+def cpu_bf16_matmul_speedup() -> float:
+    """How many times faster a 1,024³ `torch.mm` runs in bf16 than in fp32 on this CPU, at torch's current thread
+    count (best of 3 each after a warm-up; about 50 ms, measured once a thread count per process). AMX gives
+    5-7x; oneDNN's AVX512-BF16 kernels without AMX measured 0.6x on the same cores, slower than fp32."""
+    return _matmul_speedup(torch.get_num_threads())
+
+
+@functools.cache
+def _matmul_speedup(threads: int) -> float:
+    def best(dtype: torch.dtype) -> float:
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(1024, 1024, generator=g).to(dtype) for _ in range(2))
+        times = []
+        for _ in range(4):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        return best(torch.float32) / best(torch.bfloat16)
+
+
+def cpu_bf16_faster() -> str | None:
+    """Where bf16 training is the faster choice on this CPU (it has bf16 instructions and its bf16 matmuls run at
+    least BF16_ADVICE_SPEEDUP times fp32's), a phrase saying so for `lmlab doctor`, the planner and the fp16
+    error; else None. The one place that decides it."""
+    hardware = cpu_bf16()
+    if hardware is None:
+        return None
+    speedup = cpu_bf16_matmul_speedup()
+    return f"{hardware}; bf16 matmuls measured {speedup:.1f}x fp32's" if speedup >= BF16_ADVICE_SPEEDUP else None
+
+
 def pick_precision(name: str, device: torch.device) -> str:
     """auto: fp32 on CPU/MPS, bf16 on GPUs that support it, fp16 (with loss scaling) on older GPUs. On CPU,
     bf16 runs the matmuls under autocast (the scan, SWELU's exp/pow and the loss stay fp32): faster than fp32
-    where the CPU has bf16 hardware (`cpu_bf16`), so `lmlab doctor` and the planner suggest it there."""
+    where the CPU's bf16 matmuls are (`cpu_bf16_faster`), so `lmlab doctor` and the planner suggest it there."""
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if name == "fp16" and device.type == "cpu":
-        hint = (f"this CPU has bf16 hardware ({cpu_bf16()}): train.precision=bf16 is faster than fp32" if cpu_bf16()
-                else "this CPU has no bf16 hardware, so fp32 is the fast choice")
+        faster = cpu_bf16_faster()
+        hint = (f"train.precision=bf16 is faster than fp32 on this CPU ({faster})" if faster
+                else "fp32 is the fast choice on this CPU: its bf16 matmuls are not faster than fp32's")
         raise ConfigError(f"train.precision: fp16 is not supported on CPU; use fp32 or bf16 ({hint})")
     return name
 

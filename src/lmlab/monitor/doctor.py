@@ -309,19 +309,19 @@ def check_throughput(r: RunReader) -> list[Finding]:
 
 
 def check_cpu_precision(r: RunReader) -> list[Finding]:
-    """A run training in fp32 on this machine's CPU, when the CPU has bf16 hardware: bf16 is the faster choice."""
+    """A run training in fp32 on this machine's CPU, where bf16 is the faster choice (`runtime.cpu_bf16_faster`)."""
     import socket
 
-    from ..runtime import cpu_bf16
+    from ..runtime import cpu_bf16_faster
 
     m, train = r.manifest, r.config.get("train") or {}
     if str(m.get("device")) != "cpu" or m.get("host") != socket.gethostname() or train.get("precision") not in (
             "auto", "fp32", None):
         return []
-    hardware = cpu_bf16()
-    if hardware is None:
+    faster = cpu_bf16_faster()
+    if faster is None:
         return []
-    return [Finding("cpu_bf16", "note", f"This run trains in fp32 on a CPU with bf16 hardware ({hardware}).",
+    return [Finding("cpu_bf16", "note", f"This run trains in fp32 on a CPU where bf16 is faster ({faster}).",
                     "train.precision=bf16 runs the matmuls in bf16 under autocast (the scan, SWELU and the loss stay "
                     "fp32): faster here, with loss curves within noise of fp32 (docs/benchmarks.md, "
                     "bench/bench_profile.py --compare). `lmlab resume RUN train.precision=bf16` switches this run.")]

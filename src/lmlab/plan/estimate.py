@@ -316,11 +316,11 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
         notes.append(hw.label)
     if hw.name == "cpu":
         notes.append("CPU: memory only; time and cost are not estimated (bench/bench_profile.py measures the speed)")
-        from ..runtime import cpu_bf16
+        from ..runtime import cpu_bf16_faster
 
-        if precision == "fp32" and (bf16_hw := cpu_bf16()) is not None:
-            notes.append(f"this CPU has bf16 hardware ({bf16_hw}): train.precision=bf16 runs the matmuls in bf16 "
-                         f"(the scan, SWELU and the loss stay fp32), faster than fp32 here")
+        if precision == "fp32" and (faster := cpu_bf16_faster()) is not None:
+            notes.append(f"train.precision=bf16 is faster on this CPU ({faster}): it runs the matmuls in bf16 "
+                         f"(the scan, SWELU and the loss stay fp32)")
 
     est = Estimate(
         model=arch.label, model_type=arch.model_type, params_total=n, params_trainable=trainable,
