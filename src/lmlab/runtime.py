@@ -172,15 +172,16 @@ def cpu_bf16() -> str | None:
     return "AVX512-BF16" if "avx512_bf16" in flags else None
 
 
-# bf16 matmuls this many times faster than fp32's make the whole CPU step clearly faster in bf16 (mamba-swelu-small:
-# 6.6x on the matmuls gave 1.9x on the step; 0.6x gave 0.8x; docs/benchmarks.md)
+# bf16 matmuls this many times faster than fp32's (as `cpu_bf16_matmul_speedup` reads them) make the CPU step
+# clearly faster in bf16: mamba-swelu-small's step ran 2.0x faster where the probe read 3.7-4.0x (AMX), and 0.77x
+# (slower) where it read 0.6x (oneDNN held to AVX512-BF16); docs/benchmarks.md
 BF16_ADVICE_SPEEDUP = 1.5
 
 
 def cpu_bf16_matmul_speedup() -> float:
     """How many times faster a 1,024³ `torch.mm` runs in bf16 than in fp32 on this CPU, at torch's current thread
-    count (best of 3 each after a warm-up; about 50 ms, measured once a thread count per process). AMX gives
-    5-7x; oneDNN's AVX512-BF16 kernels without AMX measured 0.6x on the same cores, slower than fp32."""
+    count (best of 3 each after a warm-up; 60-100 ms, measured once a thread count per process). With AMX it
+    read 3.7-4.0x; with oneDNN's AVX512-BF16 kernels alone, on the same cores, 0.6x: slower than fp32."""
     return _matmul_speedup(torch.get_num_threads())
 
 
