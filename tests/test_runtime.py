@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,41 @@ def test_cpu_training_runtime_keeps_freed_memory(monkeypatch):
     monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1) or True)
     rt = runtime.setup_runtime("cpu", "fp32")
     assert rt.device.type == "cpu" and calls == [1]
+
+
+# Two ranks end a gloo group the way `lmlab.train.loop.train` does, again and again: a DDP step, the last
+# collective (all_gather_object), Runtime.shutdown, and only then the DDP wrapper freed with its reducer.
+ENDINGS = """
+import os, sys, torch, torch.distributed as dist
+from torch import nn
+from lmlab.runtime import Runtime
+rank, folder, rounds = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+torch.set_num_threads(1)
+for i in range(rounds):
+    store = dist.FileStore(os.path.join(folder, f"store-{i}"), 2)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    rt = Runtime(device=torch.device("cpu"), precision="fp32", rank=rank, local_rank=rank, world_size=2)
+    model = nn.parallel.DistributedDataParallel(nn.Linear(8, 8))
+    model(torch.randn(4, 8)).sum().backward()
+    rt.all_gather_object("finished")
+    rt.shutdown(clean=True)
+    del model
+print("ended", rounds)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_end_their_group_without_hanging_when_ddp_is_freed_last(tmp_path):
+    """A gloo group's destructor joins its worker threads, which may still need the GIL to free the last
+    collective's tensors; freed by a DDP reducer (which keeps the GIL) it hung about one ending in 15. 40 endings
+    each on two ranks: a hang fails the test at its timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", ENDINGS, str(r), str(tmp_path), "40"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert all("ended 40" in o for o, _ in outs)

@@ -21,6 +21,11 @@ from .errors import ConfigError, LmlabError
 from .fsutil import error_line
 
 
+# ended process groups, kept to the interpreter's exit so that no other holder destroys them with the GIL held
+# (Runtime.shutdown)
+_ENDED_GROUPS: list = []
+
+
 @dataclass
 class Runtime:
     device: torch.device
@@ -125,12 +130,19 @@ class Runtime:
         return result
 
     def shutdown(self, clean: bool = False) -> None:
-        """End the process group. `clean` (every rank got here without an error): a barrier first, so no
-        collective is still being retired by gloo's worker threads when the group is torn down (a DDP wrapper
-        freed later would otherwise join those threads while holding the GIL they wait for: a hang at exit)."""
+        """End the process group. `clean` (every rank got here without an error): a barrier first, so that no
+        rank leaves while another is still in a collective.
+
+        The groups' Python objects are then kept until the interpreter exits (`_ENDED_GROUPS`). A gloo group's
+        C++ destructor joins its worker threads, and a worker that is still retiring the last collective takes
+        the GIL to free that collective's tensors. The Python object releases the GIL before it destroys the
+        group, but a DDP wrapper's reducer, freed after this returns, does not: had it held the last reference,
+        it would join those threads while holding the GIL they wait for, and the rank would hang at exit (seen
+        about once in 15 two-rank runs)."""
         if (self.distributed or self.owns_group) and dist.is_initialized():
             if clean and self.distributed:  # gloo's timeout (30 min), also beside NCCL: rank 0 may be exporting
                 dist.barrier(group=self.flags_group() if dist.get_backend() != "gloo" else None)
+            _ENDED_GROUPS.extend(g for g in (dist.group.WORLD, self._flags_group) if g is not None)
             dist.destroy_process_group()
 
 
