@@ -20,7 +20,6 @@ import torch.distributed as dist
 from .errors import ConfigError, LmlabError
 from .fsutil import error_line
 
-
 # ended process groups, kept to the interpreter's exit so that no other holder destroys them with the GIL held
 # (Runtime.shutdown)
 _ENDED_GROUPS: list = []
