@@ -394,6 +394,23 @@ def test_cpu_plan_suggests_bf16_only_where_the_cpus_bf16_matmuls_are_faster(monk
     assert not any("bf16" in n for n in notes())
 
 
+def test_the_trainers_memory_line_times_no_matmuls(monkeypatch):
+    """The precision note is for `lmlab estimate`; the memory line at a run's start neither shows it nor pays for
+    the bf16 probe."""
+    from lmlab import runtime
+    from lmlab.config import load_config
+    from lmlab.plan.estimate import estimate_for_run
+
+    probed = []
+    monkeypatch.setattr(runtime, "cpu_bf16", lambda: "AMX")
+    monkeypatch.setattr(runtime, "cpu_bf16_matmul_speedup", lambda: probed.append(1) or 4.0)
+    cfg = load_config(None, ["model.name=mamba-swelu-tiny", "data.seq_len=64", "train.max_steps=10"])
+    e = estimate_for_run(cfg, runtime.setup_runtime("cpu", "fp32", threads=2))
+    assert e.precision == "fp32" and not probed and not any("bf16" in n for n in e.notes)
+    assert any("bf16 is faster" in n for n in estimate("mamba-swelu-tiny", seq_len=64, hardware="cpu").notes)
+    assert probed == [1]
+
+
 def test_the_bf16_matmul_probe_measures_once_per_thread_count(monkeypatch):
     import torch
 

@@ -184,7 +184,7 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
              trust_remote_code: bool = False, arch: Arch | None = None, suggest: bool = True,
              suggest_methods: bool = True, strategy: str = "ddp", optimizer: str = "adamw", momentum: float = 0.9,
              objective: str = "pretrain", tokenizer: str | None = None, guard_copy: bool = False,
-             chunked_loss: str = "auto", loss_chunk_mb: float = 256) -> Estimate:
+             chunked_loss: str = "auto", loss_chunk_mb: float = 256, advise_precision: bool = True) -> Estimate:
     """Plan a training run. `model`: a named size, a run config (.yaml), an HF config.json, a model folder,
     a hub id or a PretrainedConfig. A run config supplies seq_len, batch, accumulation, precision and the
     token budget unless given here. `params` replaces the parameter count (to plan a custom size);
@@ -199,7 +199,9 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
     base with its adapters off, no copy), `strategy` (STRATEGIES), `guard_copy` (the step guard's last good
     state: one more copy of the trainable weights and the optimizer state, as this rank holds them),
     `chunked_loss` and `loss_chunk_mb` (train.*: whether the loss runs chunk by chunk, `loss_chunk`).
-    `tokenizer` only labels the vocabulary (`vocab_size`, else the model config's) in the plan."""
+    `tokenizer` only labels the vocabulary (`vocab_size`, else the model config's) in the plan.
+    `advise_precision`: on the CPU in fp32, a note when bf16 is faster here (`runtime.cpu_bf16_faster`, which
+    times two matmuls once a process); off where the notes are not shown."""
     hw = get_hardware(hardware)
     if sum(x is not None for x in (tokens, token_ratio, steps)) > 1:
         raise ConfigError("--steps, --tokens and --token-ratio: give one budget, not several")
@@ -318,7 +320,7 @@ def estimate(model: Any = "mamba-swelu-124m", *, seq_len: int | None = None, mic
         notes.append("CPU: memory only; time and cost are not estimated (bench/bench_profile.py measures the speed)")
         from ..runtime import cpu_bf16_faster
 
-        if precision == "fp32" and (faster := cpu_bf16_faster()) is not None:
+        if advise_precision and precision == "fp32" and (faster := cpu_bf16_faster()) is not None:
             notes.append(f"train.precision=bf16 is faster on this CPU ({faster}): it runs the matmuls in bf16 "
                          f"(the scan, SWELU and the loss stay fp32)")
 
@@ -488,7 +490,7 @@ def _suggestions(est: Estimate, arch: Arch, opts: dict[str, Any], methods: bool 
 def estimate_for_run(cfg, rt, model: nn.Module | None = None) -> Estimate:
     """The plan of a resolved run config on the trainer's device (`Runtime`): the method, adapter targets,
     optimizer, objective and strategy the trainer will use; `model` (what the trainer built) gives the exact
-    vocabulary."""
+    vocabulary. For the trainer's memory line: no precision note (and no matmul timing at the run's start)."""
     from .hardware import cpu_hardware, hardware_from_device
 
     hw = hardware_from_device(rt.device) if rt.device.type == "cuda" else cpu_hardware()
@@ -509,7 +511,7 @@ def estimate_for_run(cfg, rt, model: nn.Module | None = None) -> Estimate:
                     method=method, lora_rank=ft.lora_rank, lora_targets=list(ft.lora_targets) or None,
                     optimizer=t.optimizer, momentum=t.momentum, objective=t.objective, tokenizer=tok,
                     guard_copy=t.guard != "off" and t.guard_keep and t.strategy != "deepspeed",
-                    chunked_loss=t.chunked_loss, loss_chunk_mb=t.loss_chunk_mb)
+                    chunked_loss=t.chunked_loss, loss_chunk_mb=t.loss_chunk_mb, advise_precision=False)
 
 
 def memory_line(cfg, rt, model: nn.Module | None = None) -> str:
